@@ -1,0 +1,79 @@
+"""Agreement of implementations on the shared vectors: each against the oracle, and pairwise.
+
+Records are plain dicts (JSON-ready) so that the CLI, the tests and the reports share them.
+"""
+
+from __future__ import annotations
+
+from compare import runners
+from compare.tolerance import Agreement, compare_arrays, gradient_magnitude, tolerance
+from compare.vectors import Vector
+
+QUANTITIES = ("out", "weights", "dq", "dk", "dv")
+
+
+def _magnitude(vec: Vector, quantity: str) -> float:
+    a = vec.arrays
+    return gradient_magnitude(quantity, a["q"], a["k"], a["v"], a["dout"], vec.case.scale)
+
+
+def against_oracle(vec: Vector, result: dict) -> list[Agreement]:
+    """Each quantity the implementation produced, judged against the float64 oracle."""
+    return [
+        compare_arrays(
+            q,
+            result[q],
+            vec.arrays[f"expected_{q}"],
+            vec.case.dtype,
+            baseline=vec.arrays.get(f"naive_{q}"),
+            magnitude=_magnitude(vec, q),
+        )
+        for q in QUANTITIES
+        if q in result
+    ]
+
+
+def between(vec: Vector, result_a: dict, result_b: dict) -> list[Agreement]:
+    """Two implementations against each other, at the tolerance the policy grants against the oracle."""
+    out = []
+    for q in QUANTITIES:
+        if q in result_a and q in result_b:
+            tol = tolerance(
+                vec.case.dtype,
+                vec.arrays[f"expected_{q}"],
+                vec.arrays.get(f"naive_{q}"),
+                _magnitude(vec, q),
+            )
+            out.append(compare_arrays(q, result_a[q], result_b[q], vec.case.dtype, tol=tol))
+    return out
+
+
+def run(vectors: list[Vector], implementations=None, progress=None) -> list[dict]:
+    """Run every implementation on every vector; one record per (case, pair, quantity).
+
+    A pair is ``"<impl> vs oracle"`` or ``"<impl_a> vs <impl_b>"``. An implementation that raises is
+    recorded with ``ok=False`` and its error, and the run goes on.
+    """
+    implementations = implementations or runners.IMPLEMENTATIONS
+    records = []
+    for i, vec in enumerate(vectors):
+        results = {}
+        for impl, fn in implementations.items():
+            if impl == "torch_builtin" and not runners.builtin_applies(vec):
+                continue
+            try:
+                results[impl] = fn(vec)
+            except Exception as e:  # recorded, not hidden: the report shows it as a failure
+                records.append({"case": vec.name, "dtype": vec.case.dtype, "pair": f"{impl} vs oracle",
+                                "quantity": "-", "ok": False, "error": f"{type(e).__name__}: {e}"})
+        for impl, res in results.items():
+            for a in against_oracle(vec, res):
+                records.append({"case": vec.name, "pair": f"{impl} vs oracle", **a.as_dict()})
+        names = list(results)
+        for j, a_name in enumerate(names):
+            for b_name in names[j + 1:]:
+                for a in between(vec, results[a_name], results[b_name]):
+                    records.append({"case": vec.name, "pair": f"{a_name} vs {b_name}", **a.as_dict()})
+        if progress:
+            progress(i + 1, len(vectors), vec.name)
+    return records

@@ -1,0 +1,27 @@
+"""JAX/Flax attention with PyTorch's semantics. Twin of ``torch_attn``; imports no torch."""
+
+from jax_attn.functional import (
+    masked_softmax,
+    scaled_dot_product_attention,
+    scaled_dot_product_attention_with_weights,
+)
+from jax_attn.masks import (
+    additive_to_keep,
+    causal_mask,
+    keep_to_additive,
+    keep_to_masked,
+    masked_to_keep,
+    padding_mask,
+)
+
+__all__ = [
+    "additive_to_keep",
+    "causal_mask",
+    "keep_to_additive",
+    "keep_to_masked",
+    "masked_softmax",
+    "masked_to_keep",
+    "padding_mask",
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_with_weights",
+]

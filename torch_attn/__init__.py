@@ -1,0 +1,27 @@
+"""PyTorch attention, the readable twin of ``jax_attn``; imports no jax."""
+
+from torch_attn.functional import (
+    masked_softmax,
+    scaled_dot_product_attention,
+    scaled_dot_product_attention_with_weights,
+)
+from torch_attn.masks import (
+    additive_to_keep,
+    causal_mask,
+    keep_to_additive,
+    keep_to_masked,
+    masked_to_keep,
+    padding_mask,
+)
+
+__all__ = [
+    "additive_to_keep",
+    "causal_mask",
+    "keep_to_additive",
+    "keep_to_masked",
+    "masked_softmax",
+    "masked_to_keep",
+    "padding_mask",
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_with_weights",
+]
