@@ -1,0 +1,66 @@
+"""``python -m compare``: exit codes, filters and tamper detection."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from compare import cli, vectors
+
+
+def test_vectors_check_exit_0(capsys):
+    assert cli.main(["vectors", "--check"]) == 0
+    assert "checked" in capsys.readouterr().out
+
+
+def test_vectors_check_exit_1_names_tampered_case(tmp_path, capsys):
+    dst = tmp_path / "v"
+    shutil.copytree(vectors.DEFAULT_DIR, dst)
+    p = dst / "causal_square.safetensors"
+    p.write_bytes(p.read_bytes()[:-1] + b"\x00")
+    assert cli.main(["vectors", "--check", "--dir", str(dst)]) == 1
+    assert "causal_square" in capsys.readouterr().out
+
+
+def test_agree_filtered_writes_json(tmp_path):
+    out = tmp_path / "a.json"
+    assert cli.main(["agree", "--case", "gqa_G2", "--dtype", "float32", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {r["case"] for r in data["records"]} == {"gqa_G2", "gqa_G2_causal_masked"}
+    assert data["precision"]["jax_default_matmul_precision"] == "highest"
+    assert all(r["ok"] for r in data["records"])
+
+
+def test_agree_no_match_is_usage_error():
+    assert cli.main(["agree", "--case", "no_such_case"]) == 2
+
+
+def test_usage_error_exit_2():
+    r = subprocess.run([sys.executable, "-m", "compare", "agree", "--dtype", "int8"], capture_output=True)
+    assert r.returncode == 2
+
+
+def test_broken_implementation_exits_1(monkeypatch, capsys):
+    """A deliberately wrong scale in one implementation makes agree fail and name the case and pair."""
+    from compare import runners
+
+    real = runners.run_torch
+
+    def wrong_scale(vec):
+        res = real(vec)
+        res["out"] = res["out"] * 1.001
+        return res
+
+    monkeypatch.setitem(runners.IMPLEMENTATIONS, "torch_attn", wrong_scale)
+    assert cli.main(["agree", "--case", "basic", "--dtype", "float32"]) == 1
+    out = capsys.readouterr().out
+    assert "DISAGREE" in out and "basic" in out and "torch_attn vs oracle" in out
+
+
+@pytest.mark.parametrize("argv", [["vectors"], ["vectors", "--write", "--check"]])
+def test_vectors_needs_one_mode(argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
