@@ -89,12 +89,13 @@ def check_sdpa(
     (q_shape, q_dt), (k_shape, k_dt), (v_shape, v_dt) = query, key, value
     q_shape, k_shape, v_shape = tuple(q_shape), tuple(k_shape), tuple(v_shape)
     shapes = (
-        f"query.shape={fmt_shape(q_shape)}, key.shape={fmt_shape(k_shape)}, "
-        f"value.shape={fmt_shape(v_shape)}"
+        f"query.shape={fmt_shape(q_shape)}, key.shape={fmt_shape(k_shape)}, value.shape={fmt_shape(v_shape)}"
     )
     for arg, dt in (("query", q_dt), ("key", k_dt), ("value", v_dt)):
         if dt not in FLOAT_DTYPES:
-            raise ValueError(f"{name}: {arg} must be floating ({', '.join(FLOAT_DTYPES)}); got {arg}.dtype={dt}")
+            raise ValueError(
+                f"{name}: {arg} must be floating ({', '.join(FLOAT_DTYPES)}); got {arg}.dtype={dt}"
+            )
     if not q_dt == k_dt == v_dt:
         raise ValueError(
             f"{name}: query, key and value must share one dtype; got query.dtype={q_dt}, "
@@ -104,26 +105,26 @@ def check_sdpa(
     for arg, shape in (("query", q_shape), ("key", k_shape), ("value", v_shape)):
         if len(shape) < min_rank:
             layout = "(..., heads, length, width)" if enable_gqa else "(..., length, width)"
-            raise ValueError(
-                f"{name}: {arg} must have at least {min_rank} dimensions {layout}; got {shapes}"
-            )
+            raise ValueError(f"{name}: {arg} must have at least {min_rank} dimensions {layout}; got {shapes}")
         if any(d == 0 for d in shape[-2:]):
             raise ValueError(f"{name}: {arg} has an empty length or width axis; got {shapes}")
     if q_shape[-1] != k_shape[-1]:
         raise ValueError(f"{name}: query and key must have the same head width H (last axis); got {shapes}")
     if k_shape[-2] != v_shape[-2]:
-        raise ValueError(
-            f"{name}: key and value must have the same length S (axis -2); got {shapes}"
-        )
+        raise ValueError(f"{name}: key and value must have the same length S (axis -2); got {shapes}")
 
     groups = 1
     if enable_gqa:
         n_q, n_kv = q_shape[-3], k_shape[-3]
         if v_shape[-3] != n_kv:
-            raise ValueError(f"{name}: enable_gqa: key and value must have the same number of heads (axis -3); got {shapes}")
+            raise ValueError(
+                f"{name}: enable_gqa: key and value must have the same number of heads (axis -3); "
+                f"got {shapes}"
+            )
         if n_kv == 0 or n_q % n_kv != 0:
             raise ValueError(
-                f"{name}: enable_gqa: query heads ({n_q}) must be a multiple of key/value heads ({n_kv}); got {shapes}"
+                f"{name}: enable_gqa: query heads ({n_q}) must be a multiple of key/value heads ({n_kv}); "
+                f"got {shapes}"
             )
         groups = n_q // n_kv
         # After repeating KV heads G times the head axes agree; broadcast the rest.
@@ -133,7 +134,9 @@ def check_sdpa(
         batch = _broadcast([q_shape[:-2], k_shape[:-2], v_shape[:-2]])
     if batch is None:
         raise ValueError(f"{name}: the leading (batch/head) dimensions do not broadcast; got {shapes}")
-    result = SdpaShapes(batch=batch, T=q_shape[-2], S=k_shape[-2], H=q_shape[-1], V=v_shape[-1], groups=groups)
+    result = SdpaShapes(
+        batch=batch, T=q_shape[-2], S=k_shape[-2], H=q_shape[-1], V=v_shape[-1], groups=groups
+    )
 
     if attn_mask is not None:
         m_shape, m_dt = tuple(attn_mask[0]), attn_mask[1]
@@ -158,7 +161,9 @@ def check_sdpa(
     if dropout_mask is not None:
         d_shape, d_dt = tuple(dropout_mask[0]), dropout_mask[1]
         if d_dt != "bool":
-            raise ValueError(f"{name}: dropout_mask must be bool (True = keep); got dropout_mask.dtype={d_dt}")
+            raise ValueError(
+                f"{name}: dropout_mask must be bool (True = keep); got dropout_mask.dtype={d_dt}"
+            )
         if _broadcast([d_shape, result.logits]) != result.logits:
             raise ValueError(
                 f"{name}: dropout_mask.shape={fmt_shape(d_shape)} does not broadcast to the attention "

@@ -64,14 +64,22 @@ def run(vectors: list[Vector], implementations=None, progress=None) -> list[dict
             try:
                 results[impl] = fn(vec)
             except Exception as e:  # recorded, not hidden: the report shows it as a failure
-                records.append({"case": vec.name, "dtype": vec.case.dtype, "pair": f"{impl} vs oracle",
-                                "quantity": "-", "ok": False, "error": f"{type(e).__name__}: {e}"})
+                records.append(
+                    {
+                        "case": vec.name,
+                        "dtype": vec.case.dtype,
+                        "pair": f"{impl} vs oracle",
+                        "quantity": "-",
+                        "ok": False,
+                        "error": f"{type(e).__name__}: {e}",
+                    }
+                )
         for impl, res in results.items():
             for a in against_oracle(vec, res):
                 records.append({"case": vec.name, "pair": f"{impl} vs oracle", **a.as_dict()})
         names = list(results)
         for j, a_name in enumerate(names):
-            for b_name in names[j + 1:]:
+            for b_name in names[j + 1 :]:
                 for a in between(vec, results[a_name], results[b_name]):
                     records.append({"case": vec.name, "pair": f"{a_name} vs {b_name}", **a.as_dict()})
         if progress:

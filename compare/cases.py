@@ -63,9 +63,13 @@ class SdpaCase:
 
     @property
     def logits_shape(self) -> tuple[int, ...]:
-        batch = np.broadcast_shapes(self.q[:-2], self.k[:-2]) if not self.enable_gqa else (
-            *np.broadcast_shapes(self.q[:-3], self.k[:-3]),
-            self.q[-3],
+        batch = (
+            np.broadcast_shapes(self.q[:-2], self.k[:-2])
+            if not self.enable_gqa
+            else (
+                *np.broadcast_shapes(self.q[:-3], self.k[:-3]),
+                self.q[-3],
+            )
         )
         return (*batch, self.q[-2], self.k[-2])
 
@@ -165,29 +169,86 @@ def _sdpa_cases() -> list[SdpaCase]:
             for form in MASK_FORMS
         ],
         # Mask ranks with B == N, so that a per-batch / per-head mix-up shows.
-        c("mask_rank2_TS", (3, 3, T, H), (3, 3, S, H), (3, 3, S, V), mask="random", mask_shape=(T, S), seed=21),
-        c("mask_rank3_NTS", (3, 3, T, H), (3, 3, S, H), (3, 3, S, V), mask="random", mask_shape=(3, T, S),
-          seed=22, note="rank-3 mask broadcasts over batch: it is per head"),
-        c("mask_rank4_B1TS", (3, 3, T, H), (3, 3, S, H), (3, 3, S, V), mask="random", mask_shape=(3, 1, T, S),
-          seed=23, note="per batch, shared by heads"),
+        c(
+            "mask_rank2_TS",
+            (3, 3, T, H),
+            (3, 3, S, H),
+            (3, 3, S, V),
+            mask="random",
+            mask_shape=(T, S),
+            seed=21,
+        ),
+        c(
+            "mask_rank3_NTS",
+            (3, 3, T, H),
+            (3, 3, S, H),
+            (3, 3, S, V),
+            mask="random",
+            mask_shape=(3, T, S),
+            seed=22,
+            note="rank-3 mask broadcasts over batch: it is per head",
+        ),
+        c(
+            "mask_rank4_B1TS",
+            (3, 3, T, H),
+            (3, 3, S, H),
+            (3, 3, S, V),
+            mask="random",
+            mask_shape=(3, 1, T, S),
+            seed=23,
+            note="per batch, shared by heads",
+        ),
         c("mask_padding_B11S", q, k, v, mask="padding", mask_shape=(B, 1, 1, S), seed=24),
         # Fully-masked rows: zeros out, zero gradients, never NaN.
         c("fully_masked_keep", q, k, v, mask="fully_masked_rows", mask_shape=(B, N, T, S), seed=25),
-        c("fully_masked_additive_inf", q, k, v, mask="fully_masked_rows", mask_shape=(B, N, T, S),
-          mask_form="additive_inf", seed=25),
-        c("fully_masked_additive_min", q, k, v, mask="fully_masked_rows", mask_shape=(B, N, T, S),
-          mask_form="additive_min", seed=25, note="a finite fill: a fully-masked row is uniform, as in torch"),
+        c(
+            "fully_masked_additive_inf",
+            q,
+            k,
+            v,
+            mask="fully_masked_rows",
+            mask_shape=(B, N, T, S),
+            mask_form="additive_inf",
+            seed=25,
+        ),
+        c(
+            "fully_masked_additive_min",
+            q,
+            k,
+            v,
+            mask="fully_masked_rows",
+            mask_shape=(B, N, T, S),
+            mask_form="additive_min",
+            seed=25,
+            note="a finite fill: a fully-masked row is uniform, as in torch",
+        ),
         # Causal, top-left aligned like torch.
         c("causal_square", (B, N, 6, H), (B, N, 6, H), (B, N, 6, V), is_causal=True, seed=30),
         c("causal_T_lt_S", (B, N, 3, H), (B, N, 7, H), (B, N, 7, V), is_causal=True, seed=31),
         c("causal_T_gt_S", (B, N, 7, H), (B, N, 3, H), (B, N, 3, V), is_causal=True, seed=32),
-        c("causal_L1", (B, N, 1, H), k, v, is_causal=True, seed=33, note="top-left: the one query sees key 0"),
+        c(
+            "causal_L1",
+            (B, N, 1, H),
+            k,
+            v,
+            is_causal=True,
+            seed=33,
+            note="top-left: the one query sees key 0",
+        ),
         # Grouped-query attention: 1, 2 and all query heads per KV head.
         c("gqa_G1", (B, 4, T, H), (B, 4, S, H), (B, 4, S, V), enable_gqa=True, seed=40),
         c("gqa_G2", (B, 4, T, H), (B, 2, S, H), (B, 2, S, V), enable_gqa=True, seed=41),
         c("gqa_G4_mqa", (B, 4, T, H), (B, 1, S, H), (B, 1, S, V), enable_gqa=True, seed=42),
-        c("gqa_G2_causal_masked", (B, 4, T, H), (B, 2, S, H), (B, 2, S, V), enable_gqa=True, mask="random",
-          mask_shape=(B, 4, T, S), seed=43),
+        c(
+            "gqa_G2_causal_masked",
+            (B, 4, T, H),
+            (B, 2, S, H),
+            (B, 2, S, V),
+            enable_gqa=True,
+            mask="random",
+            mask_shape=(B, 4, T, S),
+            seed=43,
+        ),
         c("dropout_injected", q, k, v, dropout_p=0.25, seed=50, note="the same keep-mask on both sides"),
         c("dropout_masked", q, k, v, mask="random", mask_shape=(B, N, T, S), dropout_p=0.5, seed=51),
     ]
@@ -207,8 +268,17 @@ def _sdpa_cases() -> list[SdpaCase]:
             qq = (B, 4, T, H) if kw.get("enable_gqa") else q
             if kw.get("is_causal"):
                 qq, kk, vv = (B, N, 6, H), (B, N, 6, H), (B, N, 6, V)
-            cases.append(c(f"{name}_{'bf16' if dtype == 'bfloat16' else 'fp16'}", qq, kk, vv, dtype=dtype,
-                           seed=100 + i, **kw))
+            cases.append(
+                c(
+                    f"{name}_{'bf16' if dtype == 'bfloat16' else 'fp16'}",
+                    qq,
+                    kk,
+                    vv,
+                    dtype=dtype,
+                    seed=100 + i,
+                    **kw,
+                )
+            )
     return cases
 
 

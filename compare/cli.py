@@ -18,8 +18,14 @@ console = Console(stderr=False)
 
 
 def _progress(label: str):
-    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                    console=console, transient=True)
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+    )
 
 
 def cmd_vectors(args) -> int:
@@ -69,12 +75,17 @@ def cmd_agree(args) -> int:
         records = agree.run(vecs, progress=lambda d, t, n: bar.update(task, completed=d, description=n))
     _print_summary(records)
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"environment": env.environment(), "precision": precision, "records": records}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"environment": env.environment(), "precision": precision, "records": records}, indent=1
+            )
+        )
         console.print(f"wrote {args.json}")
     bad = [r for r in records if not r["ok"]]
     for r in bad[:20]:
-        detail = r.get("error") or f"max_abs={r['max_abs']:.3e} > tol={r['tol']:.3e}, nonfinite={r['nonfinite']}"
+        detail = (
+            r.get("error") or f"max_abs={r['max_abs']:.3e} > tol={r['tol']:.3e}, nonfinite={r['nonfinite']}"
+        )
         console.print(f"[red]DISAGREE[/red] {r['case']} | {r['pair']} | {r.get('quantity')}: {detail}")
     return 1 if bad else 0
 
@@ -87,15 +98,23 @@ def _print_summary(records: list[dict]) -> None:
     for r in records:
         groups.setdefault((r["pair"], r.get("dtype", "?")), []).append(r)
     for (pair, dtype), rs in sorted(groups.items()):
-        def worst(quantities):
+
+        def worst(quantities, rs=rs):
             xs = [r for r in rs if r.get("quantity") in quantities]
             if not xs:
                 return "-"
             w = max(xs, key=lambda r: r["max_abs"] / r["tol"] if r["tol"] else 0.0)
             return f"{w['max_abs']:.2e} / {w['tol']:.1e}"
+
         ok = all(r["ok"] for r in rs)
-        table.add_row(pair, dtype, str(len({r["case"] for r in rs})), worst(("out", "weights")),
-                      worst(("dq", "dk", "dv")), "[green]ok[/green]" if ok else "[red]FAIL[/red]")
+        table.add_row(
+            pair,
+            dtype,
+            str(len({r["case"] for r in rs})),
+            worst(("out", "weights")),
+            worst(("dq", "dk", "dv")),
+            "[green]ok[/green]" if ok else "[red]FAIL[/red]",
+        )
     console.print(table)
 
 
@@ -113,8 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case", action="append", help="only cases whose name contains this (repeatable)")
     p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", help="write the records to this JSON file")
-    p.add_argument("--framework-defaults", action="store_true",
-                   help="leave each framework's default matmul precision instead of pinning fp32")
+    p.add_argument(
+        "--framework-defaults",
+        action="store_true",
+        help="leave each framework's default matmul precision instead of pinning fp32",
+    )
     p.add_argument("--dir", default=str(vectors_mod.DEFAULT_DIR))
     p.set_defaults(func=cmd_agree)
     return parser

@@ -45,8 +45,18 @@ def _repeat_heads(x: np.ndarray, groups: int) -> np.ndarray:
     return np.repeat(x, groups, axis=-3) if groups > 1 else x
 
 
-def sdpa_forward(q, k, v, attn_mask=None, is_causal=False, scale=None, groups=1, dropout_mask=None,
-                 dropout_p=0.0, dtype=None):
+def sdpa_forward(
+    q,
+    k,
+    v,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    groups=1,
+    dropout_mask=None,
+    dropout_p=0.0,
+    dtype=None,
+):
     """Attention output and weights, torch SDPA semantics, fully-masked rows giving zeros.
 
     Args:
@@ -107,8 +117,19 @@ def _unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return grad
 
 
-def sdpa_backward(q, k, v, dout, attn_mask=None, is_causal=False, scale=None, groups=1,
-                  dropout_mask=None, dropout_p=0.0, dtype=None):
+def sdpa_backward(
+    q,
+    k,
+    v,
+    dout,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    groups=1,
+    dropout_mask=None,
+    dropout_p=0.0,
+    dtype=None,
+):
     """Gradients of ``sum(out * dout)`` with respect to q, k and v, by the textbook backward pass.
 
     Returns:

@@ -53,7 +53,9 @@ def run_jax(vec: Vector) -> dict[str, np.ndarray]:
 
     (out, weights), vjp = jax.vjp(fwd, q, k, v)
     dq, dk, dv = vjp((dout, jax.numpy.zeros_like(weights)))
-    return {n: to_float64(x) for n, x in zip(("out", "weights", "dq", "dk", "dv"), (out, weights, dq, dk, dv))}
+    return {
+        n: to_float64(x) for n, x in zip(("out", "weights", "dq", "dk", "dv"), (out, weights, dq, dk, dv))
+    }
 
 
 def _torch_inputs(vec: Vector):
@@ -63,9 +65,7 @@ def _torch_inputs(vec: Vector):
 
     a, dt = vec.arrays, vec.case.dtype
     tdt = getattr(torch, dt)
-    q, k, v, dout = (
-        torch.from_numpy(np.asarray(a[n], np.float32)).to(tdt) for n in ("q", "k", "v", "dout")
-    )
+    q, k, v, dout = (torch.from_numpy(np.asarray(a[n], np.float32)).to(tdt) for n in ("q", "k", "v", "dout"))
     mask = a.get("attn_mask")
     if mask is not None:
         mask = torch.from_numpy(np.asarray(mask, np.float32) if mask.dtype != bool else mask)

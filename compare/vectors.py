@@ -176,7 +176,9 @@ def load(name: str, directory: Path = DEFAULT_DIR, manifest: dict | None = None)
     except (SafetensorError, ValueError, OSError) as e:
         raise VectorError(f"case {name!r}: file {path} is not a readable safetensors file: {e}") from None
     if sorted(arrays) != sorted(entry["arrays"]):
-        raise VectorError(f"case {name!r}: arrays {sorted(arrays)} differ from the manifest's {entry['arrays']}")
+        raise VectorError(
+            f"case {name!r}: arrays {sorted(arrays)} differ from the manifest's {entry['arrays']}"
+        )
     return Vector(case, _restore_dtypes(case, arrays))
 
 

@@ -8,8 +8,14 @@ import torch
 import jax_attn
 import torch_attn
 
-HELPERS = ["causal_mask", "padding_mask", "masked_to_keep", "keep_to_masked", "keep_to_additive",
-           "additive_to_keep"]
+HELPERS = [
+    "causal_mask",
+    "padding_mask",
+    "masked_to_keep",
+    "keep_to_masked",
+    "keep_to_additive",
+    "additive_to_keep",
+]
 
 
 @pytest.mark.parametrize("name", HELPERS)
@@ -51,8 +57,10 @@ def test_padding_mask_rejects_float_lengths_in_both():
 
 
 def test_padding_mask_rejects_rank_3_in_both():
-    for fn, x in ((jax_attn.padding_mask, jnp.zeros((1, 2, 3), jnp.int32)),
-                  (torch_attn.padding_mask, torch.zeros((1, 2, 3), dtype=torch.int32))):
+    for fn, x in (
+        (jax_attn.padding_mask, jnp.zeros((1, 2, 3), jnp.int32)),
+        (torch_attn.padding_mask, torch.zeros((1, 2, 3), dtype=torch.int32)),
+    ):
         with pytest.raises(ValueError, match=r"lengths.shape=\(1, 2, 3\)"):
             fn(x, 4)
 

@@ -57,8 +57,9 @@ def test_backward_matches_finite_differences(groups, masked):
         out = oracle.sdpa_forward(q, k, v, attn_mask=mask, groups=groups, dropout_mask=drop, dropout_p=0.2)
         return float(np.sum(out["out"] * dout))
 
-    grads = oracle.sdpa_backward(q, k, v, dout, attn_mask=mask, groups=groups, dropout_mask=drop,
-                                 dropout_p=0.2)
+    grads = oracle.sdpa_backward(
+        q, k, v, dout, attn_mask=mask, groups=groups, dropout_mask=drop, dropout_p=0.2
+    )
     eps = 1e-6
     for name, x in (("dq", q), ("dk", k), ("dv", v)):
         numeric = np.zeros_like(x)

@@ -1,5 +1,7 @@
 """The twins against torch's own ``F.scaled_dot_product_attention``: on the shared vectors and fuzzed."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,8 +50,11 @@ def sdpa_inputs(draw):
         mrank = draw(st.integers(2, len(full)))
         mshape = tuple(d if draw(st.booleans()) else 1 for d in full[-mrank:])
         keep = rng.random(mshape) < 0.75
-        mask = keep if mask_kind == "bool" else np.where(keep, rng.standard_normal(mshape), -np.inf).astype(
-            np.float32)
+        mask = (
+            keep
+            if mask_kind == "bool"
+            else np.where(keep, rng.standard_normal(mshape), -np.inf).astype(np.float32)
+        )
     scale = draw(st.one_of(st.none(), st.floats(0.05, 2.0)))
     return q, k, v, mask, mask_kind == "causal", scale, gqa
 
@@ -62,18 +67,23 @@ def _torch_builtin(q, k, v, mask, causal, scale, gqa):
     return [x.detach().numpy() for x in (out, tq.grad, tk.grad, tv.grad)]
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _jax_out_and_grads(q, k, v, mask, causal, scale, gqa):
+    # One compiled program per example (forward + VJP together) costs less than eager op-by-op dispatch,
+    # which compiles every primitive again for each new shape.
+    def f(q, k, v):
+        return jax_attn.scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, gqa)
+
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out, *vjp(jnp.ones_like(out)))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sdpa_inputs())
 def test_fuzz_jax_matches_torch_builtin_fp32(inputs):
     q, k, v, mask, causal, scale, gqa = inputs
     expected = _torch_builtin(q, k, v, mask, causal, scale, gqa)
-    jm = None if mask is None else jnp.asarray(mask)
-
-    def f(q, k, v):
-        return jax_attn.scaled_dot_product_attention(q, k, v, jm, 0.0, causal, scale, gqa)
-
-    out, vjp = jax.vjp(f, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
-    grads = vjp(jnp.ones_like(out))
+    out, *grads = _jax_out_and_grads(q, k, v, mask, causal, scale, gqa)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5, err_msg=name)
 
@@ -95,7 +105,8 @@ def test_dropout_statistics_jax():
     """Without an injected mask, the JAX draw keeps about 1 - p of the weights, scaled by 1/(1-p)."""
     q = jnp.ones((4, 8, 64, 16))
     out, w = jax_attn.scaled_dot_product_attention_with_weights(
-        q, q, q, dropout_p=0.25, dropout_rng=jax.random.key(0))
+        q, q, q, dropout_p=0.25, dropout_rng=jax.random.key(0)
+    )
     kept = np.asarray(w) > 0
     assert abs(kept.mean() - 0.75) < 0.01
     np.testing.assert_allclose(np.asarray(w)[kept], 1 / 64 / 0.75, rtol=1e-5)
@@ -104,7 +115,8 @@ def test_dropout_statistics_jax():
 def test_dropout_statistics_torch():
     q = torch.ones((4, 8, 64, 16))
     out, w = torch_attn.scaled_dot_product_attention_with_weights(
-        q, q, q, dropout_p=0.25, generator=torch.Generator().manual_seed(0))
+        q, q, q, dropout_p=0.25, generator=torch.Generator().manual_seed(0)
+    )
     kept = w.numpy() > 0
     assert abs(kept.mean() - 0.75) < 0.01
     np.testing.assert_allclose(w.numpy()[kept], 1 / 64 / 0.75, rtol=1e-5)

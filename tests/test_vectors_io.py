@@ -27,9 +27,25 @@ def test_vectors_are_small():
 
 def test_enough_cases_cover_the_reference_edge_cases():
     names = set(SDPA_CASES)
-    for needed in ("fully_masked_keep", "mask_masked", "mask_additive_inf", "mask_rank3_NTS", "causal_T_lt_S",
-                   "decode_L1", "gqa_G1", "gqa_G2", "gqa_G4_mqa", "scale_override", "large_logits",
-                   "large_mean_offset", "sizes_one", "primes", "dropout_injected", "basic_bf16", "basic_fp16"):
+    for needed in (
+        "fully_masked_keep",
+        "mask_masked",
+        "mask_additive_inf",
+        "mask_rank3_NTS",
+        "causal_T_lt_S",
+        "decode_L1",
+        "gqa_G1",
+        "gqa_G2",
+        "gqa_G4_mqa",
+        "scale_override",
+        "large_logits",
+        "large_mean_offset",
+        "sizes_one",
+        "primes",
+        "dropout_injected",
+        "basic_bf16",
+        "basic_fp16",
+    ):
         assert needed in names
 
 
