@@ -5,16 +5,18 @@ Records are plain dicts (JSON-ready) so that the CLI, the tests and the reports 
 
 from __future__ import annotations
 
-from compare import runners
-from compare.tolerance import Agreement, compare_arrays, gradient_magnitude, tolerance
+from compare.registry import KINDS
+from compare.tolerance import Agreement, compare_arrays, tolerance
 from compare.vectors import Vector
-
-QUANTITIES = ("out", "weights", "dq", "dk", "dv")
 
 
 def _magnitude(vec: Vector, quantity: str) -> float:
-    a = vec.arrays
-    return gradient_magnitude(quantity, a["q"], a["k"], a["v"], a["dout"], vec.case.scale)
+    return KINDS[vec.kind].magnitude(vec.case, vec.arrays, quantity)
+
+
+def _quantities(vec: Vector) -> list[str]:
+    """What the oracle provides for this vector: ``expected_<quantity>`` arrays."""
+    return [k.removeprefix("expected_") for k in sorted(vec.arrays) if k.startswith("expected_")]
 
 
 def against_oracle(vec: Vector, result: dict) -> list[Agreement]:
@@ -28,7 +30,7 @@ def against_oracle(vec: Vector, result: dict) -> list[Agreement]:
             baseline=vec.arrays.get(f"naive_{q}"),
             magnitude=_magnitude(vec, q),
         )
-        for q in QUANTITIES
+        for q in _quantities(vec)
         if q in result
     ]
 
@@ -36,7 +38,7 @@ def against_oracle(vec: Vector, result: dict) -> list[Agreement]:
 def between(vec: Vector, result_a: dict, result_b: dict) -> list[Agreement]:
     """Two implementations against each other, at the tolerance the policy grants against the oracle."""
     out = []
-    for q in QUANTITIES:
+    for q in _quantities(vec):
         if q in result_a and q in result_b:
             tol = tolerance(
                 vec.case.dtype,
@@ -49,17 +51,19 @@ def between(vec: Vector, result_a: dict, result_b: dict) -> list[Agreement]:
 
 
 def run(vectors: list[Vector], implementations=None, progress=None) -> list[dict]:
-    """Run every implementation on every vector; one record per (case, pair, quantity).
+    """Run every implementation of each vector's kind (or ``implementations[kind]``) on every vector;
+    one record per (case, pair, quantity).
 
     A pair is ``"<impl> vs oracle"`` or ``"<impl_a> vs <impl_b>"``. An implementation that raises is
     recorded with ``ok=False`` and its error, and the run goes on.
     """
-    implementations = implementations or runners.IMPLEMENTATIONS
     records = []
     for i, vec in enumerate(vectors):
+        kind = KINDS[vec.kind]
         results = {}
-        for impl, fn in implementations.items():
-            if impl == "torch_builtin" and not runners.builtin_applies(vec):
+        impls = kind.implementations if implementations is None else implementations.get(vec.kind, {})
+        for impl, fn in impls.items():
+            if not kind.applies(impl, vec):
                 continue
             try:
                 results[impl] = fn(vec)

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field
 import ml_dtypes
 import numpy as np
 
+from compare import oracle
+from compare.tolerance import gradient_magnitude
+
 NP_DTYPES = {
     "float32": np.float32,
     "float64": np.float64,
@@ -145,6 +148,39 @@ def oracle_mask(case: SdpaCase, attn_mask: np.ndarray | None) -> np.ndarray | No
     if case.mask_form == "masked":
         return ~attn_mask
     return attn_mask if attn_mask.dtype == bool else attn_mask.astype(np.float64)
+
+
+def oracle_kwargs(case: SdpaCase, arrays: dict[str, np.ndarray]) -> dict:
+    """Keyword arguments for ``oracle.sdpa_forward``/``sdpa_backward`` from a case's arrays."""
+    return {
+        "attn_mask": oracle_mask(case, arrays.get("attn_mask")),
+        "is_causal": case.is_causal,
+        "scale": case.scale,
+        "groups": case.groups,
+        "dropout_mask": arrays.get("dropout_mask"),
+        "dropout_p": case.dropout_p,
+    }
+
+
+def expectations(case: SdpaCase, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Oracle outputs (float64) and, for low precision, the naive same-dtype baseline, from ``inputs``."""
+    q, k, v, dout = (inputs[n].astype(np.float64) for n in ("q", "k", "v", "dout"))
+    kwargs = oracle_kwargs(case, inputs)
+    result = {}
+    low = case.dtype in oracle.LOW_PRECISION
+    for prefix, dtype in (("expected", None), ("naive", case.dtype)) if low else (("expected", None),):
+        fwd = oracle.sdpa_forward(q, k, v, **kwargs, dtype=dtype)
+        bwd = oracle.sdpa_backward(q, k, v, dout, **kwargs, dtype=dtype)
+        result[f"{prefix}_out"] = fwd["out"]
+        result[f"{prefix}_weights"] = fwd["weights"]
+        for g in ("dq", "dk", "dv"):
+            result[f"{prefix}_{g}"] = bwd[g]
+    return result
+
+
+def magnitude(case: SdpaCase, arrays: dict[str, np.ndarray], quantity: str) -> float:
+    """Gradient term size for the tolerance policy (see ``compare.tolerance.gradient_magnitude``)."""
+    return gradient_magnitude(quantity, arrays["q"], arrays["k"], arrays["v"], arrays["dout"], case.scale)
 
 
 def _sdpa_cases() -> list[SdpaCase]:

@@ -12,7 +12,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from compare import vectors as vectors_mod
-from compare.cases import SDPA_CASES
 
 console = Console(stderr=False)
 
@@ -31,7 +30,7 @@ def _progress(label: str):
 def cmd_vectors(args) -> int:
     directory = Path(args.dir)
     with _progress("vectors") as bar:
-        task = bar.add_task("", total=len(SDPA_CASES))
+        task = bar.add_task("", total=len(vectors_mod.all_cases()))
 
         def tick(done, total, name):
             bar.update(task, completed=done, description=name)
@@ -51,9 +50,10 @@ def cmd_vectors(args) -> int:
 
 
 def _select(args) -> list[str]:
-    names = [n for n in SDPA_CASES if (not args.case or any(s in n for s in args.case))]
+    cases = vectors_mod.all_cases()
+    names = [n for n in cases if (not args.case or any(s in n for s in args.case))]
     if args.dtype:
-        names = [n for n in names if SDPA_CASES[n].dtype in args.dtype]
+        names = [n for n in names if cases[n][1].dtype in args.dtype]
     return names
 
 

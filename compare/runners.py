@@ -99,6 +99,10 @@ def builtin_applies(vec: Vector) -> bool:
     return vec.case.dropout_p == 0.0
 
 
+def applies(impl: str, vec: Vector) -> bool:
+    return builtin_applies(vec) if impl == "torch_builtin" else True
+
+
 def run_torch_builtin(vec: Vector) -> dict[str, np.ndarray]:
     """torch's ``F.scaled_dot_product_attention`` on the vector: output and input gradients (no weights)."""
     import torch

@@ -2,14 +2,17 @@
 
 Layout of ``tests/vectors/``::
 
-    manifest.json          {"format": 1, "cases": {name: {"kind", "params", "file", "sha256", "arrays"}}}
-    <name>.safetensors     inputs (q, k, v, dout, attn_mask?, dropout_mask?) and expectations
-                           (expected_out, expected_weights, expected_dq/dk/dv from the float64 oracle;
-                           for bf16/fp16 also naive_* from the same-dtype baseline)
+    manifest.json          {"format": 1, "cases": {name: {"kind", "params", "file", "sha256", "arrays",
+                                                          "dtypes"}}}
+    <name>.safetensors     inputs (e.g. q, k, v, dout, attn_mask, dropout_mask, parameters) and
+                           expectations: ``expected_<quantity>`` from the float64 oracle, and for
+                           bf16/fp16 ``naive_<quantity>`` from the same-dtype baseline
 
-Loading never unpickles: safetensors holds raw arrays and the manifest is JSON. Every problem (missing,
-altered or malformed file, a case missing from the manifest) raises :class:`VectorError` naming the case.
-Writing goes through a temporary folder and ``os.replace``, so a failed write leaves the old set intact.
+Each *kind* of case (``sdpa``, and the module kinds) is described once in ``compare.registry``: its case
+recipes, how to build inputs, how the oracle computes expectations. Loading never unpickles: safetensors
+holds raw arrays and the manifest is JSON. Every problem (missing, altered or malformed file, a case
+missing from the manifest) raises :class:`VectorError` naming the case. Writing goes through a temporary
+folder and ``os.replace``, so a failed write leaves the old set intact.
 """
 
 from __future__ import annotations
@@ -21,18 +24,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from compare import oracle
-from compare.cases import NP_DTYPES, SDPA_CASES, SdpaCase, build_inputs, oracle_mask
+from compare.cases import NP_DTYPES
 
 FORMAT = 1
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "tests" / "vectors"
-EXPECTED = ("out", "weights", "dq", "dk", "dv")
 
 
 class VectorError(ValueError):
@@ -41,42 +43,42 @@ class VectorError(ValueError):
 
 @dataclass
 class Vector:
-    """A loaded vector: its case recipe and its arrays (NumPy, in the stored dtypes)."""
+    """A loaded vector: its kind, its case recipe and its arrays (NumPy, in their native dtypes)."""
 
-    case: SdpaCase
+    kind: str
+    case: Any
     arrays: dict[str, np.ndarray]
 
     @property
     def name(self) -> str:
         return self.case.name
 
-    def oracle_kwargs(self) -> dict:
-        """Keyword arguments for ``oracle.sdpa_forward``/``sdpa_backward`` built from the stored inputs."""
-        c, a = self.case, self.arrays
-        return {
-            "attn_mask": oracle_mask(c, a.get("attn_mask")),
-            "is_causal": c.is_causal,
-            "scale": c.scale,
-            "groups": c.groups,
-            "dropout_mask": a.get("dropout_mask"),
-            "dropout_p": c.dropout_p,
-        }
+    @property
+    def dtype(self) -> str:
+        return self.case.dtype
 
 
-def expectations(case: SdpaCase, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Oracle outputs (float64) and, for low precision, the naive same-dtype baseline, from ``inputs``."""
-    q, k, v, dout = (inputs[n].astype(np.float64) for n in ("q", "k", "v", "dout"))
-    vec = Vector(case, inputs)
-    result = {}
-    low = case.dtype in oracle.LOW_PRECISION
-    for prefix, dtype in (("expected", None), ("naive", case.dtype)) if low else (("expected", None),):
-        fwd = oracle.sdpa_forward(q, k, v, **vec.oracle_kwargs(), dtype=dtype)
-        bwd = oracle.sdpa_backward(q, k, v, dout, **vec.oracle_kwargs(), dtype=dtype)
-        result[f"{prefix}_out"] = fwd["out"]
-        result[f"{prefix}_weights"] = fwd["weights"]
-        for g in ("dq", "dk", "dv"):
-            result[f"{prefix}_{g}"] = bwd[g]
-    return result
+def all_cases() -> dict[str, tuple[str, Any]]:
+    """Every registered case by name: ``{name: (kind, case)}``."""
+    from compare.registry import KINDS
+
+    out = {}
+    for kind in KINDS.values():
+        for name, case in kind.cases.items():
+            if name in out:
+                raise ValueError(f"case name {name!r} is registered by two kinds")
+            out[name] = (kind.name, case)
+    return out
+
+
+def _kind(name: str):
+    from compare.registry import KINDS
+
+    return KINDS[name]
+
+
+def expectations(kind: str, case, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return _kind(kind).expectations(case, inputs)
 
 
 def _sha256(data: bytes) -> str:
@@ -85,39 +87,36 @@ def _sha256(data: bytes) -> str:
 
 def _storable(x: np.ndarray) -> np.ndarray:
     # safetensors' NumPy reader knows no bfloat16: bf16 arrays are stored as float32 (exactly) and cast
-    # back on load, guided by the case's dtype.
+    # back on load, guided by the manifest's "dtypes".
     return np.ascontiguousarray(x.astype(np.float32) if x.dtype == NP_DTYPES["bfloat16"] else x)
 
 
-def _restore_dtypes(case: SdpaCase, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    native = NP_DTYPES[case.dtype]
-    cast = ("q", "k", "v", "dout") + (("attn_mask",) if case.mask_form == "additive_min" else ())
-    return {k: a.astype(native) if k in cast else a for k, a in arrays.items()}
+def _serialize(kind: str, case) -> tuple[bytes, dict[str, str]]:
+    inputs = _kind(kind).build_inputs(case)
+    arrays = {**inputs, **expectations(kind, case, inputs)}
+    dtypes = {k: np.dtype(v.dtype).name for k, v in sorted(arrays.items())}
+    return st_save({k: _storable(v) for k, v in sorted(arrays.items())}), dtypes
 
 
-def _serialize(case: SdpaCase) -> bytes:
-    inputs = build_inputs(case)
-    arrays = {**inputs, **expectations(case, inputs)}
-    return st_save({k: _storable(v) for k, v in sorted(arrays.items())})
-
-
-def write(directory: Path = DEFAULT_DIR, cases: dict[str, SdpaCase] = SDPA_CASES, progress=None) -> dict:
-    """Write every case and the manifest into ``directory`` atomically; returns the manifest."""
+def write(directory: Path = DEFAULT_DIR, progress=None) -> dict:
+    """Write every registered case and the manifest into ``directory`` atomically; returns the manifest."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    cases = all_cases()
     staging = Path(tempfile.mkdtemp(prefix=".vectors-", dir=directory.parent))
     try:
         manifest = {"format": FORMAT, "cases": {}}
-        for i, (name, case) in enumerate(cases.items()):
-            data = _serialize(case)
+        for i, (name, (kind, case)) in enumerate(cases.items()):
+            data, dtypes = _serialize(kind, case)
             file = f"{name}.safetensors"
             (staging / file).write_bytes(data)
             manifest["cases"][name] = {
-                "kind": "sdpa",
+                "kind": kind,
                 "params": case.params(),
                 "file": file,
                 "sha256": _sha256(data),
-                "arrays": sorted(st_load(data)),
+                "arrays": sorted(dtypes),
+                "dtypes": dtypes,
             }
             if progress:
                 progress(i + 1, len(cases), name)
@@ -153,15 +152,16 @@ def load(name: str, directory: Path = DEFAULT_DIR, manifest: dict | None = None)
     """Load one case, verifying its hash, its arrays and that the registry still describes it."""
     directory = Path(directory)
     manifest = read_manifest(directory) if manifest is None else manifest
-    if name not in SDPA_CASES:
+    registered = all_cases()
+    if name not in registered:
         raise VectorError(f"case {name!r}: not in the case registry")
+    kind, case = registered[name]
     entry = manifest["cases"].get(name)
     if entry is None:
         raise VectorError(f"case {name!r}: missing from {directory / 'manifest.json'}")
-    case = SDPA_CASES[name]
-    if entry.get("params") != case.params():
+    if entry.get("kind") != kind or entry.get("params") != case.params():
         raise VectorError(
-            f"case {name!r}: manifest parameters differ from the registry; rewrite with "
+            f"case {name!r}: manifest kind/parameters differ from the registry; rewrite with "
             "`python -m compare vectors --write`"
         )
     path = directory / entry["file"]
@@ -179,12 +179,16 @@ def load(name: str, directory: Path = DEFAULT_DIR, manifest: dict | None = None)
         raise VectorError(
             f"case {name!r}: arrays {sorted(arrays)} differ from the manifest's {entry['arrays']}"
         )
-    return Vector(case, _restore_dtypes(case, arrays))
+    dtypes = entry.get("dtypes", {})
+    arrays = {
+        k: a.astype(NP_DTYPES[dtypes[k]]) if dtypes.get(k) == "bfloat16" else a for k, a in arrays.items()
+    }
+    return Vector(kind, case, arrays)
 
 
 def load_all(directory: Path = DEFAULT_DIR, names=None) -> list[Vector]:
     manifest = read_manifest(directory)
-    return [load(n, directory, manifest) for n in (names or SDPA_CASES)]
+    return [load(n, directory, manifest) for n in (names or all_cases())]
 
 
 def check(directory: Path = DEFAULT_DIR, progress=None) -> list[str]:
@@ -192,18 +196,19 @@ def check(directory: Path = DEFAULT_DIR, progress=None) -> list[str]:
     the recipe, and the stored expectations equal a fresh oracle run. Returns the checked case names;
     raises :class:`VectorError` on the first problem."""
     manifest = read_manifest(directory)
-    extra = sorted(set(manifest["cases"]) - set(SDPA_CASES))
+    registered = all_cases()
+    extra = sorted(set(manifest["cases"]) - set(registered))
     if extra:
         raise VectorError(f"cases {extra} are in the manifest but not in the registry")
-    for i, name in enumerate(SDPA_CASES):
+    for i, name in enumerate(registered):
         vec = load(name, directory, manifest)
-        fresh = build_inputs(vec.case)
+        fresh = _kind(vec.kind).build_inputs(vec.case)
         for key, arr in fresh.items():
             if not np.array_equal(arr, vec.arrays[key], equal_nan=True):
                 raise VectorError(f"case {name!r}: stored input {key!r} differs from its recipe")
-        for key, arr in expectations(vec.case, fresh).items():
+        for key, arr in expectations(vec.kind, vec.case, fresh).items():
             if not np.allclose(arr, vec.arrays[key], rtol=1e-12, atol=1e-12, equal_nan=True):
                 raise VectorError(f"case {name!r}: stored {key!r} differs from the oracle")
         if progress:
-            progress(i + 1, len(SDPA_CASES), name)
-    return list(SDPA_CASES)
+            progress(i + 1, len(registered), name)
+    return list(registered)
