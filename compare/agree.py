@@ -80,12 +80,15 @@ def run(vectors: list[Vector], implementations=None, progress=None) -> list[dict
                 )
         for impl, res in results.items():
             for a in against_oracle(vec, res):
-                records.append({"case": vec.name, "pair": f"{impl} vs oracle", **a.as_dict()})
+                pair = f"{impl} vs oracle"
+                records.append({"case": vec.name, "kind": vec.kind, "pair": pair, **a.as_dict()})
         names = list(results)
         for j, a_name in enumerate(names):
             for b_name in names[j + 1 :]:
                 for a in between(vec, results[a_name], results[b_name]):
-                    records.append({"case": vec.name, "pair": f"{a_name} vs {b_name}", **a.as_dict()})
+                    records.append(
+                        {"case": vec.name, "kind": vec.kind, "pair": f"{a_name} vs {b_name}", **a.as_dict()}
+                    )
         if progress:
             progress(i + 1, len(vectors), vec.name)
     return records

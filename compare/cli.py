@@ -1,9 +1,13 @@
-"""Command-line interface of ``python -m compare``."""
+"""Command-line interface of ``python -m compare``.
+
+``python -m compare`` with no arguments is the main job: check the shared vectors, run the agreement
+suite, and write the report folder (``reports/<timestamp>/``). Subcommands: ``vectors``, ``agree``.
+Exit status: 0 when everything agrees within tolerance, 1 when anything does not, 2 for usage errors.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -11,9 +15,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from compare import report
 from compare import vectors as vectors_mod
 
-console = Console(stderr=False)
+# Wide enough for the tables when the output is a log file rather than a terminal.
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 def _progress(label: str):
@@ -52,6 +58,8 @@ def cmd_vectors(args) -> int:
 def _select(args) -> list[str]:
     cases = vectors_mod.all_cases()
     names = [n for n in cases if (not args.case or any(s in n for s in args.case))]
+    if args.kind:
+        names = [n for n in names if cases[n][0] in args.kind]
     if args.dtype:
         names = [n for n in names if cases[n][1].dtype in args.dtype]
     return names
@@ -60,6 +68,11 @@ def _select(args) -> list[str]:
 def cmd_agree(args) -> int:
     from compare import agree, env
 
+    try:
+        device = env.select_device(args.device)
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        return 2
     precision = env.pin_precision(framework_defaults=args.framework_defaults)
     names = _select(args)
     if not names:
@@ -74,53 +87,66 @@ def cmd_agree(args) -> int:
         task = bar.add_task("", total=len(vecs))
         records = agree.run(vecs, progress=lambda d, t, n: bar.update(task, completed=d, description=n))
     _print_summary(records)
+    environment = env.environment()
+    folder = Path(args.out) if args.out else None
+    if folder is not None:
+        for path in report.write_agreement(folder, records, environment, precision, device["name"]):
+            console.print(f"wrote {path}")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"environment": env.environment(), "precision": precision, "records": records}, indent=1
-            )
+        report.write_atomic(
+            args.json,
+            __import__("json").dumps(
+                {"environment": environment, "precision": precision, "device": device, "records": records},
+                indent=1,
+            ),
         )
         console.print(f"wrote {args.json}")
     bad = [r for r in records if not r["ok"]]
-    for r in bad[:20]:
+    for r in bad[:30]:
         detail = (
             r.get("error") or f"max_abs={r['max_abs']:.3e} > tol={r['tol']:.3e}, nonfinite={r['nonfinite']}"
         )
         console.print(f"[red]DISAGREE[/red] {r['case']} | {r['pair']} | {r.get('quantity')}: {detail}")
+    if len(bad) > 30:
+        console.print(f"[red]… and {len(bad) - 30} more disagreements (see the report)[/red]")
     return 1 if bad else 0
 
 
 def _print_summary(records: list[dict]) -> None:
-    table = Table(title="agreement (worst max-abs error / tolerance over cases)")
-    for col in ("pair", "dtype", "cases", "forward", "gradients", "status"):
-        table.add_column(col)
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["pair"], r.get("dtype", "?")), []).append(r)
-    for (pair, dtype), rs in sorted(groups.items()):
-
-        def worst(quantities, rs=rs):
-            xs = [r for r in rs if r.get("quantity") in quantities]
-            if not xs:
-                return "-"
-            w = max(xs, key=lambda r: r["max_abs"] / r["tol"] if r["tol"] else 0.0)
-            return f"{w['max_abs']:.2e} / {w['tol']:.1e}"
-
-        ok = all(r["ok"] for r in rs)
-        table.add_row(
-            pair,
-            dtype,
-            str(len({r["case"] for r in rs})),
-            worst(("out", "weights")),
-            worst(("dq", "dk", "dv")),
-            "[green]ok[/green]" if ok else "[red]FAIL[/red]",
-        )
+    table = Table(title="agreement: worst max-abs error / tolerance (worst case:quantity)")
+    for col in ("kind", "pair", "dtype", "cases", "forward", "gradients", "status"):
+        table.add_column(col, overflow="fold")
+    for row in report.summarize(records):
+        cells = []
+        for label in ("forward", "gradients"):
+            w = row.get(label)
+            cells.append(f"{w['max_abs']:.1e} / {w['tol']:.0e}" if w else "-")
+        status = "[green]ok[/green]" if not row["failures"] else f"[red]{row['failures']} FAIL[/red]"
+        table.add_row(row["kind"], row["pair"], row["dtype"], str(row["cases"]), *cells, status)
     console.print(table)
 
 
+def _add_agree_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--case", action="append", help="only cases whose name contains this (repeatable)")
+    p.add_argument("--kind", action="append", help="only vectors of this kind (sdpa, …; repeatable)")
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", choices=["cpu", "gpu", "tpu"], help="default: the best available")
+    p.add_argument(
+        "--framework-defaults",
+        action="store_true",
+        help="leave each framework's default matmul precision (TF32 etc.) instead of pinning full fp32",
+    )
+    p.add_argument("--dir", default=str(vectors_mod.DEFAULT_DIR), help="vector folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m compare", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m compare",
+        description="Attention across frameworks: agreement report (default: all of it, into reports/).",
+    )
+    parser.add_argument("--out", help="report folder for the default run (default reports/<timestamp>/)")
     sub = parser.add_subparsers(dest="command")
+
     p = sub.add_parser("vectors", help="write or check the shared test vectors")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="regenerate tests/vectors from the registry")
@@ -129,27 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_vectors)
 
     p = sub.add_parser("agree", help="run every implementation on the vectors and compare")
-    p.add_argument("--case", action="append", help="only cases whose name contains this (repeatable)")
-    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--json", help="write the records to this JSON file")
-    p.add_argument(
-        "--framework-defaults",
-        action="store_true",
-        help="leave each framework's default matmul precision instead of pinning fp32",
-    )
-    p.add_argument("--dir", default=str(vectors_mod.DEFAULT_DIR))
+    _add_agree_arguments(p)
+    p.add_argument("--json", help="also write the records to this JSON file")
+    p.add_argument("--out", help="write agreement.json and agreement.md into this folder")
     p.set_defaults(func=cmd_agree)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_default(args) -> int:
+    """The main job: vectors check, agreement suite, report folder."""
+    folder = Path(args.out) if args.out else report.new_report_dir()
+    console.rule(f"report folder: {folder}")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    status = cmd_vectors(parser.parse_args(["vectors", "--check"]))
+    status = max(status, cmd_agree(parser.parse_args(["agree", "--out", str(folder)])))
+    console.rule(f"{'all agree' if status == 0 else 'DISAGREEMENTS'}; report in {folder}")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["vectors", "--check"])
-        status = cmd_vectors(args)
-        args = parser.parse_args(["agree"])
-        return max(status, cmd_agree(args))
+        return run_default(args)
     return args.func(args)
 
 

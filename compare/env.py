@@ -50,3 +50,41 @@ def environment() -> dict:
         "torch_cuda": torch.cuda.is_available(),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+DEVICES = ("cpu", "gpu", "tpu")
+
+
+def select_device(name: str | None = None) -> dict:
+    """Choose where both frameworks run: ``cpu``, ``gpu`` or ``tpu``; None picks the best available.
+
+    JAX's default device is set for the whole process; torch's device is returned for the runners to
+    move tensors to (torch has no TPU backend here, so on ``tpu`` torch runs on the CPU, and the record
+    says so). Raises ``ValueError`` when the requested device is not available.
+    """
+    import jax
+    import torch
+
+    def jax_devices(platform):
+        try:
+            return jax.devices(platform)
+        except RuntimeError:
+            return []
+
+    if name is None:
+        name = next((p for p in ("gpu", "tpu") if jax_devices(p)), "cpu")
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; choose one of {DEVICES}")
+    devices = jax_devices(name)
+    if not devices:
+        raise ValueError(f"--device {name}: JAX sees no {name} device (it has {jax.devices()})")
+    torch_device = "cpu"
+    if name == "gpu":
+        if not torch.cuda.is_available():
+            raise ValueError("--device gpu: torch.cuda.is_available() is False")
+        torch_device = "cuda"
+    jax.config.update("jax_default_device", devices[0])
+    from compare import runners
+
+    runners.TORCH_DEVICE = torch_device
+    return {"name": name, "jax": str(devices[0]), "torch": torch_device}

@@ -12,6 +12,23 @@ import numpy as np
 from compare.cases import NP_DTYPES
 from compare.vectors import Vector
 
+# Where the torch runners put their tensors; set by ``compare.env.select_device`` (JAX uses its default
+# device, which the same function sets).
+TORCH_DEVICE = "cpu"
+
+
+def to_torch(x: np.ndarray, dtype: str | None = None):
+    """A NumPy array (bf16 included) as a torch tensor on :data:`TORCH_DEVICE`, in ``dtype`` if given."""
+    import torch
+
+    if x.dtype == bool:
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif dtype is not None or x.dtype == NP_DTYPES["bfloat16"]:
+        t = torch.from_numpy(np.asarray(x, np.float32)).to(getattr(torch, dtype or "bfloat16"))
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(TORCH_DEVICE)
+
 
 def to_float64(x) -> np.ndarray:
     """Any framework's array (bf16 included) as a float64 NumPy array."""
@@ -59,22 +76,18 @@ def run_jax(vec: Vector) -> dict[str, np.ndarray]:
 
 
 def _torch_inputs(vec: Vector):
-    import torch
-
     import torch_attn
 
     a, dt = vec.arrays, vec.case.dtype
-    tdt = getattr(torch, dt)
-    q, k, v, dout = (torch.from_numpy(np.asarray(a[n], np.float32)).to(tdt) for n in ("q", "k", "v", "dout"))
+    q, k, v, dout = (to_torch(a[n], dt) for n in ("q", "k", "v", "dout"))
     mask = a.get("attn_mask")
     if mask is not None:
-        mask = torch.from_numpy(np.asarray(mask, np.float32) if mask.dtype != bool else mask)
-        if a["attn_mask"].dtype == NP_DTYPES[dt] and mask.dtype != torch.bool:
-            mask = mask.to(tdt)
+        # A mask stored in the query's dtype (finfo.min fills) stays in it; others keep their own dtype.
+        mask = to_torch(mask, dt if mask.dtype == NP_DTYPES[dt] else None)
         if vec.case.mask_form == "masked":
             mask = torch_attn.masked_to_keep(mask)
     drop = a.get("dropout_mask")
-    return q, k, v, dout, mask, None if drop is None else torch.from_numpy(drop)
+    return q, k, v, dout, mask, None if drop is None else to_torch(drop)
 
 
 def run_torch(vec: Vector) -> dict[str, np.ndarray]:

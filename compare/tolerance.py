@@ -30,14 +30,14 @@ def policy_table() -> list[dict]:
     """The policy as rows, for reports."""
     # m: 0 for forward quantities; the gradient's term size for gradients (gradient_magnitude).
     rows = [
-        {"dtype": dt, "rule": f"max|got - oracle| <= {atol:g} * max(1, max|oracle|, m)"}
+        {"dtype": dt, "rule": f"maxabs(got - oracle) <= {atol:g} * max(1, maxabs(oracle), m)"}
         for dt, atol in ATOL.items()
     ]
     rows += [
         {
             "dtype": dt,
-            "rule": f"max|got - oracle| <= {LOW_PRECISION_FACTOR:g} * max|naive_{dt} - oracle| "
-            f"+ {ulp:g} * max(1, max|oracle|, m)",
+            "rule": f"maxabs(got - oracle) <= {LOW_PRECISION_FACTOR:g} * maxabs(naive_{dt} - oracle) "
+            f"+ {ulp:g} * max(1, maxabs(oracle), m)",
         }
         for dt, ulp in LOW_PRECISION_ULP.items()
     ]
