@@ -64,3 +64,30 @@ def test_vectors_needs_one_mode(argv):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2
+
+
+def test_agree_report_folder_is_readable_on_its_own(tmp_path):
+    folder = tmp_path / "rep"
+    assert cli.main(["agree", "--case", "causal_square", "--out", str(folder)]) == 0
+    md = (folder / "agreement.md").read_text()
+    for needed in (
+        "# Agreement report",
+        "ALL AGREE",
+        "jax_default_matmul_precision",
+        "highest",
+        "## Tolerance policy",
+        "bfloat16",
+        "jax_attn vs oracle",
+        "torch_builtin",
+        "causal_square_bf16",
+        "torch | 2.",
+        "jax | 0.",
+    ):
+        assert needed in md, needed
+    data = json.loads((folder / "agreement.json").read_text())
+    assert {"environment", "precision", "tolerance_policy", "summary", "records"} <= set(data)
+    assert not list(folder.glob(".*"))  # no temporary files left behind
+
+
+def test_agree_device_unavailable_is_usage_error():
+    assert cli.main(["agree", "--case", "basic", "--device", "gpu"]) == 2
