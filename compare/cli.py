@@ -8,6 +8,7 @@ Exit status: 0 when everything agrees within tolerance, 1 when anything does not
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from compare import report
+from compare import train as train_mod
 from compare import vectors as vectors_mod
 
 # Wide enough for the tables when the output is a log file rather than a terminal.
@@ -95,7 +97,7 @@ def cmd_agree(args) -> int:
     if args.json:
         report.write_atomic(
             args.json,
-            __import__("json").dumps(
+            json.dumps(
                 {"environment": environment, "precision": precision, "device": device, "records": records},
                 indent=1,
             ),
@@ -124,6 +126,67 @@ def _print_summary(records: list[dict]) -> None:
         status = "[green]ok[/green]" if not row["failures"] else f"[red]{row['failures']} FAIL[/red]"
         table.add_row(row["kind"], row["pair"], row["dtype"], str(row["cases"]), *cells, status)
     console.print(table)
+
+
+def cmd_train(args) -> int:
+    from attn_spec.gpt import GPTConfig
+
+    train = train_mod
+
+    try:
+        model_config = GPTConfig(n_layer=args.layers, n_kv_head=args.kv_heads, tie_weights=not args.untied)
+        cfg = train.TrainConfig(
+            steps=args.steps,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            clip_norm=None if args.no_clip else args.clip_norm,
+            seed=args.seed,
+            mismatch=args.mismatch,
+        )
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        return 2
+    folder = Path(args.out) if args.out else report.new_report_dir()
+    table = Table(title="training-step agreement: jax (jit + optax) vs torch (eager + torch.optim)")
+    for col in (
+        "step",
+        "loss jax",
+        "loss torch",
+        "|Δloss|/loss",
+        "grad norm jax",
+        "grad norm torch",
+        "max |Δparam|",
+    ):
+        table.add_column(col, justify="right")
+    with _progress("training") as bar:
+        task = bar.add_task("", total=cfg.steps)
+
+        def tick(done, total, row):
+            bar.update(task, completed=done, description=f"loss {row['loss_torch']:.4f}")
+            if row["step"] % 10 == 0 or done == total:
+                table.add_row(
+                    str(row["step"]),
+                    f"{row['loss_jax']:.6f}",
+                    f"{row['loss_torch']:.6f}",
+                    f"{row['loss_rel_diff']:.1e}",
+                    f"{row['grad_norm_jax']:.5f}",
+                    f"{row['grad_norm_torch']:.5f}",
+                    f"{row['param_max_abs_diff']:.1e}",
+                )
+
+        record = train.run(model_config, cfg, progress=tick)
+    console.print(table)
+    report.write_atomic(folder / "train.json", json.dumps(record, indent=1) + "\n")
+    train.plot(record, folder / "train.png")
+    verdict = "[green]paths agree[/green]" if record["ok"] else "[red]PATHS DIVERGE[/red]"
+    console.print(
+        f"{verdict}: worst loss rel diff {record['worst_loss_rel_diff']:.2e} (tol {train.LOSS_RTOL:g}), "
+        f"final max param diff {record['final_param_max_abs_diff']:.2e} (tol {train.PARAM_ATOL:g}), "
+        f"{record['seconds']:.1f} s; wrote {folder / 'train.json'} and {folder / 'train.png'}"
+    )
+    if record["mismatch_description"]:
+        console.print(f"deliberate mismatch: {record['mismatch_description']}")
+    return 0 if record["ok"] else 1
 
 
 def _add_agree_arguments(p: argparse.ArgumentParser) -> None:
@@ -159,6 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the records to this JSON file")
     p.add_argument("--out", help="write agreement.json and agreement.md into this folder")
     p.set_defaults(func=cmd_agree)
+
+    p = sub.add_parser("train", help="train the same tiny GPT with optax and torch.optim and compare paths")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument("--no-clip", action="store_true", help="no gradient clipping on either side")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--kv-heads", type=int, default=None, help="GQA: key/value heads (default: all 4)")
+    p.add_argument("--untied", action="store_true", help="separate output head instead of tied embeddings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--mismatch",
+        choices=sorted(train_mod.MISMATCHES),
+        help="introduce a deliberate difference on the torch side (to see it detected)",
+    )
+    p.add_argument("--out", help="folder for train.json and train.png (default reports/<timestamp>/)")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
