@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dir", default=str(vectors_mod.DEFAULT_DIR))
     p.set_defaults(func=cmd_agree)
+
+    from compare.bench import cli as bench_cli
+
+    bench_cli.add_parser(sub)
     return parser
 
 
@@ -149,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["vectors", "--check"])
         status = cmd_vectors(args)
         args = parser.parse_args(["agree"])
-        return max(status, cmd_agree(args))
+        status = max(status, cmd_agree(args))
+        # --- bench: the quick benchmark after the agreement (default run and report folder may be reshaped)
+        args = parser.parse_args(["bench", "--quick"])
+        status = max(status, args.func(args))
+        # --- end bench
+        return status
     return args.func(args)
 
 
