@@ -281,3 +281,18 @@ def test_end_to_end_writes_json_md_png(tmp_path):
     assert len(doc["ratios"]) == 8 and all(s["speedup_vs_torch_attn"] > 0 for s in doc["ratios"])
     md = (out / "bench.md").read_text()
     assert "Speed ratios" in md and "jax_attn.sdpa[jit]" in md
+
+
+def test_time_budget_skips_the_remaining_jobs():
+    events = []
+    plan = _plan(["fake.ok"])
+    plan.update(deadline_unix=1.0, deadline_reason="budget ran out")
+    worker.run_jobs(plan, _fake_table(), events.append, META)
+    recs = [e["record"] for e in events if e["event"] == "record"]
+    assert [r["reason"] for r in recs] == ["budget ran out"] * 4
+
+
+def test_jobs_run_smallest_sequence_first():
+    jobs = runner.plan_jobs(smoke("cpu"), runner.selected_impls(runner.BenchConfig(threads=1))[0])
+    Ts = [j["case"]["T"] for j in jobs["jax"]]
+    assert Ts == sorted(Ts)

@@ -433,16 +433,14 @@ def _build_torch_mha(source: str, need_weights: bool) -> Callable[[Case, Context
 
         probe = _torch_random((case.B, case.N, case.T, case.H), case, ctx, 0)
         route = (
-            "weights materialised (math)"
+            "math (weights materialised)"
             if need_weights
             else f"F.sdpa auto → {_sdpa_choice(probe, probe, probe, case.causal)}"
         )
         if source == "torch.nn" and not need_weights and case.mode == flops.FORWARD:
-            route += "; eval+no_grad: native fast path eligible"
+            route += "; fast path eligible"
         params = tuple(p for p in model.parameters() if p.requires_grad)
-        return torch_for_mode(
-            f, (x,), case, ctx, f"eager {source}.MultiheadAttention: {route}", params=params
-        )
+        return torch_for_mode(f, (x,), case, ctx, f"eager {source} MHA: {route}", params=params)
 
     return build
 

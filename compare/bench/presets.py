@@ -61,8 +61,11 @@ class Preset:
     max_T: dict = field(default_factory=dict)
     #: the (B, N, H) of the sequence-length sweep the plots draw; other cases appear only in the tables
     plot_config: tuple[int | None, int, int] = (1, 8, 64)
-    #: implementations this preset leaves out entirely (recorded as skipped)
+    #: implementations this preset leaves out entirely (listed under "not run")
     exclude: frozenset = frozenset()
+    #: seconds for the whole sweep (start-up included), shared between the workers by job count; jobs
+    #: that would start after a worker's share are recorded as skipped. None: no limit.
+    wall_budget_s: float | None = None
 
     def limit_for(self, impl_name: str, family: str) -> int | None:
         return self.max_T.get(impl_name, self.max_T.get(family))
@@ -90,8 +93,10 @@ def quick(device: str) -> Preset:
             timing=TimingSettings(
                 warmup_runs=1, warmup_s=0.02, min_runs=30, min_time_s=0.0, budget_s=0.3, floor_runs=3
             ),
-            # modules, weights-returning and the math backend only on the smaller shapes
-            max_T={"mha": 512, "mha+weights": 512, "csa": 512, "torch.F.sdpa[math]": 512},
+            # modules and the math backend only on the smaller shapes, weights-returning MHA only at 128
+            max_T={"mha": 512, "mha+weights": 128, "csa": 512, "torch.F.sdpa[math]": 512},
+            # a guarantee on top of the sizing: jobs past it are recorded as skipped, largest T last
+            wall_budget_s=160.0,
             plot_config=(1, 8, 64),
             # on CPU "auto" picks the flash kernel, which is measured pinned already
             exclude=frozenset({"torch.F.sdpa[auto]"}),

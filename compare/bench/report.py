@@ -289,7 +289,8 @@ def plot_throughput(doc: dict, path: Path) -> None:
 
     recs = _plot_records(doc)
     names = sorted({r["impl"] for r in recs}, key=lambda n: (not n.startswith("jax"), n))
-    colors = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
+    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
     fig, axes, modes = _panels(plt, doc)
     dtypes = sorted({r["dtype"] for r in recs})
     B, N, H = doc.get("plot_config") or (None, None, None)
@@ -315,6 +316,7 @@ def plot_throughput(doc: dict, path: Path) -> None:
                         marker="o" if jax_side else "s",
                         linestyle="-" if jax_side else "--",
                         color=colors[name],
+                        lw=2.6 if name.startswith(("jax_attn", "torch_attn")) else 1.4,
                         label=name + (f" {dt}" if len(dtypes) > 1 else ""),
                     )
             for r in doc["records"]:
@@ -328,7 +330,7 @@ def plot_throughput(doc: dict, path: Path) -> None:
                         color="grey",
                         va="bottom",
                     )
-            ax.set_xscale("log", base=2)
+            _seq_axis(ax, sorted({r["T"] for r in recs}))
             ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}")
             ax.set_xlabel("sequence length T (= S)")
             ax.set_ylabel("throughput, GFLOP/s (credited FLOPs / median time)")
@@ -353,6 +355,17 @@ def plot_throughput(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _seq_axis(ax, Ts: list[int]) -> None:
+    """Log-2 sequence axis labelled with the measured lengths as plain numbers."""
+    import matplotlib.ticker
+
+    ax.set_xscale("log", base=2)
+    if Ts:
+        ax.set_xticks(Ts)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def _device_name(doc: dict) -> str:
     return next((r["device_name"] for r in doc["records"] if r.get("device_name")), "?")
 
@@ -360,6 +373,7 @@ def _device_name(doc: dict) -> str:
 def plot_ratio(doc: dict, path: Path) -> None:
     """Speedup of jax_attn (jit) vs the best torch implementation and vs torch_attn eager, per T."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -409,8 +423,9 @@ def plot_ratio(doc: dict, path: Path) -> None:
                             label=f"{fam}: vs torch_attn eager {dt}",
                         )
             ax.axhline(1.0, color="black", lw=1)
-            ax.set_xscale("log", base=2)
+            _seq_axis(ax, sorted({s["T"] for s in ratios}))
             ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}×"))
             ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}")
             ax.set_xlabel("sequence length T (= S)")
             ax.set_ylabel("speedup = torch time / jax_attn time (>1: JAX faster)")

@@ -65,8 +65,10 @@ def selected_impls(config: BenchConfig, table: tuple[Impl, ...] = IMPLS) -> tupl
 
 
 def plan_jobs(preset: Preset, impls: list[Impl]) -> dict[str, list[dict]]:
-    """Jobs per framework; preset limits become ``skip`` reasons the worker records."""
+    """Jobs per framework, smallest T first (a time budget then cuts the largest shapes of every
+    implementation rather than whole implementations); preset limits become ``skip`` reasons."""
     jobs: dict[str, list[dict]] = {}
+    rank = {impl.name: i for i, impl in enumerate(impls)}
     for impl in impls:
         if impl.name in preset.exclude:
             continue
@@ -83,6 +85,8 @@ def plan_jobs(preset: Preset, impls: list[Impl]) -> dict[str, list[dict]]:
                     "skip": skip,
                 }
             )
+    for js in jobs.values():
+        js.sort(key=lambda j: (j["case"]["T"], *Case(**j["case"]).key(), rank[j["impl"]]))
     return jobs
 
 
@@ -141,8 +145,11 @@ def run_framework(
     config: BenchConfig,
     run_id: str,
     on_event: Callable[[dict], None] = lambda ev: None,
+    deadline_unix: float | None = None,
 ) -> list[dict]:
-    """Run ``jobs`` in worker processes of ``framework``; exactly one record per job (plus ceilings)."""
+    """Run ``jobs`` in worker processes of ``framework``; exactly one record per job (plus ceilings).
+
+    ``deadline_unix``: jobs that would start after this wall-clock time are recorded as skipped."""
     dtypes = sorted({j["case"]["dtype"] for j in jobs})
     ceiling_ids = [f"ceiling:{framework}:{dt}" for dt in dtypes]
     ceiling_jobs = [{"id": cid} for cid in ceiling_ids]
@@ -164,6 +171,8 @@ def run_framework(
                 "options": config.options,
                 "run_id": run_id,
                 "extra_impls": list(config.extra_impls),
+                "deadline_unix": deadline_unix,
+                "deadline_reason": f"{preset.name} preset: time budget of {preset.wall_budget_s} s ran out",
                 "jobs": remaining,
             }
             plan_path = Path(tmp) / f"plan-{framework}-{restarts}.json"
@@ -271,9 +280,18 @@ def run_bench(
     total = sum(len(v) + len({j["case"]["dtype"] for j in v}) for v in jobs.values())
     on_event({"event": "plan", "total": total})
     records: list[dict] = []
+    todo = {fw: sum(j["skip"] is None for j in js) for fw, js in jobs.items()}
     for framework in config.frameworks:
-        if jobs.get(framework):
-            records += run_framework(framework, jobs[framework], preset, config, run_id, on_event)
+        if not jobs.get(framework):
+            continue
+        deadline = None
+        if preset.wall_budget_s is not None:
+            # each worker gets the time left in proportion to the jobs it has to run
+            left = preset.wall_budget_s - (time.perf_counter() - t0)
+            share = left * todo[framework] / max(1, sum(todo.values()))
+            deadline = time.time() + share
+        records += run_framework(framework, jobs[framework], preset, config, run_id, on_event, deadline)
+        todo.pop(framework)
     attach_ceilings(records)
     return {
         "schema": worker.SCHEMA,

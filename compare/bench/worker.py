@@ -325,6 +325,11 @@ def run_jobs(plan: dict, table: dict, emit: Callable[[dict], None], meta: dict) 
             )
             or impl.applies(case, device)
             or impls_mod.availability(impl)
+            or (
+                plan.get("deadline_reason")
+                if plan.get("deadline_unix") and time.time() > plan["deadline_unix"]
+                else None
+            )
         )
         if reason:
             emit({"event": "start", "id": job["id"]})
