@@ -280,13 +280,15 @@ def run_bench(
     total = sum(len(v) + len({j["case"]["dtype"] for j in v}) for v in jobs.values())
     on_event({"event": "plan", "total": total})
     records: list[dict] = []
-    todo = {fw: sum(j["skip"] is None for j in js) for fw, js in jobs.items()}
+    # relative cost of a job: a JAX job also compiles (forward+backward takes seconds on a small CPU)
+    weight = {"jax": 2.0, "torch": 1.0}
+    todo = {fw: weight.get(fw, 1.0) * sum(j["skip"] is None for j in js) for fw, js in jobs.items()}
     for framework in config.frameworks:
         if not jobs.get(framework):
             continue
         deadline = None
         if preset.wall_budget_s is not None:
-            # each worker gets the time left in proportion to the jobs it has to run
+            # each worker gets the time left in proportion to the (weighted) jobs it has to run
             left = preset.wall_budget_s - (time.perf_counter() - t0)
             share = left * todo[framework] / max(1, sum(todo.values()))
             deadline = time.time() + share
