@@ -240,16 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="folder for train.json and train.png (default reports/<timestamp>/)")
     p.set_defaults(func=cmd_train)
+
+    from compare.bench import cli as bench_cli
+
+    bench_cli.add_parser(sub)
     return parser
 
 
 def run_default(args) -> int:
-    """The main job: vectors check, agreement suite, report folder."""
+    """The main job: vectors check, agreement suite, quick benchmark, all into one report folder."""
     folder = Path(args.out) if args.out else report.new_report_dir()
     console.rule(f"report folder: {folder}")
     parser = build_parser()
     status = cmd_vectors(parser.parse_args(["vectors", "--check"]))
     status = max(status, cmd_agree(parser.parse_args(["agree", "--out", str(folder)])))
+    bench_args = parser.parse_args(["bench", "--quick", "--out", str(folder)])
+    status = max(status, bench_args.func(bench_args))
     console.rule(f"{'all agree' if status == 0 else 'DISAGREEMENTS'}; report in {folder}")
     return status
 

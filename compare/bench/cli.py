@@ -1,0 +1,152 @@
+"""``python -m compare bench``: the benchmark subcommand (``add_parser`` registers it, ``run`` runs it)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from compare.bench import report, runner
+from compare.bench.presets import PRESETS
+
+console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough that the tables do not fold
+    console = Console(width=200)
+
+
+def default_out() -> Path:
+    return Path("reports") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``bench`` on the ``python -m compare`` subparsers."""
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark jax_attn (jit) against torch, one process per framework",
+        description="Time every implementation on a sweep of shapes; write bench.json, bench.md, bench.png "
+        "and bench_ratio.png. Exit 0 when the sweep ran (individual failures are recorded in their rows), "
+        "1 when no measurement succeeded.",
+    )
+    p.add_argument("--quick", action="store_true", help="the quick preset (< 3 min on a 2-core CPU)")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="quick (default), full, gpu, smoke (harness check)"
+    )
+    p.add_argument("--out", type=Path, help="output folder (default reports/<timestamp>/)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=_default_threads(), help="threads per worker (CPU)")
+    p.add_argument("--framework", action="append", choices=["jax", "torch"], help="only this framework")
+    p.add_argument(
+        "--impl", action="append", help="only implementations whose name contains this (repeatable)"
+    )
+    p.add_argument("--compile", action="store_true", help="also torch.compile torch_attn (slow on CPU)")
+    p.add_argument(
+        "--framework-defaults",
+        action="store_true",
+        help="leave each framework's default matmul precision (TF32 on GPU) instead of pinning fp32",
+    )
+    p.add_argument("--job-timeout", type=float, default=600.0, help="kill a worker silent this long (s)")
+    p.add_argument("--extra-impls", action="append", default=[], help="module:ATTR, a tuple of Impl to add")
+    p.set_defaults(func=run)
+    return p
+
+
+def _row_line(r: dict) -> str:
+    what = escape(r["impl"]) if r.get("family") == "ceiling" else f"{escape(r['impl'])}  {r['mode']} "
+    if r.get("family") != "ceiling":
+        what += f"{'causal' if r['causal'] else 'full'} B{r['B']} N{r['N']} T{r['T']} H{r['H']} {r['dtype']}"
+    if r["status"] == "ok":
+        return (
+            f"[green]ok[/green]    {what}: {r['median_s'] * 1e3:.3f} ms (IQR {r['iqr_s'] * 1e3:.3f}, "
+            f"n={r['n_runs']}) {r['gflops']:.1f} GFLOP/s"
+            + (f", compile {r['compile_s']:.2f} s" if r.get("compile_s") is not None else "")
+        )
+    return f"[red]error[/red] {what}: {r.get('error_kind')}: {escape(str(r.get('error'))[:160])}"
+
+
+def print_tables(doc: dict) -> None:
+    header, rows = report.measurement_rows(doc["records"])
+    table = Table(title=f"benchmark ({doc['preset']}, {doc['device']})", show_lines=False)
+    for h in header:
+        table.add_column(h, overflow="fold")
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    console.print(table)
+    header, rows = report.speedup_rows(doc["ratios"])
+    table = Table(title="speedup of jax_attn (jit) = torch time / jax_attn time (> 1: JAX faster)")
+    for h in header:
+        table.add_column(h)
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    console.print(table)
+    for impl, why, n in report.skip_summary(doc["records"]):
+        console.print(f"[dim]skipped {escape(impl)} ({n} rows): {escape(why)}[/dim]")
+    for n in doc.get("not_run", []):
+        console.print(f"[dim]not run {escape(n['impl'])}: {escape(n['reason'])}[/dim]")
+
+
+def run(args) -> int:
+    preset_name = "quick" if args.quick or not args.preset else args.preset
+    device = runner.detect_device() if args.device == "auto" else args.device
+    preset = PRESETS[preset_name](device)
+    config = runner.BenchConfig(
+        threads=args.threads,
+        frameworks=tuple(args.framework or runner.FRAMEWORKS),
+        impl_filter=tuple(args.impl or ()),
+        options={"compile": bool(args.compile)},
+        pin_precision=not args.framework_defaults,
+        extra_impls=tuple(args.extra_impls),
+        job_timeout_s=args.job_timeout,
+    )
+    out = Path(args.out) if args.out else default_out()
+    console.print(
+        f"bench: preset [bold]{preset.name}[/bold] on {device}, {len(preset.cases)} cases, "
+        f"{config.threads} thread(s) per worker, frameworks {', '.join(config.frameworks)} → {out}/"
+    )
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("bench"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("starting workers", total=None)
+
+        def on_event(ev: dict) -> None:
+            if ev["event"] == "plan":
+                bar.update(task, total=ev["total"])
+            elif ev["event"] == "meta":
+                bar.update(
+                    task, description=f"{ev['framework']} worker up ({ev['meta'].get('import_s', 0):.1f} s)"
+                )
+            elif ev["event"] == "start":
+                bar.update(task, description=escape(ev["id"]))
+            elif ev["event"] == "record":
+                bar.advance(task)
+                if ev["record"]["status"] != "skipped":
+                    bar.console.print(_row_line(ev["record"]))
+
+        doc = runner.run_bench(preset, config, on_event)
+    doc["ratios"] = report.speedups(doc["records"])
+    paths = report.write_all(doc, out)
+    print_tables(doc)
+    elapsed = time.perf_counter() - t0
+    ok = sum(r["status"] == "ok" for r in doc["records"])
+    err = sum(r["status"] == "error" for r in doc["records"])
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    console.print(
+        f"bench: {ok} measured, {err} failed, wall time {elapsed:.1f} s (sweep {doc['wall_s']:.1f} s)"
+    )
+    return 0 if ok else 1

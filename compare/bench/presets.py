@@ -1,0 +1,173 @@
+"""Benchmark cases and the sweeps (presets) that list them.
+
+Dimension key: B batch, N heads, T sequence length (self-attention, so S = T), H head width,
+E = N·H model width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from compare.bench.flops import FORWARD, FORWARD_BACKWARD, MODES
+from compare.bench.timing import TimingSettings
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape, dtype, causality and mode; every implementation is measured on the same cases."""
+
+    B: int
+    N: int
+    T: int
+    H: int
+    causal: bool
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    mode: str  # FORWARD | FORWARD_BACKWARD
+
+    @property
+    def S(self) -> int:
+        return self.T
+
+    @property
+    def E(self) -> int:
+        return self.N * self.H
+
+    def key(self) -> tuple:
+        """Identity of the case in reports (ratios pair rows with equal keys)."""
+        return (self.mode, self.causal, self.dtype, self.B, self.N, self.T, self.H)
+
+    def label(self) -> str:
+        c = "causal" if self.causal else "full"
+        return f"{self.mode} {c} B{self.B} N{self.N} T{self.T} H{self.H} {self.dtype}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A sweep: cases, which implementations run up to which T, the ceiling GEMM and the timing budget.
+
+    ``max_T`` maps an implementation family (``"sdpa"``, ``"mha"``, ``"csa"``) or an implementation name to
+    the largest T it runs at; larger cases get a ``skipped`` row saying so (materialising the T×T matrix
+    eagerly at 32k would only measure the allocator).
+    """
+
+    name: str
+    device: str
+    cases: tuple[Case, ...]
+    gemm_n: int  # ceiling: (gemm_n × gemm_n) @ (gemm_n × gemm_n) in each case dtype
+    timing: TimingSettings
+    max_T: dict = field(default_factory=dict)
+    #: the (B, N, H) of the sequence-length sweep the plots draw; other cases appear only in the tables
+    plot_config: tuple[int | None, int, int] = (1, 8, 64)
+    #: implementations this preset leaves out entirely (listed under "not run")
+    exclude: frozenset = frozenset()
+    #: seconds for the whole sweep (start-up included), shared between the workers by job count; jobs
+    #: that would start after a worker's share are recorded as skipped. None: no limit.
+    wall_budget_s: float | None = None
+
+    def limit_for(self, impl_name: str, family: str) -> int | None:
+        return self.max_T.get(impl_name, self.max_T.get(family))
+
+
+def _sweep(Ts, B, N, H, dtypes, causals=(False, True), modes=MODES) -> list[Case]:
+    return [
+        Case(B=B(T) if callable(B) else B, N=N, T=T, H=H, causal=c, dtype=dt, mode=m)
+        for dt in dtypes
+        for m in modes
+        for c in causals
+        for T in Ts
+    ]
+
+
+def quick(device: str) -> Preset:
+    """Under 3 minutes on a 2-core CPU, start-up and compiles included (``python -m compare``)."""
+    if device == "cpu":
+        cases = _sweep([128, 512, 1024], B=1, N=8, H=64, dtypes=["float32"])
+        return Preset(
+            name="quick",
+            device=device,
+            cases=tuple(cases),
+            gemm_n=1024,
+            timing=TimingSettings(
+                warmup_runs=1, warmup_s=0.02, min_runs=30, min_time_s=0.0, budget_s=0.3, floor_runs=3
+            ),
+            # modules and the math backend only on the smaller shapes, weights-returning MHA only at 128
+            max_T={"mha": 512, "mha+weights": 128, "csa": 512, "torch.F.sdpa[math]": 512},
+            # a guarantee on top of the sizing: jobs past it are recorded as skipped, largest T last
+            wall_budget_s=160.0,
+            plot_config=(1, 8, 64),
+            # on CPU "auto" picks the flash kernel, which is measured pinned already
+            exclude=frozenset({"torch.F.sdpa[auto]"}),
+        )
+    cases = _sweep([512, 1024, 2048, 4096], B=lambda T: max(1, 8192 // T), N=16, H=64, dtypes=["bfloat16"])
+    return Preset(
+        name="quick",
+        device=device,
+        cases=tuple(cases),
+        gemm_n=4096,
+        timing=TimingSettings(warmup_runs=3, warmup_s=0.05, min_runs=30, budget_s=0.5),
+        max_T={"mha+weights": 2048, "torch.F.sdpa[math]": 2048},
+        plot_config=(None, 16, 64),
+    )
+
+
+def full(device: str) -> Preset:
+    """CPU: fp32, T 128 → 8192 plus batch / heads / head-width variations at T = 1024."""
+    if device != "cpu":
+        return gpu(device)
+    cases = _sweep([128, 256, 512, 1024, 2048, 4096, 8192], B=1, N=8, H=64, dtypes=["float32"])
+    for B, N, H in [(4, 8, 64), (1, 16, 64), (1, 8, 128)]:
+        cases += _sweep([1024], B=B, N=N, H=H, dtypes=["float32"])
+    return Preset(
+        name="full",
+        device=device,
+        cases=tuple(cases),
+        gemm_n=2048,
+        timing=TimingSettings(warmup_runs=2, warmup_s=0.1, min_runs=30, min_time_s=0.5, budget_s=3.0),
+        max_T={"mha+weights": 2048, "torch.F.sdpa[math]": 4096, "csa": 4096, "mha": 4096},
+        plot_config=(1, 8, 64),
+    )
+
+
+def gpu(device: str) -> Preset:
+    """GPU: bf16 and fp16, T 512 → 32k at 16k tokens per batch (B = 16384 / T), H 64 and 128, E = 2048."""
+    cases: list[Case] = []
+    for H in (64, 128):
+        cases += _sweep(
+            [512, 1024, 2048, 4096, 8192, 16384, 32768],
+            B=lambda T: max(1, 16384 // T),
+            N=2048 // H,
+            H=H,
+            dtypes=["bfloat16", "float16"],
+        )
+    return Preset(
+        name="gpu",
+        device=device,
+        cases=tuple(cases),
+        gemm_n=8192,
+        timing=TimingSettings(warmup_runs=5, warmup_s=0.1, min_runs=30, min_time_s=0.2, budget_s=2.0),
+        max_T={"mha+weights": 8192, "torch.F.sdpa[math]": 16384, "mha": 16384, "csa": 16384},
+        plot_config=(None, 16, 128),
+    )
+
+
+def smoke(device: str) -> Preset:
+    """Seconds of measuring on tiny shapes: exercises the harness end to end; the numbers mean nothing."""
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    return Preset(
+        name="smoke",
+        device=device,
+        cases=tuple(_sweep([16, 32], B=1, N=2, H=8, dtypes=[dtype])),
+        gemm_n=64,
+        timing=TimingSettings(warmup_runs=1, warmup_s=0.0, min_runs=3, budget_s=0.01, floor_runs=3),
+        max_T={"mha+weights": 16},
+        plot_config=(1, 2, 8),
+        exclude=frozenset({"torch.F.sdpa[auto]"}),
+    )
+
+
+PRESETS = {"quick": quick, "full": full, "gpu": gpu, "smoke": smoke}
+
+__all__ = ["Case", "FORWARD", "FORWARD_BACKWARD", "PRESETS", "Preset", "full", "gpu", "quick", "smoke"]

@@ -1,0 +1,465 @@
+"""Rendering of a benchmark run: speed ratios, tables, ``bench.json``, ``bench.md``, ``bench.png`` and
+``bench_ratio.png``. Files are written to a temporary name and moved into place (``os.replace``), so a
+failure never leaves a half-written report behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from compare.bench.flops import MODES
+
+CASE_FIELDS = ("mode", "causal", "dtype", "B", "N", "T", "H")
+
+
+def case_key(r: dict) -> tuple:
+    return tuple(r.get(f) for f in CASE_FIELDS)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def speedups(records: list[dict]) -> list[dict]:
+    """Per family and case: ``torch time / jax_attn time`` against the fastest torch implementation of the
+    family and against the eager ``torch_attn`` twin (> 1 means the jit-compiled JAX one is faster)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("family") != "ceiling":
+            groups.setdefault((r["family"], *case_key(r)), []).append(r)
+    out = []
+    for (family, *key), rows in groups.items():
+        jax_rows = [r for r in rows if r.get("role") == "jax_attn"]
+        torch_rows = [r for r in rows if r["framework"] == "torch"]
+        if not jax_rows or not torch_rows:
+            continue
+        jx = jax_rows[0]
+        best = min(torch_rows, key=lambda r: r["median_s"])
+        twin = next((r for r in torch_rows if r.get("role") == "torch_attn"), None)
+        out.append(
+            {
+                "family": family,
+                **dict(zip(CASE_FIELDS, key)),
+                "jax_impl": jx["impl"],
+                "jax_ms": _ms(jx["median_s"]),
+                "best_torch_impl": best["impl"],
+                "best_torch_ms": _ms(best["median_s"]),
+                "speedup_vs_best_torch": best["median_s"] / jx["median_s"],
+                "torch_attn_ms": _ms(twin["median_s"]) if twin else None,
+                "speedup_vs_torch_attn": twin["median_s"] / jx["median_s"] if twin else None,
+            }
+        )
+    order = {m: i for i, m in enumerate(MODES)}
+    out.sort(
+        key=lambda s: (
+            s["family"],
+            order.get(s["mode"], 9),
+            s["causal"],
+            s["dtype"],
+            s["B"],
+            s["N"],
+            s["H"],
+            s["T"],
+        )
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def _fmt(x, spec: str = ".3g") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format(x, spec)
+
+
+def _varying(records: list[dict], fields=("B", "N", "H", "dtype")) -> list[str]:
+    return [f for f in fields if len({r.get(f) for r in records if r.get("family") != "ceiling"}) > 1]
+
+
+def measurement_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the measurement table (ok and error rows; skips are summarised separately)."""
+    shown = [r for r in records if r.get("status") != "skipped"]
+    extra = _varying(shown)
+    header = [
+        "mode",
+        "causal",
+        *extra,
+        "T",
+        "impl",
+        "median ms",
+        "IQR ms",
+        "runs",
+        "GFLOP/s",
+        "% ceil",
+        "compile s",
+        "peak MiB",
+        "backend / error",
+    ]
+    order = {m: i for i, m in enumerate(MODES)}
+    ceilings = [r for r in shown if r.get("family") == "ceiling"]
+    rest = sorted(
+        (r for r in shown if r.get("family") != "ceiling"),
+        key=lambda r: (
+            order.get(r["mode"], 9),
+            r["causal"],
+            *(str(r.get(f)) for f in extra),
+            r["T"],
+            r["impl"],
+        ),
+    )
+    rows = []
+    for r in ceilings + rest:
+        ok = r.get("status") == "ok"
+        is_ceiling = r.get("family") == "ceiling"
+        rows.append(
+            [
+                "GEMM ceiling" if is_ceiling else r["mode"],
+                "" if is_ceiling else ("causal" if r["causal"] else "full"),
+                *(str(r.get(f)) for f in extra),
+                f"n={r.get('gemm_n')}" if is_ceiling else str(r["T"]),
+                r["impl"],
+                _fmt(_ms(r.get("median_s")), ".3f") if ok else "-",
+                _fmt(_ms(r.get("iqr_s")), ".3f") if ok else "-",
+                str(r.get("n_runs", "-")),
+                _fmt(r.get("gflops"), ".1f"),
+                _fmt(r.get("pct_of_ceiling"), ".0f"),
+                _fmt(r.get("compile_s"), ".2f"),
+                _fmt(r["peak_mem_bytes"] / 2**20, ".0f") if r.get("peak_mem_bytes") else "-",
+                r.get("backend", "")[:80]
+                if ok
+                else f"ERROR ({r.get('error_kind')}): {r.get('error', '')[:120]}",
+            ]
+        )
+    return header, rows
+
+
+def speedup_rows(ratios: list[dict]) -> tuple[list[str], list[list[str]]]:
+    extra = _varying(ratios)
+    header = [
+        "family",
+        "mode",
+        "causal",
+        *extra,
+        "T",
+        "jax_attn ms",
+        "best torch",
+        "best torch ms",
+        "speedup vs best",
+        "torch_attn ms",
+        "speedup vs torch_attn",
+    ]
+    rows = [
+        [
+            s["family"],
+            s["mode"],
+            "causal" if s["causal"] else "full",
+            *(str(s.get(f)) for f in extra),
+            str(s["T"]),
+            _fmt(s["jax_ms"], ".3f"),
+            s["best_torch_impl"],
+            _fmt(s["best_torch_ms"], ".3f"),
+            _fmt(s["speedup_vs_best_torch"], ".2f") + "×",
+            _fmt(s["torch_attn_ms"], ".3f"),
+            (_fmt(s["speedup_vs_torch_attn"], ".2f") + "×") if s["speedup_vs_torch_attn"] else "-",
+        ]
+        for s in ratios
+    ]
+    return header, rows
+
+
+def skip_summary(records: list[dict]) -> list[tuple[str, str, int]]:
+    """(impl, reason, number of rows) for skipped rows."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in records:
+        if r.get("status") == "skipped":
+            k = (r["impl"], r.get("reason", ""))
+            counts[k] = counts.get(k, 0) + 1
+    return [(i, why, n) for (i, why), n in counts.items()]
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then ``os.replace(tmp, path)``: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(doc: dict) -> str:
+    recs = doc["records"]
+    first = next((r for r in recs if r.get("device_name")), {})
+    v = doc.get("versions", {})
+    threads = {r["framework"]: r.get("threads") for r in recs if r.get("threads")}
+    lines = [
+        f"# Benchmark: preset `{doc['preset']}` on {doc['device']}",
+        "",
+        f"- run `{doc['run_id']}`, wall time {doc['wall_s']:.1f} s",
+        f"- device: {first.get('device_name')} ({first.get('platform')})",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        "- threads: " + "; ".join(f"{fw}: {t}" for fw, t in threads.items()),
+        "- precision: "
+        + "; ".join(
+            f"{r['framework']}: {r.get('precision')}" for r in {r["framework"]: r for r in recs}.values()
+        ),
+        f"- timing: {doc['timing_settings']}",
+        _load_note(recs),
+        "- FLOPs: attention 4·B·N·T·S·H (causal credited half), backward 2.5× forward, "
+        "projections 2·B·T·E·E per linear; speedup = torch time / jax_attn time (> 1: jax_attn faster)",
+        "",
+        "## Speed ratios (jax_attn under jax.jit vs torch)",
+        "",
+        _md_table(*speedup_rows(doc["ratios"])),
+        "",
+        "## Measurements",
+        "",
+        _md_table(*measurement_rows(recs)),
+        "",
+    ]
+    skips = skip_summary(recs)
+    not_run = doc.get("not_run", [])
+    if skips or not_run:
+        lines += ["## Not measured", ""]
+        lines += [f"- `{i}`: {why} ({n} rows)" for i, why, n in skips]
+        lines += [f"- `{n['impl']}`: {n['reason']}" for n in not_run]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _load_note(recs: list[dict]) -> str:
+    loads = [r["load_avg_1m"] for r in recs if r.get("load_avg_1m") is not None]
+    cpus = max((len((r.get("threads") or {}).get("affinity") or []) for r in recs), default=0)
+    if not loads:
+        return "- load average: not recorded"
+    note = f"- 1-minute load average during the rows: {min(loads):.1f} to {max(loads):.1f}"
+    if cpus and max(loads) > cpus + 0.5:
+        note += (
+            f" (above the {cpus} pinned CPUs: other processes competed for the cores; CPU timings are noisy)"
+        )
+    return note
+
+
+def _plot_records(doc: dict) -> list[dict]:
+    B, N, H = doc.get("plot_config") or (None, None, None)
+    return [
+        r
+        for r in doc["records"]
+        if r.get("status") == "ok"
+        and r.get("family") != "ceiling"
+        and (B is None or r["B"] == B)
+        and (N is None or r["N"] == N)
+        and (H is None or r["H"] == H)
+    ]
+
+
+def _panels(plt, doc: dict):
+    modes = [
+        m for m in MODES if any(r.get("mode") == m for r in doc["records"] if r.get("family") != "ceiling")
+    ]
+    modes = modes or list(MODES)
+    fig, axes = plt.subplots(len(modes), 2, figsize=(15, 5.2 * len(modes)), squeeze=False, sharex=True)
+    return fig, axes, modes
+
+
+def plot_throughput(doc: dict, path: Path) -> None:
+    """GFLOP/s vs T per implementation; one panel per mode × causality; GEMM ceilings dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = _plot_records(doc)
+    names = sorted({r["impl"] for r in recs}, key=lambda n: (not n.startswith("jax"), n))
+    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
+    fig, axes, modes = _panels(plt, doc)
+    dtypes = sorted({r["dtype"] for r in recs})
+    B, N, H = doc.get("plot_config") or (None, None, None)
+    for i, mode in enumerate(modes):
+        for j, causal in enumerate((False, True)):
+            ax = axes[i][j]
+            for name in names:
+                for dt in dtypes:
+                    pts = sorted(
+                        (r["T"], r["gflops"])
+                        for r in recs
+                        if r["impl"] == name
+                        and r["mode"] == mode
+                        and r["causal"] == causal
+                        and r["dtype"] == dt
+                    )
+                    if not pts:
+                        continue
+                    jax_side = not name.startswith("torch")
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        marker="o" if jax_side else "s",
+                        linestyle="-" if jax_side else "--",
+                        color=colors[name],
+                        lw=2.6 if name.startswith(("jax_attn", "torch_attn")) else 1.4,
+                        label=name + (f" {dt}" if len(dtypes) > 1 else ""),
+                    )
+            for r in doc["records"]:
+                if r.get("family") == "ceiling" and r.get("status") == "ok":
+                    ax.axhline(r["gflops"], color="grey", linestyle=":" if "jax" in r["impl"] else "-.", lw=1)
+                    ax.annotate(
+                        f"{r['impl']} {r['dtype']} n={r['gemm_n']}: {r['gflops']:.0f}",
+                        (0.01, r["gflops"]),
+                        xycoords=("axes fraction", "data"),
+                        fontsize=8,
+                        color="grey",
+                        va="bottom",
+                    )
+            _seq_axis(ax, sorted({r["T"] for r in recs}))
+            ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}")
+            ax.set_xlabel("sequence length T (= S)")
+            ax.set_ylabel("throughput, GFLOP/s (credited FLOPs / median time)")
+            ax.set_ylim(bottom=0)
+            ax.grid(True, which="both", alpha=0.3)
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="lower center",
+        ncol=min(4, len(handles)),
+        fontsize=9,
+        title="solid/circle: JAX (jit)   dashed/square: PyTorch   grey: GEMM ceilings",
+    )
+    shape = f"B={B if B is not None else 'varies'} N={N} H={H}, {', '.join(dtypes)}"
+    fig.suptitle(f"Attention throughput vs sequence length ({doc['device']}: {_device_name(doc)}; {shape})")
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(handles) / 4), 1, 0.97))
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _seq_axis(ax, Ts: list[int]) -> None:
+    """Log-2 sequence axis labelled with the measured lengths as plain numbers."""
+    import matplotlib.ticker
+
+    ax.set_xscale("log", base=2)
+    if Ts:
+        ax.set_xticks(Ts)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _device_name(doc: dict) -> str:
+    return next((r["device_name"] for r in doc["records"] if r.get("device_name")), "?")
+
+
+def plot_ratio(doc: dict, path: Path) -> None:
+    """Speedup of jax_attn (jit) vs the best torch implementation and vs torch_attn eager, per T."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    B, N, H = doc.get("plot_config") or (None, None, None)
+    ratios = [
+        s
+        for s in doc["ratios"]
+        if (B is None or s["B"] == B) and (N is None or s["N"] == N) and (H is None or s["H"] == H)
+    ]
+    fig, axes, modes = _panels(plt, doc)
+    families = sorted({s["family"] for s in ratios})
+    cmap = plt.get_cmap("tab10")
+    for i, mode in enumerate(modes):
+        for j, causal in enumerate((False, True)):
+            ax = axes[i][j]
+            for k, fam in enumerate(families):
+                for dt in sorted({s["dtype"] for s in ratios}):
+                    sel = sorted(
+                        (
+                            s
+                            for s in ratios
+                            if s["family"] == fam
+                            and s["mode"] == mode
+                            and s["causal"] == causal
+                            and s["dtype"] == dt
+                        ),
+                        key=lambda s: s["T"],
+                    )
+                    if not sel:
+                        continue
+                    ax.plot(
+                        [s["T"] for s in sel],
+                        [s["speedup_vs_best_torch"] for s in sel],
+                        marker="o",
+                        color=cmap(k),
+                        label=f"{fam}: vs best torch {dt}",
+                    )
+                    twin = [s for s in sel if s["speedup_vs_torch_attn"]]
+                    if twin:
+                        ax.plot(
+                            [s["T"] for s in twin],
+                            [s["speedup_vs_torch_attn"] for s in twin],
+                            marker="s",
+                            linestyle="--",
+                            color=cmap(k),
+                            label=f"{fam}: vs torch_attn eager {dt}",
+                        )
+            ax.axhline(1.0, color="black", lw=1)
+            _seq_axis(ax, sorted({s["T"] for s in ratios}))
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}×"))
+            ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}")
+            ax.set_xlabel("sequence length T (= S)")
+            ax.set_ylabel("speedup = torch time / jax_attn time (>1: JAX faster)")
+            ax.grid(True, which="both", alpha=0.3)
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(
+            list(handles.values()), list(handles), loc="lower center", ncol=min(3, len(handles)), fontsize=9
+        )
+    fig.suptitle(f"jax_attn under jax.jit vs PyTorch ({doc['device']}: {_device_name(doc)})")
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * math.ceil(max(1, len(handles)) / 3), 1, 0.97))
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_all(doc: dict, out_dir: Path) -> dict[str, Path]:
+    """Write bench.json, bench.md, bench.png and bench_ratio.png into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc.setdefault("ratios", speedups(doc["records"]))
+    paths = {
+        k: out_dir / f
+        for k, f in (
+            ("json", "bench.json"),
+            ("md", "bench.md"),
+            ("png", "bench.png"),
+            ("ratio_png", "bench_ratio.png"),
+        )
+    }
+    atomic_write(paths["json"], lambda p: p.write_text(json.dumps(doc, indent=1, default=str)))
+    atomic_write(paths["md"], lambda p: p.write_text(markdown(doc)))
+    plot_throughput(doc, paths["png"])
+    plot_ratio(doc, paths["ratio_png"])
+    return paths
