@@ -160,7 +160,6 @@ def _causal_cases() -> list[CausalCase]:
         # Through a KV cache: must equal the full pass (the oracle's expectation).
         c("csa_gqa_K2_cache_chunks", B, T, E, N, K=2, chunks=(2, 1, 2), max_length=7, seed=210),
         c("csa_mqa_K1_decode", B, 4, E, N, K=1, chunks=(1, 1, 1, 1), max_length=6, seed=211),
-        c("csa_mha_prefill_decode", B, T, E, N, chunks=(3, 2), max_length=5, seed=212, note="fills it"),
     ]
     cases += [
         c("csa_mha_bf16", B, T, E, N, dtype="bfloat16", seed=220),

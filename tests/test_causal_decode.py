@@ -129,7 +129,9 @@ def test_fused_path_cache_equals_full_pass(framework):
     sd, x = _weights(2, seed=1)
     if framework == "jax":
         m = _jax_module(sd, 2, "fused")
-        got, _ = _decode(lambda xc, c: m(xc, cache=c), m.init_cache(B, L), jnp.asarray(x), (3, 1, 2, 1))
+        call, traces, _ = _jit_step(m)
+        got, _ = _decode(call, m.init_cache(B, L), jnp.asarray(x), (3, 1, 1, 1, 1))
+        assert len(traces) == 2
     else:
         m = _torch_module(sd, 2, "fused")
         with torch.no_grad():

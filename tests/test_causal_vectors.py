@@ -16,7 +16,7 @@ FUSED_CASES = [
     "csa_no_bias",
     "csa_gqa_K2_cache_chunks",
     "csa_mha_bf16",
-    "csa_mha_fp16",
+    "csa_gqa_K2_fp16",
 ]
 
 
