@@ -157,3 +157,115 @@ def sdpa_backward(
         "dk": _unbroadcast(_sum_heads(dk, groups), np.shape(k)),
         "dv": _unbroadcast(_sum_heads(dv, groups), np.shape(v)),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Causal self-attention (the GPT-style module of ``jax_attn.causal`` / ``torch_attn.causal``)
+#
+# Dimension key: B batch, T tokens, E model width, N query heads, K key/value heads, H = E // N head width,
+# G = N // K. Parameters are keyed like the twins' state dicts, in torch's nn.Linear layout (out, in):
+# ``q_proj.weight (N·H, E)``, ``k_proj.weight (K·H, E)``, ``v_proj.weight (K·H, E)``,
+# ``out_proj.weight (E, N·H)`` and ``<proj>.bias`` when present. Composed from sdpa_forward/sdpa_backward
+# (``is_causal=True``, ``groups=G``) and plain matrix products; ``dtype=`` gives the naive baseline.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _linear(x, params, proj, r):
+    """``x @ W.T + b`` for the projection ``proj``, rounding after each operation."""
+    y = r(x @ np.asarray(params[f"{proj}.weight"], np.float64).T)
+    bias = params.get(f"{proj}.bias")
+    return y if bias is None else r(y + np.asarray(bias, np.float64))
+
+
+def _split_heads(x_BTF, heads):
+    B, T, F = x_BTF.shape
+    return x_BTF.reshape(B, T, heads, F // heads).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(x_BNTH):
+    B, N, T, H = x_BNTH.shape
+    return x_BNTH.transpose(0, 2, 1, 3).reshape(B, T, N * H)
+
+
+def causal_self_attention_forward(
+    x, params, num_heads, num_kv_heads=None, dropout_mask=None, dropout_p=0.0, dtype=None
+):
+    """Output of causal self-attention over the whole sequence ``x (B, T, E)``.
+
+    Args:
+      params: ``{name: array}`` as described above; dropout_mask: bool ``(B, N, T, T)`` keep-mask of the
+        attention weights (kept weights scaled by ``1 / (1 - dropout_p)``).
+
+    Returns:
+      dict with ``out (B, T, E)`` and the intermediates ``q (B, N, T, H)``, ``k``, ``v (B, K, T, H)``,
+      ``o (B, T, N·H)`` (the heads' outputs, merged, before ``out_proj``).
+    """
+    r = _rounder(dtype)
+    K = num_heads if num_kv_heads is None else num_kv_heads
+    x = r(x)
+    q = _split_heads(_linear(x, params, "q_proj", r), num_heads)
+    k = _split_heads(_linear(x, params, "k_proj", r), K)
+    v = _split_heads(_linear(x, params, "v_proj", r), K)
+    heads = sdpa_forward(
+        q,
+        k,
+        v,
+        is_causal=True,
+        groups=num_heads // K,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+        dtype=dtype,
+    )
+    o = _merge_heads(heads["out"])
+    return {"out": _linear(o, params, "out_proj", r), "q": q, "k": k, "v": v, "o": o}
+
+
+def causal_self_attention_backward(
+    x, params, dy, num_heads, num_kv_heads=None, dropout_mask=None, dropout_p=0.0, dtype=None
+):
+    """Gradients of ``sum(out * dy)`` with respect to ``x`` and every parameter.
+
+    Returns:
+      dict with ``x`` (x's shape) and one entry per parameter name (its shape), plus the intermediates
+      ``dq (B, T, N·H)``, ``dk``, ``dv (B, T, K·H)`` (gradients at the projections' outputs) and ``o``,
+      which the tolerance policy uses to size gradient terms.
+    """
+    r = _rounder(dtype)
+    K = num_heads if num_kv_heads is None else num_kv_heads
+    fwd = causal_self_attention_forward(x, params, num_heads, K, dropout_mask, dropout_p, dtype)
+    x, dy = r(x), r(dy)
+    E = x.shape[-1]
+    w = {name: np.asarray(p, np.float64) for name, p in params.items()}
+
+    grads = {}
+    o2, dy2 = fwd["o"].reshape(-1, fwd["o"].shape[-1]), dy.reshape(-1, E)
+    grads["out_proj.weight"] = r(dy2.T @ o2)
+    if "out_proj.bias" in w:
+        grads["out_proj.bias"] = r(dy2.sum(axis=0))
+    do = _split_heads(r(dy @ w["out_proj.weight"]), num_heads)
+    heads = sdpa_backward(
+        fwd["q"],
+        fwd["k"],
+        fwd["v"],
+        do,
+        is_causal=True,
+        groups=num_heads // K,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+        dtype=dtype,
+    )
+    d_proj = {"q_proj": heads["dq"], "k_proj": heads["dk"], "v_proj": heads["dv"]}
+    x2 = x.reshape(-1, E)
+    dx = None
+    for proj, d_BNTH in d_proj.items():
+        d_BTF = _merge_heads(d_BNTH)
+        d2 = d_BTF.reshape(-1, d_BTF.shape[-1])
+        grads[f"{proj}.weight"] = r(d2.T @ x2)
+        if f"{proj}.bias" in w:
+            grads[f"{proj}.bias"] = r(d2.sum(axis=0))
+        term = r(d_BTF @ w[f"{proj}.weight"])
+        dx = term if dx is None else r(dx + term)
+        grads[f"d{proj[0]}"] = d_BTF
+    grads["x"] = dx
+    grads["o"] = fwd["o"]
+    return grads

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from compare import cases as sdpa_cases
+from compare import cases_causal as causal_cases
 from compare import runners as sdpa_runners
+from compare import runners_causal as causal_runners
 
 
 @dataclass(frozen=True)
@@ -50,5 +52,14 @@ KINDS: dict[str, Kind] = {
         magnitude=sdpa_cases.magnitude,
         implementations=sdpa_runners.IMPLEMENTATIONS,
         applies=sdpa_runners.applies,
+    ),
+    "causal": Kind(
+        name="causal",
+        cases=causal_cases.CAUSAL_CASES,
+        build_inputs=causal_cases.build_inputs,
+        expectations=causal_cases.expectations,
+        magnitude=causal_cases.magnitude,
+        implementations=causal_runners.IMPLEMENTATIONS,
+        applies=causal_runners.applies,
     ),
 }

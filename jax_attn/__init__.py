@@ -1,5 +1,6 @@
 """JAX/Flax attention with PyTorch's semantics. Twin of ``torch_attn``; imports no torch."""
 
+from jax_attn.causal import CausalSelfAttention, KVCache
 from jax_attn.functional import (
     masked_softmax,
     scaled_dot_product_attention,
@@ -15,6 +16,8 @@ from jax_attn.masks import (
 )
 
 __all__ = [
+    "CausalSelfAttention",
+    "KVCache",
     "additive_to_keep",
     "causal_mask",
     "keep_to_additive",

@@ -1,5 +1,6 @@
 """PyTorch attention, the readable twin of ``jax_attn``; imports no jax."""
 
+from torch_attn.causal import CausalSelfAttention, KVCache
 from torch_attn.functional import (
     masked_softmax,
     scaled_dot_product_attention,
@@ -15,6 +16,8 @@ from torch_attn.masks import (
 )
 
 __all__ = [
+    "CausalSelfAttention",
+    "KVCache",
     "additive_to_keep",
     "causal_mask",
     "keep_to_additive",
