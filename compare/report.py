@@ -41,6 +41,11 @@ def write_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def is_gradient(quantity: str) -> bool:
+    """Gradient quantities are named ``d<input>`` (sdpa, mha) or ``grad_<name>`` (causal)."""
+    return quantity.startswith(("d", "grad_"))
+
+
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (kind, pair, dtype): cases, worst forward and gradient error relative to tolerance."""
     groups: dict[tuple, list[dict]] = {}
@@ -57,7 +62,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "failures": sum(not r["ok"] for r in rs),
         }
         for label, is_grad in (("forward", False), ("gradients", True)):
-            xs = [r for r in rs if "max_abs" in r and r["quantity"].startswith("d") == is_grad]
+            xs = [r for r in rs if "max_abs" in r and is_gradient(r["quantity"]) == is_grad]
             if xs:
                 w = max(xs, key=lambda r: r["max_abs"] / r["tol"] if r["tol"] else float("inf"))
                 row[label] = {
