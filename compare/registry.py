@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from compare import cases as sdpa_cases
+from compare import cases_mha as mha_cases
 from compare import runners as sdpa_runners
+from compare import runners_mha as mha_runners
 
 
 @dataclass(frozen=True)
@@ -50,5 +52,14 @@ KINDS: dict[str, Kind] = {
         magnitude=sdpa_cases.magnitude,
         implementations=sdpa_runners.IMPLEMENTATIONS,
         applies=sdpa_runners.applies,
+    ),
+    "mha": Kind(
+        name="mha",
+        cases=mha_cases.MHA_CASES,
+        build_inputs=mha_cases.build_inputs,
+        expectations=mha_cases.expectations,
+        magnitude=mha_cases.magnitude,
+        implementations=mha_runners.IMPLEMENTATIONS,
+        applies=mha_runners.applies,
     ),
 }
