@@ -223,14 +223,27 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def _initializer(rngs, param_dtype):
+    """``init(fn, shape) -> Param``: ``fn(key, shape, dtype)`` with a key from ``rngs.params()``; zeros when
+    ``rngs`` is None (the parameters are about to be overwritten by a loaded ``state_dict``)."""
+
+    def init(fn, shape):
+        if rngs is None:
+            return nnx.Param(jnp.zeros(shape, param_dtype))
+        return nnx.Param(fn(rngs.params(), shape, param_dtype))
+
+    return init
+
+
 class Linear(nnx.Module):
     """torch's ``nn.Linear`` parameter layout: ``weight (out, in)``, ``bias (out,)`` (``out_proj``)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, param_dtype, rngs):
         # torch's default Linear init: U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a=sqrt(5)).
         bound = 1.0 / math.sqrt(in_features)
-        shape = (out_features, in_features)
-        self.weight = nnx.Param(jax.random.uniform(rngs.params(), shape, param_dtype, -bound, bound))
+        uniform = jax.nn.initializers.uniform(2 * bound)  # U(0, 2 bound), shifted below
+        init = _initializer(rngs, param_dtype)
+        self.weight = init(lambda k, s, dt: uniform(k, s, dt) - bound, (out_features, in_features))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if bias else None
 
 
@@ -264,6 +277,7 @@ class MultiheadAttention(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
+        _init_weights: bool = True,
     ):
         self.head_dim, self.kdim, self.vdim = check_mha_init(embed_dim, num_heads, dropout, kdim, vdim)
         self.embed_dim = embed_dim
@@ -276,23 +290,23 @@ class MultiheadAttention(nnx.Module):
         self.param_dtype = param_dtype
         self.deterministic = False
 
+        init = _initializer(rngs if _init_weights else None, param_dtype)
         xavier = jax.nn.initializers.xavier_uniform(in_axis=-1, out_axis=-2)
         E = embed_dim
         if self._qkv_same_embed_dim:
-            self.in_proj_weight = nnx.Param(xavier(rngs.params(), (3 * E, E), param_dtype))
+            self.in_proj_weight = init(xavier, (3 * E, E))
             self.q_proj_weight = self.k_proj_weight = self.v_proj_weight = None
         else:
             self.in_proj_weight = None
-            self.q_proj_weight = nnx.Param(xavier(rngs.params(), (E, E), param_dtype))
-            self.k_proj_weight = nnx.Param(xavier(rngs.params(), (E, self.kdim), param_dtype))
-            self.v_proj_weight = nnx.Param(xavier(rngs.params(), (E, self.vdim), param_dtype))
+            self.q_proj_weight = init(xavier, (E, E))
+            self.k_proj_weight = init(xavier, (E, self.kdim))
+            self.v_proj_weight = init(xavier, (E, self.vdim))
         self.in_proj_bias = nnx.Param(jnp.zeros((3 * E,), param_dtype)) if bias else None
-        self.out_proj = Linear(E, E, bias, param_dtype=param_dtype, rngs=rngs)
+        self.out_proj = Linear(E, E, bias, param_dtype=param_dtype, rngs=rngs if _init_weights else None)
         if add_bias_kv:
             # torch: xavier_normal_ on (1, 1, E): fan_in = fan_out = E, std = sqrt(1 / E).
-            std = math.sqrt(1.0 / E)
-            self.bias_k = nnx.Param(std * jax.random.normal(rngs.params(), (1, 1, E), param_dtype))
-            self.bias_v = nnx.Param(std * jax.random.normal(rngs.params(), (1, 1, E), param_dtype))
+            normal = jax.nn.initializers.normal(math.sqrt(1.0 / E))
+            self.bias_k, self.bias_v = init(normal, (1, 1, E)), init(normal, (1, 1, E))
         else:
             self.bias_k = self.bias_v = None
         self.rngs = rngs["dropout"].fork()
@@ -395,10 +409,39 @@ class MultiheadAttention(nnx.Module):
                     f"this module expects {tuple(p.shape)}"
                 )
         for k, p in params.items():
-            p.value = jnp.asarray(arrays[k], dtype=self.param_dtype)
+            p.set_value(jnp.asarray(arrays[k], dtype=self.param_dtype))
 
     @classmethod
-    def from_torch(cls, module, *, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=None):
+    def from_state_dict(
+        cls,
+        state_dict: Mapping,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        rngs: nnx.Rngs | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        **kwargs,
+    ) -> MultiheadAttention:
+        """A module built from a torch ``state_dict`` and torch's constructor arguments (``kwargs``),
+        skipping the random initialisation, which would be overwritten anyway."""
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        new = cls(
+            embed_dim,
+            num_heads,
+            **kwargs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            _init_weights=False,
+        )
+        new.load_torch_state_dict(state_dict)
+        return new
+
+    @classmethod
+    def from_torch(
+        cls, module, *, rngs: nnx.Rngs | None = None, dtype=None, param_dtype=None
+    ) -> MultiheadAttention:
         """A ``MultiheadAttention`` configured like the torch ``module`` with its weights copied in.
 
         The training/eval mode is copied too. ``param_dtype`` defaults to the torch weights' dtype.
@@ -406,7 +449,8 @@ class MultiheadAttention(nnx.Module):
         weight = module.out_proj.weight
         if param_dtype is None:
             param_dtype = jnp.dtype(str(weight.dtype).removeprefix("torch."))
-        new = cls(
+        new = cls.from_state_dict(
+            module.state_dict(),
             module.embed_dim,
             module.num_heads,
             dropout=module.dropout,
@@ -416,11 +460,10 @@ class MultiheadAttention(nnx.Module):
             kdim=module.kdim,
             vdim=module.vdim,
             batch_first=module.batch_first,
+            rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
-            rngs=nnx.Rngs(0) if rngs is None else rngs,
         )
-        new.load_torch_state_dict(module.state_dict())
         if not module.training:
             new.eval()
         return new

@@ -368,10 +368,23 @@ class MultiheadAttention(nn.Module):
         self.load_state_dict({k: _to_tensor(v) for k, v in state_dict.items()}, strict=True)
 
     @classmethod
+    def from_state_dict(
+        cls, state_dict: Mapping, embed_dim: int, num_heads: int, *, device=None, dtype=None, **kwargs
+    ) -> MultiheadAttention:
+        """A module built from a torch ``state_dict`` and torch's constructor arguments (``kwargs``)."""
+        new = cls(embed_dim, num_heads, **kwargs, device=device, dtype=dtype)
+        new.load_torch_state_dict(state_dict)
+        return new
+
+    @classmethod
     def from_torch(cls, module: nn.Module, *, device=None, dtype=None) -> MultiheadAttention:
-        """A ``MultiheadAttention`` configured like the torch ``module`` with its weights copied in."""
+        """A ``MultiheadAttention`` configured like the torch ``module`` with its weights copied in.
+
+        The training/eval mode is copied too.
+        """
         weight = module.out_proj.weight
-        new = cls(
+        new = cls.from_state_dict(
+            module.state_dict(),
             module.embed_dim,
             module.num_heads,
             dropout=module.dropout,
@@ -384,6 +397,5 @@ class MultiheadAttention(nn.Module):
             device=weight.device if device is None else device,
             dtype=weight.dtype if dtype is None else dtype,
         )
-        new.load_state_dict(module.state_dict(), strict=True)
         new.train(module.training)
         return new
