@@ -351,13 +351,16 @@ class MultiheadAttention(nnx.Module):
         """
         query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
         dtype = self.dtype or jnp.promote_types(query.dtype, self.param_dtype)
+        if query.dtype == key.dtype == value.dtype and jnp.issubdtype(query.dtype, jnp.floating):
+            query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
+        # else: bad dtypes are left for the shared check, which names them
         params = {k: p[...].astype(dtype) for k, p in self._params().items()}
         active = self.training and self.dropout > 0.0
         rng = self.rngs() if active and dropout_mask is None else None
         return multi_head_attention_forward(
-            query.astype(dtype),
-            key.astype(dtype),
-            value.astype(dtype),
+            query,
+            key,
+            value,
             self.embed_dim,
             self.num_heads,
             params.get("in_proj_weight"),
