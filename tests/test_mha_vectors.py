@@ -13,9 +13,6 @@ from compare.cases_mha import MHA_CASES
 from compare.runners_mha import IMPLEMENTATIONS, builtin_applies
 
 JAX_CASES = (
-    "mha_basic",
-    "mha_unbatched",
-    "mha_kdim_vdim",
     "mha_no_bias",
     "mha_bias_kv_zero_attn_masked",
     "mha_attn_mask_3d",
