@@ -223,6 +223,18 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+# torch's initialisers, compiled once per shape (eager jax.random compiles every primitive separately,
+# which made constructing a module take seconds on CPU).
+_xavier_uniform = jax.jit(jax.nn.initializers.xavier_uniform(in_axis=-1, out_axis=-2), static_argnums=(1, 2))
+_normal = jax.jit(
+    lambda key, shape, dtype, std: std * jax.random.normal(key, shape, dtype), static_argnums=(1, 2)
+)
+_uniform = jax.jit(
+    lambda key, shape, dtype, bound: jax.random.uniform(key, shape, dtype, -bound, bound),
+    static_argnums=(1, 2),
+)
+
+
 def _initializer(rngs, param_dtype):
     """``init(fn, shape) -> Param``: ``fn(key, shape, dtype)`` with a key from ``rngs.params()``; zeros when
     ``rngs`` is None (the parameters are about to be overwritten by a loaded ``state_dict``)."""
@@ -241,9 +253,8 @@ class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, param_dtype, rngs):
         # torch's default Linear init: U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a=sqrt(5)).
         bound = 1.0 / math.sqrt(in_features)
-        uniform = jax.nn.initializers.uniform(2 * bound)  # U(0, 2 bound), shifted below
         init = _initializer(rngs, param_dtype)
-        self.weight = init(lambda k, s, dt: uniform(k, s, dt) - bound, (out_features, in_features))
+        self.weight = init(lambda k, s, dt: _uniform(k, s, dt, bound), (out_features, in_features))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if bias else None
 
 
@@ -291,21 +302,21 @@ class MultiheadAttention(nnx.Module):
         self.deterministic = False
 
         init = _initializer(rngs if _init_weights else None, param_dtype)
-        xavier = jax.nn.initializers.xavier_uniform(in_axis=-1, out_axis=-2)
         E = embed_dim
         if self._qkv_same_embed_dim:
-            self.in_proj_weight = init(xavier, (3 * E, E))
+            self.in_proj_weight = init(_xavier_uniform, (3 * E, E))
             self.q_proj_weight = self.k_proj_weight = self.v_proj_weight = None
         else:
             self.in_proj_weight = None
-            self.q_proj_weight = init(xavier, (E, E))
-            self.k_proj_weight = init(xavier, (E, self.kdim))
-            self.v_proj_weight = init(xavier, (E, self.vdim))
+            self.q_proj_weight = init(_xavier_uniform, (E, E))
+            self.k_proj_weight = init(_xavier_uniform, (E, self.kdim))
+            self.v_proj_weight = init(_xavier_uniform, (E, self.vdim))
         self.in_proj_bias = nnx.Param(jnp.zeros((3 * E,), param_dtype)) if bias else None
         self.out_proj = Linear(E, E, bias, param_dtype=param_dtype, rngs=rngs if _init_weights else None)
         if add_bias_kv:
             # torch: xavier_normal_ on (1, 1, E): fan_in = fan_out = E, std = sqrt(1 / E).
-            normal = jax.nn.initializers.normal(math.sqrt(1.0 / E))
+            std = math.sqrt(1.0 / E)
+            normal = lambda k, s, dt: _normal(k, s, dt, std)  # noqa: E731
             self.bias_k, self.bias_v = init(normal, (1, 1, E)), init(normal, (1, 1, E))
         else:
             self.bias_k = self.bias_v = None
