@@ -159,6 +159,174 @@ def sdpa_backward(
     }
 
 
+# ---------------------------------------------------------------------------------------------------
+# MultiheadAttention (torch.nn.MultiheadAttention semantics), composed from sdpa_forward/sdpa_backward.
+#
+# Layout: batch first, ``query (N, L, E)``, ``key (N, S, kdim)``, ``value (N, S, vdim)`` (callers convert
+# torch's (L, N, E) and unbatched layouts). ``params`` holds torch's state_dict names: ``in_proj_weight``
+# or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``, and optionally ``in_proj_bias``, ``bias_k``,
+# ``bias_v``, ``out_proj.weight``, ``out_proj.bias``. Masks are in the oracle's polarity: bool keep-masks
+# (True = may attend) or additive floats; ``attn_mask`` is (L, S) or (N * Nh, L, S), key_padding_mask
+# (N, S). Dimension key: Nh heads, D = E // Nh head width, S_total keys after bias_kv / zero_attn.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _in_projection_weights(params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if "in_proj_weight" in params:
+        return tuple(np.split(np.asarray(params["in_proj_weight"], np.float64), 3, axis=0))
+    return tuple(
+        np.asarray(params[n], np.float64) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    )
+
+
+def _in_projection_biases(params, E: int):
+    if params.get("in_proj_bias") is None:
+        return (np.zeros(E),) * 3
+    return tuple(np.split(np.asarray(params["in_proj_bias"], np.float64), 3))
+
+
+def mha_merged_mask(attn_mask, key_padding_mask, N: int, num_heads: int, L: int, S: int, pad: int):
+    """attn_mask and key_padding_mask as one oracle mask broadcastable to ``(N, Nh, L, S + pad)``.
+
+    Both bool: their logical AND. Otherwise additive: bool becomes 0 / -inf and the two are summed (what
+    torch does). The ``pad`` appended keys (bias_k, zero attention) are never masked.
+    """
+    masks = []
+    if attn_mask is not None:
+        m = np.asarray(attn_mask)
+        masks.append(m.reshape(N, num_heads, L, S) if m.ndim == 3 else m)
+    if key_padding_mask is not None:
+        masks.append(np.asarray(key_padding_mask).reshape(N, 1, 1, S))
+    if not masks:
+        return None
+    masks = [
+        np.concatenate([m, np.full((*m.shape[:-1], pad), m.dtype == bool, m.dtype)], axis=-1) for m in masks
+    ]
+    if all(m.dtype == bool for m in masks):
+        return np.logical_and.reduce(np.broadcast_arrays(*masks))
+    additive = [np.where(m, 0.0, -np.inf) if m.dtype == bool else m.astype(np.float64) for m in masks]
+    return sum(additive[1:], additive[0])
+
+
+def mha_forward(
+    query,
+    key,
+    value,
+    params,
+    num_heads: int,
+    attn_mask=None,
+    key_padding_mask=None,
+    add_zero_attn: bool = False,
+    dropout_mask=None,
+    dropout_p: float = 0.0,
+    dtype=None,
+):
+    """torch's MultiheadAttention forward: in-projections, heads, SDPA, out-projection.
+
+    Args:
+      dropout_mask: bool keep-mask of the per-head weights ``(N, Nh, L, S_total)`` or None.
+      dtype: None for the float64 oracle; a low-precision name for the naive same-dtype baseline.
+
+    Returns:
+      dict with ``out (N, L, E)``, ``weights (N, Nh, L, S_total)`` (post-dropout, per head) and the
+      intermediates ``q``, ``k``, ``v`` (heads split, ``(N, Nh, ·, D)``), ``mask``, ``heads (N, L, E)``.
+    """
+    r = _rounder(dtype)
+    query, key, value = r(query), r(key), r(value)
+    w_q, w_k, w_v = (r(w) for w in _in_projection_weights(params))
+    E = w_q.shape[0]
+    N, L, S, Nh, D = query.shape[0], query.shape[1], key.shape[1], num_heads, E // num_heads
+    b_q, b_k, b_v = (r(b) for b in _in_projection_biases(params, E))
+
+    q = r(r(query @ w_q.T) + b_q)  # (N, L, E)
+    k = r(r(key @ w_k.T) + b_k)  # (N, S, E)
+    v = r(r(value @ w_v.T) + b_v)
+    if params.get("bias_k") is not None:
+        k = np.concatenate([k, np.broadcast_to(r(params["bias_k"]).reshape(1, 1, E), (N, 1, E))], axis=1)
+        v = np.concatenate([v, np.broadcast_to(r(params["bias_v"]).reshape(1, 1, E), (N, 1, E))], axis=1)
+    # Head h owns features [h * D, (h + 1) * D).
+    q = q.reshape(N, L, Nh, D).transpose(0, 2, 1, 3)
+    k = k.reshape(N, -1, Nh, D).transpose(0, 2, 1, 3)
+    v = v.reshape(N, -1, Nh, D).transpose(0, 2, 1, 3)
+    if add_zero_attn:
+        k = np.concatenate([k, np.zeros((N, Nh, 1, D))], axis=2)
+        v = np.concatenate([v, np.zeros((N, Nh, 1, D))], axis=2)
+    mask = mha_merged_mask(attn_mask, key_padding_mask, N, Nh, L, S, k.shape[2] - S)
+
+    attn = sdpa_forward(q, k, v, mask, dropout_mask=dropout_mask, dropout_p=dropout_p, dtype=dtype)
+    heads = attn["out"].transpose(0, 2, 1, 3).reshape(N, L, E)
+    out = r(heads @ r(params["out_proj.weight"]).T)
+    if params.get("out_proj.bias") is not None:
+        out = r(out + r(params["out_proj.bias"]))
+    return {"out": out, "weights": attn["weights"], "q": q, "k": k, "v": v, "mask": mask, "heads": heads}
+
+
+def mha_backward(
+    query,
+    key,
+    value,
+    params,
+    num_heads: int,
+    dout,
+    attn_mask=None,
+    key_padding_mask=None,
+    add_zero_attn: bool = False,
+    dropout_mask=None,
+    dropout_p: float = 0.0,
+    dtype=None,
+):
+    """Gradients of ``sum(out * dout)`` w.r.t. query, key, value and every parameter, by hand.
+
+    Returns:
+      dict with ``dquery``, ``dkey``, ``dvalue`` and ``d<param name>`` (e.g. ``din_proj_weight``,
+      ``dout_proj.weight``) for each parameter in ``params``, each in its input's shape.
+    """
+    r = _rounder(dtype)
+    fwd = mha_forward(
+        query, key, value, params, num_heads, attn_mask, key_padding_mask, add_zero_attn,
+        dropout_mask, dropout_p, dtype,
+    )  # fmt: skip
+    query, key, value, dout = r(query), r(key), r(value), r(dout)
+    w_q, w_k, w_v = (r(w) for w in _in_projection_weights(params))
+    E = w_q.shape[0]
+    N, L, S, Nh, D = query.shape[0], query.shape[1], key.shape[1], num_heads, E // num_heads
+    w_o = r(params["out_proj.weight"])
+    grads = {}
+
+    # out = heads @ w_o.T + b_o
+    grads["dout_proj.weight"] = r(np.einsum("nle,nlf->ef", dout, fwd["heads"]))
+    if params.get("out_proj.bias") is not None:
+        grads["dout_proj.bias"] = r(dout.sum(axis=(0, 1)))
+    dheads = r(dout @ w_o).reshape(N, L, Nh, D).transpose(0, 2, 1, 3)
+
+    attn = sdpa_backward(
+        fwd["q"], fwd["k"], fwd["v"], dheads, fwd["mask"],
+        dropout_mask=dropout_mask, dropout_p=dropout_p, dtype=dtype,
+    )  # fmt: skip
+    dq, dk, dv = attn["dq"], attn["dk"], attn["dv"]
+    if add_zero_attn:  # the zero key/value is a constant
+        dk, dv = dk[:, :, :-1], dv[:, :, :-1]
+    dq = dq.transpose(0, 2, 1, 3).reshape(N, L, E)
+    dk = dk.transpose(0, 2, 1, 3).reshape(N, -1, E)
+    dv = dv.transpose(0, 2, 1, 3).reshape(N, -1, E)
+    if params.get("bias_k") is not None:  # bias_k/bias_v were broadcast over the batch
+        grads["dbias_k"] = r(dk[:, S].sum(axis=0)).reshape(1, 1, E)
+        grads["dbias_v"] = r(dv[:, S].sum(axis=0)).reshape(1, 1, E)
+        dk, dv = dk[:, :S], dv[:, :S]
+
+    # q = query @ w_q.T + b_q, and likewise for k, v.
+    dw = [r(np.einsum("nle,nlf->ef", g, x)) for g, x in ((dq, query), (dk, key), (dv, value))]
+    if "in_proj_weight" in params:
+        grads["din_proj_weight"] = np.concatenate(dw, axis=0)
+    else:
+        grads["dq_proj_weight"], grads["dk_proj_weight"], grads["dv_proj_weight"] = dw
+    if params.get("in_proj_bias") is not None:
+        grads["din_proj_bias"] = np.concatenate([r(g.sum(axis=(0, 1))) for g in (dq, dk, dv)])
+    grads["dquery"] = r(dq @ w_q)
+    grads["dkey"] = r(dk @ w_k)
+    grads["dvalue"] = r(dv @ w_v)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Causal self-attention (the GPT-style module of ``jax_attn.causal`` / ``torch_attn.causal``)
 #

@@ -15,8 +15,10 @@ import numpy as np
 
 from compare import cases as sdpa_cases
 from compare import cases_causal as causal_cases
+from compare import cases_mha as mha_cases
 from compare import runners as sdpa_runners
 from compare import runners_causal as causal_runners
+from compare import runners_mha as mha_runners
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,15 @@ KINDS: dict[str, Kind] = {
         magnitude=sdpa_cases.magnitude,
         implementations=sdpa_runners.IMPLEMENTATIONS,
         applies=sdpa_runners.applies,
+    ),
+    "mha": Kind(
+        name="mha",
+        cases=mha_cases.MHA_CASES,
+        build_inputs=mha_cases.build_inputs,
+        expectations=mha_cases.expectations,
+        magnitude=mha_cases.magnitude,
+        implementations=mha_runners.IMPLEMENTATIONS,
+        applies=mha_runners.applies,
     ),
     "causal": Kind(
         name="causal",

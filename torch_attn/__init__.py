@@ -14,6 +14,7 @@ from torch_attn.masks import (
     masked_to_keep,
     padding_mask,
 )
+from torch_attn.mha import MultiheadAttention, multi_head_attention_forward
 
 __all__ = [
     "CausalSelfAttention",
@@ -24,6 +25,8 @@ __all__ = [
     "keep_to_masked",
     "masked_softmax",
     "masked_to_keep",
+    "multi_head_attention_forward",
+    "MultiheadAttention",
     "padding_mask",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_with_weights",
