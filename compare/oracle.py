@@ -325,6 +325,7 @@ def mha_backward(
     grads["dquery"] = r(dq @ w_q)
     grads["dkey"] = r(dk @ w_k)
     grads["dvalue"] = r(dv @ w_v)
+    return grads
 
 
 # ----------------------------------------------------------------------------------------------------------
