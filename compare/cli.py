@@ -181,7 +181,9 @@ def cmd_train(args) -> int:
     verdict = "[green]paths agree[/green]" if record["ok"] else "[red]PATHS DIVERGE[/red]"
     console.print(
         f"{verdict}: worst loss rel diff {record['worst_loss_rel_diff']:.2e} (tol {train.LOSS_RTOL:g}), "
-        f"final max param diff {record['final_param_max_abs_diff']:.2e} (tol {train.PARAM_ATOL:g}), "
+        f"final max param diff {record['final_param_max_abs_diff']:.2e} (tol {train.PARAM_ATOL:g}; "
+        f"zero-gradient key biases {record['final_zero_grad_param_max_abs_diff']:.2e}, "
+        f"tol {train.ZERO_GRADIENT_ATOL:g}), "
         f"{record['seconds']:.1f} s; wrote {folder / 'train.json'} and {folder / 'train.png'}"
     )
     if record["mismatch_description"]:

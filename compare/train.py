@@ -25,10 +25,17 @@ import numpy as np
 from attn_spec.gpt import GPTConfig
 
 # Divergence tolerances, documented in the report: the loss per step, relative; parameters after the
-# last step, absolute (parameters are O(0.02–1); Adam's normalisation amplifies fp32 round-off in
-# coordinates whose second moment is tiny, so the bound is looser than a single forward pass's 1e-5).
+# last step, absolute. Parameters are O(0.02–1); the bound is looser than one forward pass's 1e-5 because
+# AdamW divides each gradient coordinate by its own RMS and so turns fp32 round-off in small gradients
+# into O(lr) steps that accumulate.
 LOSS_RTOL = 1e-4
 PARAM_ATOL = 1e-4
+# Parameters whose exact gradient is identically zero: a key bias adds q·b_k to every logit of a query's
+# row, and softmax is invariant to such a shift. Their computed gradient is pure fp32 round-off (~1e-9),
+# which Adam normalises into lr-sized random steps that differ between frameworks. They are reported, and
+# judged against the looser ZERO_GRADIENT_ATOL, but not against PARAM_ATOL.
+ZERO_GRADIENT_PARAMS = ("attn.k_proj.bias",)
+ZERO_GRADIENT_ATOL = 1e-3
 
 MISMATCHES = {
     "adam_eps": "torch AdamW eps = 1e-6 instead of the shared 1e-8",
@@ -109,7 +116,7 @@ class TorchTrainer:
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
-        return float(loss), gnorm
+        return loss.item(), gnorm
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return self.model.torch_state_dict()
@@ -145,7 +152,7 @@ class JaxTrainer:
                 return nnx.merge(graphdef, p, rest).loss(x, y)
 
             loss, grads = jax.value_and_grad(loss_fn)(params)
-            gnorm = optax.global_norm(grads)
+            gnorm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss, gnorm
 
@@ -159,10 +166,10 @@ class JaxTrainer:
         return self.nnx.merge(self.graphdef, self.params, self.rest).torch_state_dict()
 
 
-def max_param_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, str]:
-    """Largest absolute difference over all parameters, and the key where it is."""
+def max_param_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys=None) -> tuple[float, str]:
+    """Largest absolute difference over the parameters ``keys`` (default all), and the key where it is."""
     worst, where = 0.0, ""
-    for key in a:
+    for key in a if keys is None else keys:
         d = float(
             np.max(np.abs(np.asarray(a[key], np.float64) - np.asarray(b[key], np.float64)), initial=0.0)
         )
@@ -186,12 +193,17 @@ def run(model_config: GPTConfig, cfg: TrainConfig, progress=None) -> dict:
     torch_side = TorchTrainer(model_config, cfg)
     jax_side = JaxTrainer(model_config, cfg, torch_side.state_dict())
     init_diff, _ = max_param_diff(jax_side.state_dict(), torch_side.state_dict())
+    all_keys = list(torch_side.state_dict())
+    zero_grad_keys = [k for k in all_keys if k.endswith(ZERO_GRADIENT_PARAMS)]
+    judged_keys = [k for k in all_keys if k not in zero_grad_keys]
     rows = []
     for step in range(cfg.steps):
         x, y = batch(stream, step, cfg.batch_size, seq_len, cfg.seed)
         loss_j, gnorm_j = jax_side.step(x, y)
         loss_t, gnorm_t = torch_side.step(x, y)
-        pdiff, pkey = max_param_diff(jax_side.state_dict(), torch_side.state_dict())
+        sd_jax, sd_torch = jax_side.state_dict(), torch_side.state_dict()
+        pdiff, pkey = max_param_diff(sd_jax, sd_torch, judged_keys)
+        zdiff, _ = max_param_diff(sd_jax, sd_torch, zero_grad_keys) if zero_grad_keys else (0.0, "")
         rows.append(
             {
                 "step": step,
@@ -202,23 +214,36 @@ def run(model_config: GPTConfig, cfg: TrainConfig, progress=None) -> dict:
                 "grad_norm_torch": gnorm_t,
                 "param_max_abs_diff": pdiff,
                 "param_worst_key": pkey,
+                "zero_grad_param_max_abs_diff": zdiff,
             }
         )
         if progress:
             progress(step + 1, cfg.steps, rows[-1])
     worst_loss = max(r["loss_rel_diff"] for r in rows)
     final_param = rows[-1]["param_max_abs_diff"]
+    final_zero_grad = rows[-1]["zero_grad_param_max_abs_diff"]
     return {
         "model": model_config.as_dict(),
         "train": dataclasses.asdict(cfg),
         "mismatch_description": MISMATCHES.get(cfg.mismatch),
-        "tolerance": {"loss_rtol_per_step": LOSS_RTOL, "param_atol_final": PARAM_ATOL},
+        "tolerance": {
+            "loss_rtol_per_step": LOSS_RTOL,
+            "param_atol_final": PARAM_ATOL,
+            "zero_gradient_params": list(ZERO_GRADIENT_PARAMS),
+            "zero_gradient_param_atol_final": ZERO_GRADIENT_ATOL,
+        },
         "precision": precision,
         "environment": env.environment(),
         "initial_param_max_abs_diff": init_diff,
         "worst_loss_rel_diff": worst_loss,
         "final_param_max_abs_diff": final_param,
-        "ok": bool(worst_loss <= LOSS_RTOL and final_param <= PARAM_ATOL and init_diff == 0.0),
+        "final_zero_grad_param_max_abs_diff": final_zero_grad,
+        "ok": bool(
+            worst_loss <= LOSS_RTOL
+            and final_param <= PARAM_ATOL
+            and final_zero_grad <= ZERO_GRADIENT_ATOL
+            and init_diff == 0.0
+        ),
         "seconds": time.perf_counter() - t0,
         "steps": rows,
     }
@@ -245,6 +270,12 @@ def plot(record: dict, path) -> None:
     floor = 1e-12
     ax2.semilogy(steps, [max(r["loss_rel_diff"], floor) for r in record["steps"]], label="|Δloss| / loss")
     ax2.semilogy(steps, [max(r["param_max_abs_diff"], floor) for r in record["steps"]], label="max |Δparam|")
+    ax2.semilogy(
+        steps,
+        [max(r["zero_grad_param_max_abs_diff"], floor) for r in record["steps"]],
+        color="0.6",
+        label="max |Δparam|, zero-gradient key biases",
+    )
     ax2.axhline(LOSS_RTOL, color="C0", ls=":", label=f"loss tolerance {LOSS_RTOL:g}")
     ax2.axhline(PARAM_ATOL, color="C1", ls=":", label=f"param tolerance {PARAM_ATOL:g}")
     ax2.set_xlabel("step")

@@ -108,7 +108,7 @@ class GPT(nnx.Module):
         """Parameters under the torch twin's state-dict keys, torch layout, as NumPy arrays."""
         sd = {}
         for key, (param, transposed) in self._torch_keyed_params().items():
-            value = np.asarray(param.value)
+            value = np.asarray(param[...])
             sd[key] = value.T if transposed else value
         for i, block in enumerate(self.h):
             sd.update({f"h.{i}.attn.{k}": v for k, v in block.attn.torch_state_dict().items()})
@@ -129,12 +129,12 @@ class GPT(nnx.Module):
             )
         for key, (param, transposed) in params.items():
             value = state_dict[key].T if transposed else state_dict[key]
-            if value.shape != param.value.shape:
+            if value.shape != param.shape:
                 raise ValueError(
                     f"GPT.load_torch_state_dict: {key} has shape {state_dict[key].shape}; expected "
-                    f"{param.value.T.shape if transposed else param.value.shape}"
+                    f"{param.shape[::-1] if transposed else param.shape}"
                 )
-            param.value = jnp.asarray(value, dtype=param.value.dtype)
+            param[...] = jnp.asarray(value, dtype=param.dtype)
         for i, block in enumerate(self.h):
             prefix = f"h.{i}.attn."
             block.attn.load_torch_state_dict(
