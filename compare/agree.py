@@ -64,6 +64,19 @@ def run(vectors: list[Vector], implementations=None, progress=None) -> list[dict
         impls = kind.implementations if implementations is None else implementations.get(vec.kind, {})
         for impl, fn in impls.items():
             if not kind.applies(impl, vec):
+                # Listed in the report as not applicable (e.g. torch's built-in with an injected dropout
+                # mask, flax with a float mask); never counted as agreement.
+                records.append(
+                    {
+                        "case": vec.name,
+                        "kind": vec.kind,
+                        "dtype": vec.case.dtype,
+                        "pair": f"{impl} vs oracle",
+                        "quantity": "-",
+                        "ok": True,
+                        "skipped": True,
+                    }
+                )
                 continue
             try:
                 results[impl] = fn(vec)
@@ -71,6 +84,7 @@ def run(vectors: list[Vector], implementations=None, progress=None) -> list[dict
                 records.append(
                     {
                         "case": vec.name,
+                        "kind": vec.kind,
                         "dtype": vec.case.dtype,
                         "pair": f"{impl} vs oracle",
                         "quantity": "-",

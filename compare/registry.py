@@ -18,6 +18,7 @@ from compare import cases_causal as causal_cases
 from compare import cases_mha as mha_cases
 from compare import runners as sdpa_runners
 from compare import runners_causal as causal_runners
+from compare import runners_flax as flax_runners
 from compare import runners_mha as mha_runners
 
 
@@ -61,8 +62,10 @@ KINDS: dict[str, Kind] = {
         build_inputs=mha_cases.build_inputs,
         expectations=mha_cases.expectations,
         magnitude=mha_cases.magnitude,
-        implementations=mha_runners.IMPLEMENTATIONS,
-        applies=mha_runners.applies,
+        implementations={**mha_runners.IMPLEMENTATIONS, "flax_nnx": flax_runners.run_flax_nnx},
+        applies=lambda impl, vec: (
+            flax_runners.applies(vec) if impl == "flax_nnx" else mha_runners.applies(impl, vec)
+        ),
     ),
     "causal": Kind(
         name="causal",

@@ -50,6 +50,8 @@ def summarize(records: list[dict]) -> list[dict]:
     """One row per (kind, pair, dtype): cases, worst forward and gradient error relative to tolerance."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
+        if r.get("skipped"):
+            continue
         groups.setdefault((r.get("kind", "sdpa"), r["pair"], r.get("dtype", "?")), []).append(r)
     rows = []
     for (kind, pair, dtype), rs in sorted(groups.items()):
@@ -83,6 +85,8 @@ def agreement_markdown(records: list[dict], environment: dict, precision: dict, 
     """A report a person can read on its own: where it ran, with what, the policy, and the results."""
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     failures = [r for r in records if not r["ok"]]
+    skipped = [r for r in records if r.get("skipped")]
+    records = [r for r in records if not r.get("skipped")]
     lines = [
         "# Agreement report",
         "",
@@ -134,6 +138,22 @@ def agreement_markdown(records: list[dict], environment: dict, precision: dict, 
                 f"got {r['worst_got']:.6g}, expected {r['worst_expected']:.6g}; non-finite {r['nonfinite']}"
             )
             lines.append(f"| {r['case']} | {r['pair']} | {r.get('quantity', '-')} | {detail} |")
+    if skipped:
+        by_impl: dict[str, list[str]] = {}
+        for r in skipped:
+            by_impl.setdefault(r["pair"].removesuffix(" vs oracle"), []).append(r["case"])
+        lines += [
+            "",
+            "## Not applicable",
+            "",
+            "Implementations that cannot express a case (torch's built-ins with an injected dropout mask or "
+            "a fully-masked row where they give NaN; flax with float masks, add_bias_kv/add_zero_attn, "
+            "kdim/vdim, or fp16 on XLA:CPU) are not run on it:",
+            "",
+            "| implementation | cases not run |",
+            "|---|---|",
+        ]
+        lines += [f"| {impl} | {len(cases)}: {', '.join(cases)} |" for impl, cases in sorted(by_impl.items())]
     lines += [
         "",
         "## Every check",
