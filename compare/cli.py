@@ -71,7 +71,9 @@ def cmd_agree(args) -> int:
     if args.devices is not None:  # the sharded check: its own process with N (emulated) devices
         from compare import sharded_check
 
-        return sharded_check.main(["--devices", str(args.devices)] + (["--json", args.json] if args.json else []))
+        return sharded_check.main(
+            ["--devices", str(args.devices)] + (["--json", args.json] if args.json else [])
+        )
     from compare import agree, env
 
     try:

@@ -81,7 +81,11 @@ def _sdpa_case(config):
 
     rng = _rng(0)
     N, K, H = 16, 8, 6
-    inputs = {"q": _normal(rng, (B, N, T, H)), "k": _normal(rng, (B, K, S, H)), "v": _normal(rng, (B, K, S, H))}
+    inputs = {
+        "q": _normal(rng, (B, N, T, H)),
+        "k": _normal(rng, (B, K, S, H)),
+        "v": _normal(rng, (B, K, S, H)),
+    }
     mask = rng.random((T, S)) < 0.8
     mask[:, 0] = True
     dout = _normal(rng, (B, N, T, H))
@@ -100,9 +104,14 @@ def _sdpa_case(config):
     jax_res = {"forward": {"out": np.asarray(out)}, "grad": {f"d{k}": np.asarray(v) for k, v in g.items()}}
 
     t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in inputs.items()}
-    tout = torch_attn.scaled_dot_product_attention(t["q"], t["k"], t["v"], torch.tensor(mask), enable_gqa=True)
+    tout = torch_attn.scaled_dot_product_attention(
+        t["q"], t["k"], t["v"], torch.tensor(mask), enable_gqa=True
+    )
     (tout * torch.tensor(dout, dtype=torch.float64)).sum().backward()
-    torch_res = {"forward": {"out": tout.detach().numpy()}, "grad": {f"d{k}": v.grad.numpy() for k, v in t.items()}}
+    torch_res = {
+        "forward": {"out": tout.detach().numpy()},
+        "grad": {f"d{k}": v.grad.numpy() for k, v in t.items()},
+    }
     return jax_res, torch_res
 
 
@@ -169,7 +178,11 @@ def _mha_case(config):
 
     rng = _rng(1)
     E = 64
-    inputs = {"query": _normal(rng, (T, B, E)), "key": _normal(rng, (S, B, E)), "value": _normal(rng, (S, B, E))}
+    inputs = {
+        "query": _normal(rng, (T, B, E)),
+        "key": _normal(rng, (S, B, E)),
+        "value": _normal(rng, (S, B, E)),
+    }
     dout = _normal(rng, (T, B, E))
     m = _mha_module(config)
     fwd, grads = _module_grads(m, _place_inputs(inputs, config, 1), _mha_call, dout)
@@ -329,7 +342,9 @@ def run(n: int) -> dict:
             one, _ = single[name]
             for pair, expected in (("sharded vs 1 device", one), ("sharded vs torch", torch_res)):
                 for kind, worst in _compare(got, expected).items():
-                    records.append({"mesh": f"{data}x{model}", "module": name, "pair": pair, "kind": kind, **worst})
+                    records.append(
+                        {"mesh": f"{data}x{model}", "module": name, "pair": pair, "kind": kind, **worst}
+                    )
         hlo[f"{data}x{model}"] = mha_hlo(config)
     bad_hlo = [k for k, v in hlo.items() if any(v[p]["full_weight_all_gathers"] for p in v)]
     return {
@@ -354,14 +369,22 @@ def print_report(doc: dict) -> None:
     for r in doc["records"]:
         status = "[green]ok[/green]" if r["ok"] else "[red]FAIL[/red]"
         table.add_row(
-            r["mesh"], r["module"], r["pair"], r["kind"], r["quantity"], f"{r['max_abs']:.1e} / {r['tol']:.0e}", status
+            r["mesh"],
+            r["module"],
+            r["pair"],
+            r["kind"],
+            r["quantity"],
+            f"{r['max_abs']:.1e} / {r['tol']:.0e}",
+            status,
         )
     console.print(table)
     for mesh, v in doc["hlo"].items():
         for part, h in v.items():
             ops = ", ".join(f"{k} x{len(s)}" for k, s in h["collectives"].items()) or "none"
             bad = h["full_weight_all_gathers"]
-            verdict = "[red]full-weight all-gather " + str(bad) + "[/red]" if bad else "no full-weight all-gather"
+            verdict = (
+                "[red]full-weight all-gather " + str(bad) + "[/red]" if bad else "no full-weight all-gather"
+            )
             console.print(f"HLO MultiheadAttention {part} on {mesh}: collectives {ops}; {verdict}")
 
 

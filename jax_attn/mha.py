@@ -407,7 +407,10 @@ class MultiheadAttention(nnx.Module):
     def torch_state_dict(self) -> dict[str, np.ndarray]:
         """The parameters as torch's ``state_dict`` would hold them: ``{name: numpy array}``, exact copies."""
         # reshape: a sharded module holds the packed q/k/v as (3, E, E) / (3, E) (jax_attn.sharding).
-        shapes = {"in_proj_weight": (3 * self.embed_dim, self.embed_dim), "in_proj_bias": (3 * self.embed_dim,)}
+        shapes = {
+            "in_proj_weight": (3 * self.embed_dim, self.embed_dim),
+            "in_proj_bias": (3 * self.embed_dim,),
+        }
         return {k: np.array(p[...]).reshape(shapes.get(k, p.shape)) for k, p in self._params().items()}
 
     def load_torch_state_dict(self, state_dict: Mapping) -> None:

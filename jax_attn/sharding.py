@@ -226,7 +226,9 @@ def mha_hook(module, query, key, value, params: dict, batch_first: bool):
     config: AttentionSharding = module.sharding
     batch_axis = 0 if batch_first or query.ndim == 2 else 1
     if query.ndim == 3:
-        query, key, value = (config.constrain(x, config.batch_spec(3, batch_axis)) for x in (query, key, value))
+        query, key, value = (
+            config.constrain(x, config.batch_spec(3, batch_axis)) for x in (query, key, value)
+        )
     params = dict(params)
     w = params.pop("in_proj_weight", None)
     if w is not None:
@@ -252,4 +254,6 @@ def shard_cache(cache, module):
     """``cache`` (a ``KVCache``) placed like ``module``'s key/value heads; ``index`` replicated."""
     config: AttentionSharding = module.sharding
     kv = config.named(cache_spec(module, config))
-    return type(cache)(k=place(cache.k, kv), v=place(cache.v, kv), index=place(cache.index, config.named(P())))
+    return type(cache)(
+        k=place(cache.k, kv), v=place(cache.v, kv), index=place(cache.index, config.named(P()))
+    )
