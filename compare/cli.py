@@ -68,6 +68,12 @@ def _select(args) -> list[str]:
 
 
 def cmd_agree(args) -> int:
+    if args.devices is not None:  # the sharded check: its own process with N (emulated) devices
+        from compare import sharded_check
+
+        return sharded_check.main(
+            ["--devices", str(args.devices)] + (["--json", args.json] if args.json else [])
+        )
     from compare import agree, env
 
     try:
@@ -223,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agree_arguments(p)
     p.add_argument("--json", help="also write the records to this JSON file")
     p.add_argument("--out", help="write agreement.json and agreement.md into this folder")
+    p.add_argument(
+        "--devices",
+        type=int,
+        help="instead: sharded JAX (meshes 1xN, 2xN/2, Nx1) vs one device vs torch (compare.sharded_check)",
+    )
     p.set_defaults(func=cmd_agree)
 
     p = sub.add_parser("train", help="train the same tiny GPT with optax and torch.optim and compare paths")

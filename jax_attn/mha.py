@@ -300,6 +300,7 @@ class MultiheadAttention(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.deterministic = False
+        self.sharding = None  # set by jax_attn.sharding.shard_module
 
         init = _initializer(rngs if _init_weights else None, param_dtype)
         E = embed_dim
@@ -366,6 +367,12 @@ class MultiheadAttention(nnx.Module):
             query, key, value = query.astype(dtype), key.astype(dtype), value.astype(dtype)
         # else: bad dtypes are left for the shared check, which names them
         params = {k: p[...].astype(dtype) for k, p in self._params().items()}
+        separate = not self._qkv_same_embed_dim
+        if self.sharding is not None:  # on a mesh: see jax_attn.sharding
+            from jax_attn.sharding import mha_hook
+
+            query, key, value, params = mha_hook(self, query, key, value, params, self.batch_first)
+            separate = "q_proj_weight" in params
         active = self.training and self.dropout > 0.0
         rng = self.rngs() if active and dropout_mask is None else None
         return multi_head_attention_forward(
@@ -386,7 +393,7 @@ class MultiheadAttention(nnx.Module):
             key_padding_mask=key_padding_mask,
             need_weights=need_weights,
             attn_mask=attn_mask,
-            use_separate_proj_weight=not self._qkv_same_embed_dim,
+            use_separate_proj_weight=separate,
             q_proj_weight=params.get("q_proj_weight"),
             k_proj_weight=params.get("k_proj_weight"),
             v_proj_weight=params.get("v_proj_weight"),
@@ -399,7 +406,12 @@ class MultiheadAttention(nnx.Module):
 
     def torch_state_dict(self) -> dict[str, np.ndarray]:
         """The parameters as torch's ``state_dict`` would hold them: ``{name: numpy array}``, exact copies."""
-        return {k: np.array(p[...]) for k, p in self._params().items()}
+        # reshape: a sharded module holds the packed q/k/v as (3, E, E) / (3, E) (jax_attn.sharding).
+        shapes = {
+            "in_proj_weight": (3 * self.embed_dim, self.embed_dim),
+            "in_proj_bias": (3 * self.embed_dim,),
+        }
+        return {k: np.array(p[...]).reshape(shapes.get(k, p.shape)) for k, p in self._params().items()}
 
     def load_torch_state_dict(self, state_dict: Mapping) -> None:
         """Copy a ``torch.nn.MultiheadAttention`` ``state_dict`` in (strict: same names and shapes).

@@ -56,6 +56,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--job-timeout", type=float, default=600.0, help="kill a worker silent this long (s)")
     p.add_argument("--extra-impls", action="append", default=[], help="module:ATTR, a tuple of Impl to add")
+    p.add_argument(
+        "--mesh",
+        help="instead: the sharded MultiheadAttention on a data=D,model=M mesh vs one device (bench/mesh.py)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -95,6 +99,15 @@ def print_tables(doc: dict) -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "mesh", None):  # the sharded benchmark: its own process with D*M (emulated) devices
+        from compare.bench import mesh
+
+        try:
+            mesh.parse_mesh(args.mesh)
+        except ValueError as e:
+            console.print(f"[red]{e}[/red]")
+            return 2
+        return mesh.main([args.mesh, str(Path(args.out) if args.out else default_out())])
     preset_name = "quick" if args.quick or not args.preset else args.preset
     device = runner.detect_device() if args.device == "auto" else args.device
     preset = PRESETS[preset_name](device)
