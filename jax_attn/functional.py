@@ -191,6 +191,13 @@ def scaled_dot_product_attention(
         enable_gqa=enable_gqa,
         dropout_mask=_spec(dropout_mask),
     )
+    return _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation)
+
+
+def _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation):
+    """The checked inputs through a fast path. Unlike the public function this accepts ``is_causal`` and
+    ``attn_mask`` together (their conjunction): ``MultiheadAttention`` passes its causal hint this way so
+    the blocked path can skip the blocks above the diagonal."""
     scale = 1.0 / (shapes.H**0.5) if scale is None else scale
     if implementation == "blocked":
         return _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes)

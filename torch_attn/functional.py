@@ -183,6 +183,13 @@ def scaled_dot_product_attention(
         enable_gqa=enable_gqa,
         dropout_mask=_spec(dropout_mask),
     )
+    return _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation)
+
+
+def _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation):
+    """The checked inputs through a fast path. Unlike the public function this accepts ``is_causal`` and
+    ``attn_mask`` together (their conjunction): ``MultiheadAttention`` passes its causal hint this way so
+    the blocked path can skip the blocks above the diagonal."""
     scale = 1.0 / (shapes.H**0.5) if scale is None else scale
     if implementation == "blocked":
         return _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes)
@@ -289,6 +296,11 @@ def _fused_attention(query, key, value, attn_mask, is_causal, scale, shapes):
     mask = attn_mask
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(ct)
+    if mask is not None and is_causal:
+        # F.sdpa takes one or the other: fold the causal mask into the given one
+        keep = causal_mask(shapes.T, shapes.S, device=q.device)
+        mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, -torch.inf)
+        is_causal = False
     out = F.scaled_dot_product_attention(
         q, k, v, mask, 0.0, is_causal, scale=scale, enable_gqa=shapes.groups > 1
     )
