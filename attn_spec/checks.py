@@ -228,7 +228,8 @@ def check_implementation(
     """
     if implementation not in SDPA_IMPLEMENTATIONS:
         raise ValueError(
-            f"{name}: implementation must be one of {SDPA_IMPLEMENTATIONS}; got implementation={implementation!r}"
+            f"{name}: implementation must be one of {SDPA_IMPLEMENTATIONS}; "
+            f"got implementation={implementation!r}"
         )
     if implementation == "math":
         return

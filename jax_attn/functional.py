@@ -325,7 +325,7 @@ def _flash_forward(cfg, q, k, v, mask):
         q_i = jax.lax.dynamic_slice_in_dim(q, i * cfg.bt, cfg.bt, axis=3)
 
         def step(j, carry):
-            m, l, acc = carry
+            m, row_sum, acc = carry
             k_j = jax.lax.dynamic_slice_in_dim(k, j * cfg.bs, cfg.bs, axis=2)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * cfg.bs, cfg.bs, axis=2)
             s = _block_logits(cfg, q_i, k_j, mask, i, j)
@@ -334,20 +334,20 @@ def _flash_forward(cfg, q, k, v, mask):
             m_use = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(s - m_use[..., None])
             alpha = jnp.exp(m - m_use)
-            l = alpha * l + jnp.sum(p, axis=-1)
+            row_sum = alpha * row_sum + jnp.sum(p, axis=-1)
             acc = alpha[..., None] * acc + jnp.einsum("zkgts,zksv->zkgtv", p, v_j)
-            return m_new, l, acc
+            return m_new, row_sum, acc
 
         init = (
             jnp.full((Z, K, G, cfg.bt), -jnp.inf, q.dtype),
             jnp.zeros((Z, K, G, cfg.bt), q.dtype),
             jnp.zeros((Z, K, G, cfg.bt, Vw), q.dtype),
         )
-        m, l, acc = jax.lax.fori_loop(0, cfg.key_blocks(i, n_s), step, init)
-        empty = l == 0.0
-        l = jnp.where(empty, 1.0, l)
-        stats = jnp.stack([jnp.where(empty, 0.0, m), l], axis=-1)
-        return acc / l[..., None], stats
+        m, row_sum, acc = jax.lax.fori_loop(0, cfg.key_blocks(i, n_s), step, init)
+        empty = row_sum == 0.0
+        row_sum = jnp.where(empty, 1.0, row_sum)
+        stats = jnp.stack([jnp.where(empty, 0.0, m), row_sum], axis=-1)
+        return acc / row_sum[..., None], stats
 
     out, stats = jax.lax.map(query_block, jnp.arange(n_t))  # (n_t, Z, K, G, bt, ·)
     out = jnp.moveaxis(out, 0, 3).reshape(Z, K, G, Tp, Vw)
@@ -437,7 +437,9 @@ def _fused_attention(query, key, value, attn_mask, is_causal, scale, shapes):
     mask's -inf entries become a bool mask (its bias alone would give NaN rows), and rows with no key left
     are zeroed (the kernel would return the mean of V there)."""
     backend = fused_backend(query.dtype)
-    logger.info("scaled_dot_product_attention(implementation='fused'): jax.nn.dot_product_attention[%s]", backend)
+    logger.info(
+        "scaled_dot_product_attention(implementation='fused'): jax.nn.dot_product_attention[%s]", backend
+    )
     ct = query.dtype if backend == "cudnn" else _compute_dtype(query.dtype)
     q, k, v, mask = _grouped(query.astype(ct), key.astype(ct), value.astype(ct), attn_mask, shapes)
     Z, K, G, T, H = q.shape

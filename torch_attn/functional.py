@@ -246,7 +246,7 @@ def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
         bt = q_i.shape[-2]
         rows = torch.arange(t0, t0 + bt, device=q.device)[:, None]
         m = torch.full(q_i.shape[:-1], -torch.inf, dtype=ct, device=q.device)
-        l = torch.zeros_like(m)
+        row_sum = torch.zeros_like(m)
         acc = torch.zeros(*q_i.shape[:-1], shapes.V, dtype=ct, device=q.device)
         # top-left causal: query t sees keys s <= t, so this block needs keys below t0 + bt only
         s_end = min(S, t0 + bt) if is_causal else S
@@ -273,10 +273,10 @@ def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
             m_use = torch.where(torch.isfinite(m_new), m_new, 0.0)
             p = torch.exp(s - m_use[..., None])
             alpha = torch.exp(m - m_use)
-            l = alpha * l + p.sum(dim=-1)
+            row_sum = alpha * row_sum + p.sum(dim=-1)
             acc = alpha[..., None] * acc + torch.einsum("zkgts,zksv->zkgtv", p, v_j)
             m = m_new
-        outs.append(acc / torch.where(l == 0.0, 1.0, l)[..., None])
+        outs.append(acc / torch.where(row_sum == 0.0, 1.0, row_sum)[..., None])
     out = torch.cat(outs, dim=-2)
     return out.reshape(shapes.out).to(query.dtype)
 

@@ -47,7 +47,6 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return y if bias is None else y + bias
 
 
-
 def _check_sdpa_shapes(q, k, v, mask):
     """The SDPA core's shapes for the fast paths (the module's own checks already passed)."""
     spec = lambda x: None if x is None else (tuple(x.shape), str(x.dtype).removeprefix("torch."))  # noqa: E731
@@ -62,6 +61,8 @@ def _check_sdpa_shapes(q, k, v, mask):
         enable_gqa=False,
         dropout_mask=None,
     )
+
+
 def _merged_mask(attn_mask, key_padding_mask, N: int, num_heads: int, L: int, S: int, pad: int, dtype):
     """One mask broadcastable to the logits ``(N, Nh, L, S_total)``: bool keep-mask when both masks are
     bool, otherwise additive float (torch adds them after turning bool into 0 / -inf).
@@ -219,9 +220,7 @@ def multi_head_attention_forward(
             implementation, dropout_p=p, need_weights=need_weights, name="multi_head_attention_forward"
         )
         shapes_sdpa = _check_sdpa_shapes(q_NhLD, k_NhSD, v_NhSD, mask)
-        out_NhLD = _fast_attention(
-            q_NhLD, k_NhSD, v_NhSD, mask, is_causal, None, shapes_sdpa, implementation
-        )
+        out_NhLD = _fast_attention(q_NhLD, k_NhSD, v_NhSD, mask, is_causal, None, shapes_sdpa, implementation)
         weights_NhLS = None
     else:
         out_NhLD, weights_NhLS = scaled_dot_product_attention_with_weights(
