@@ -515,14 +515,14 @@ IMPLS: tuple[Impl, ...] = (
         role="jax_attn",
     ),
     Impl(
-        "jax_attn.sdpa[jit,blocked]",
+        "jax_attn.blocked.sdpa[jit]",
         "jax",
         "sdpa",
         _build_jax_attn_sdpa_impl("blocked"),
         "jax_attn SDPA implementation='blocked' (online softmax, causal block skipping) under jax.jit",
     ),
     Impl(
-        "jax_attn.sdpa[jit,fused]",
+        "jax_attn.fused.sdpa[jit]",
         "jax",
         "sdpa",
         _build_jax_attn_sdpa_impl("fused"),
@@ -548,7 +548,7 @@ IMPLS: tuple[Impl, ...] = (
         requires=("jax_attn", "MultiheadAttention"),
     ),
     Impl(
-        "jax_attn.MHA[jit,blocked]",
+        "jax_attn.blocked.MHA[jit]",
         "jax",
         "mha",
         _build_jax_attn_mha(need_weights=False, implementation="blocked"),
@@ -584,7 +584,7 @@ IMPLS: tuple[Impl, ...] = (
         role="torch_attn",
     ),
     Impl(
-        "torch_attn.sdpa[eager,blocked]",
+        "torch_attn.blocked.sdpa[eager]",
         "torch",
         "sdpa",
         _build_torch_attn_sdpa_impl("blocked"),
