@@ -254,9 +254,9 @@ def _build_jax_attn_mha(
 
         from jax_attn import MultiheadAttention
 
-        model = MultiheadAttention(
-            case.E, case.N, batch_first=True, rngs=nnx.Rngs(SEED), implementation=implementation
-        )
+        # only a non-default path is named, so a MultiheadAttention without the argument still builds
+        kw = {} if implementation == "math" else {"implementation": implementation}
+        model = MultiheadAttention(case.E, case.N, batch_first=True, rngs=nnx.Rngs(SEED), **kw)
         if hasattr(model, "eval"):
             model.eval()
         graphdef, state = _jax_module(model, case.dtype)
