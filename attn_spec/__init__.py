@@ -15,8 +15,10 @@ Dimension key (used in names across the project, as in ``q_BNTH`` or ``logits_BN
 
 from attn_spec.checks import (
     FLOAT_DTYPES,
+    SDPA_IMPLEMENTATIONS,
     SdpaShapes,
     check_causal_mask_args,
+    check_implementation,
     check_lengths,
     check_sdpa,
     fmt_shape,
@@ -24,8 +26,10 @@ from attn_spec.checks import (
 
 __all__ = [
     "FLOAT_DTYPES",
+    "SDPA_IMPLEMENTATIONS",
     "SdpaShapes",
     "check_causal_mask_args",
+    "check_implementation",
     "check_lengths",
     "check_sdpa",
     "fmt_shape",

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from attn_spec.checks import FLOAT_DTYPES, fmt_shape
 
 NAME = "CausalSelfAttention"
-IMPLEMENTATIONS = ("math", "fused")
+IMPLEMENTATIONS = ("math", "fused", "blocked")
 LAYOUTS = ("torch_attn", "hf_gpt2", "nanogpt")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # Causal-mask buffers that real GPT checkpoints carry beside the weights (HF GPT-2's ``attn.bias`` of
@@ -51,7 +51,8 @@ class CausalConfig:
       E, N, K, H: model width, query heads, key/value heads, head width (``E == N * H``).
       bias: whether the four projections have biases.
       dropout: attention-weight dropout probability (training mode only).
-      implementation: ``"math"`` (the readable SDPA core) or ``"fused"`` (the framework's kernel).
+      implementation: ``"math"`` (the readable SDPA core), ``"fused"`` (the framework's kernel) or
+        ``"blocked"`` (the SDPA core's blocked online-softmax path: causal blocks skipped, bounded memory).
     """
 
     E: int
@@ -95,11 +96,12 @@ def check_config(
         raise ValueError(
             f"{name}: implementation must be one of {IMPLEMENTATIONS}; got implementation={implementation!r}"
         )
-    if implementation == "fused" and dropout > 0.0:
+    if implementation != "math" and dropout > 0.0:
         # jax.nn.dot_product_attention has no dropout, and torch's fused kernel draws its own mask that
         # cannot be injected: dropout lives on the math path only, in both twins.
         raise ValueError(
-            f"{name}: implementation='fused' does not support attention dropout (got dropout={dropout}); "
+            f"{name}: implementation={implementation!r} does not support attention dropout "
+            f"(got dropout={dropout}); "
             "use implementation='math'"
         )
     return CausalConfig(embed_dim, num_heads, K, embed_dim // num_heads, bias, float(dropout), implementation)

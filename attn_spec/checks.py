@@ -204,3 +204,42 @@ def check_lengths(shape: tuple[int, ...], dtype: str, S: int, name: str = "paddi
         )
     if isinstance(S, bool) or not isinstance(S, int) or S < 1:
         raise ValueError(f"{name}: S must be a positive int; got S={S!r}")
+
+
+#: ``implementation=`` values of ``scaled_dot_product_attention(_with_weights)`` in both twins:
+#: ``"math"`` the readable reference (default); ``"blocked"`` query/key-blocked online softmax that skips
+#: fully-masked causal key blocks and never holds a T×S matrix; ``"fused"`` the framework's kernel
+#: (JAX: ``jax.nn.dot_product_attention``, cuDNN on a GPU with fp16/bf16 inputs, else XLA; torch:
+#: ``F.scaled_dot_product_attention``).
+SDPA_IMPLEMENTATIONS = ("math", "blocked", "fused")
+
+
+def check_implementation(
+    implementation: str,
+    *,
+    dropout_p: float,
+    need_weights: bool,
+    name: str = "scaled_dot_product_attention",
+) -> None:
+    """Validate an ``implementation=`` choice against what the call asks of it.
+
+    Only ``"math"`` materialises the attention weights and takes dropout; the others raise rather than
+    silently falling back (the path taken must be explicit).
+    """
+    if implementation not in SDPA_IMPLEMENTATIONS:
+        raise ValueError(
+            f"{name}: implementation must be one of {SDPA_IMPLEMENTATIONS}; "
+            f"got implementation={implementation!r}"
+        )
+    if implementation == "math":
+        return
+    if need_weights:
+        raise ValueError(
+            f"{name}: implementation={implementation!r} cannot return attention weights "
+            "(need_weights / _with_weights); use implementation='math'"
+        )
+    if dropout_p > 0.0:
+        raise ValueError(
+            f"{name}: implementation={implementation!r} does not support attention dropout "
+            f"(got dropout_p={dropout_p}); use implementation='math'"
+        )

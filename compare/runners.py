@@ -53,14 +53,26 @@ def _jax_inputs(vec: Vector):
     return q, k, v, dout, mask, None if drop is None else jnp.asarray(drop)
 
 
-def run_jax(vec: Vector) -> dict[str, np.ndarray]:
-    """``jax_attn.scaled_dot_product_attention`` under ``jax.jit``: output, weights and input gradients."""
+def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
+    """``jax_attn.scaled_dot_product_attention`` under ``jax.jit``: output, weights and input gradients
+    (no weights from a fast ``implementation``)."""
     import jax
 
     import jax_attn
 
     c = vec.case
     q, k, v, dout, mask, drop = _jax_inputs(vec)
+    if implementation != "math":
+
+        @jax.jit
+        def fast(q, k, v):
+            return jax_attn.scaled_dot_product_attention(
+                q, k, v, mask, 0.0, c.is_causal, c.scale, c.enable_gqa, implementation=implementation
+            )
+
+        out, vjp = jax.vjp(fast, q, k, v)
+        dq, dk, dv = vjp(dout)
+        return {n: to_float64(x) for n, x in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv))}
 
     @jax.jit
     def fwd(q, k, v):
@@ -90,14 +102,22 @@ def _torch_inputs(vec: Vector):
     return q, k, v, dout, mask, None if drop is None else to_torch(drop)
 
 
-def run_torch(vec: Vector) -> dict[str, np.ndarray]:
-    """``torch_attn.scaled_dot_product_attention`` (eager): output, weights and input gradients."""
+def run_torch(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
+    """``torch_attn.scaled_dot_product_attention`` (eager): output, weights and input gradients (no
+    weights from a fast ``implementation``)."""
     import torch_attn
 
     c = vec.case
     q, k, v, dout, mask, drop = _torch_inputs(vec)
     for x in (q, k, v):
         x.requires_grad_(True)
+    if implementation != "math":
+        out = torch_attn.scaled_dot_product_attention(
+            q, k, v, mask, 0.0, c.is_causal, c.scale, c.enable_gqa, implementation=implementation
+        )
+        out.backward(dout)
+        result = {"out": out, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+        return {n: to_float64(x) for n, x in result.items()}
     out, weights = torch_attn.scaled_dot_product_attention_with_weights(
         q, k, v, mask, c.dropout_p, c.is_causal, c.scale, c.enable_gqa, dropout_mask=drop
     )
@@ -113,7 +133,10 @@ def builtin_applies(vec: Vector) -> bool:
 
 
 def applies(impl: str, vec: Vector) -> bool:
-    return builtin_applies(vec) if impl == "torch_builtin" else True
+    """The built-in and the fast paths (``*_blocked``, ``*_fused``) have no injectable dropout."""
+    if impl == "torch_builtin" or impl.endswith(("_blocked", "_fused")):
+        return builtin_applies(vec)
+    return True
 
 
 def run_torch_builtin(vec: Vector) -> dict[str, np.ndarray]:
@@ -141,4 +164,9 @@ IMPLEMENTATIONS = {
     "jax_attn": run_jax,
     "torch_attn": run_torch,
     "torch_builtin": run_torch_builtin,
+    # the fast paths, judged on every vector they apply to (see applies)
+    "jax_attn_blocked": lambda vec: run_jax(vec, "blocked"),
+    "jax_attn_fused": lambda vec: run_jax(vec, "fused"),
+    "torch_attn_blocked": lambda vec: run_torch(vec, "blocked"),
+    "torch_attn_fused": lambda vec: run_torch(vec, "fused"),
 }

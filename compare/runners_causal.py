@@ -111,7 +111,7 @@ def applies(impl: str, vec: Vector) -> bool:
     ``dot_general`` rejects fp16 inputs with fp32 accumulation ("The precision 'F16_F16_F32' is not
     supported by dot_general on CPU"), which ``jax.nn.dot_product_attention`` asks for: the JAX fused path
     runs fp16 only on an accelerator."""
-    if impl.endswith("_fused") and vec.case.dropout_p > 0.0:
+    if impl.endswith(("_fused", "_blocked")) and vec.case.dropout_p > 0.0:
         return False
     if impl == "jax_attn_fused" and vec.case.dtype == "float16":
         import jax
@@ -125,4 +125,6 @@ IMPLEMENTATIONS = {
     "torch_attn": run_torch,
     "jax_attn_fused": run_jax_fused,
     "torch_attn_fused": run_torch_fused,
+    "jax_attn_blocked": lambda vec: run_jax(vec, "blocked"),
+    "torch_attn_blocked": lambda vec: run_torch(vec, "blocked"),
 }

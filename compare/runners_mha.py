@@ -33,15 +33,16 @@ def _ctor_kwargs(case: MhaCase) -> dict:
     }
 
 
-def _forward_kwargs(case: MhaCase) -> dict:
+def _forward_kwargs(case: MhaCase, implementation: str = "math") -> dict:
+    # the fast paths return no weights: they run the vector with need_weights=False
     return {
-        "need_weights": case.need_weights,
+        "need_weights": case.need_weights and implementation == "math",
         "average_attn_weights": case.average_attn_weights,
         "is_causal": case.is_causal,
     }
 
 
-def run_jax(vec: Vector) -> dict[str, np.ndarray]:
+def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
     """``jax_attn.MultiheadAttention`` under ``jax.jit``: outputs and gradients (inputs and parameters)."""
     import jax
     import jax.numpy as jnp
@@ -52,7 +53,7 @@ def run_jax(vec: Vector) -> dict[str, np.ndarray]:
     c, a = vec.case, vec.arrays
     dt = jnp.dtype(NP_DTYPES[c.dtype])
     module = jax_attn.MultiheadAttention.from_state_dict(
-        parameters(a), c.E, c.num_heads, **_ctor_kwargs(c), param_dtype=dt
+        parameters(a), c.E, c.num_heads, **_ctor_kwargs(c), param_dtype=dt, implementation=implementation
     )
     if c.dropout_p == 0:
         module.eval()
@@ -65,7 +66,7 @@ def run_jax(vec: Vector) -> dict[str, np.ndarray]:
         # Forward and VJP in one compiled program (compiling once is what dominates on CPU).
         def forward(params, query, key, value):
             m = nnx.merge(graphdef, params, rest)
-            return m(query, key, value, **masks, **_forward_kwargs(c), dropout_mask=drop)
+            return m(query, key, value, **masks, **_forward_kwargs(c, implementation), dropout_mask=drop)
 
         (out, weights), vjp = jax.vjp(forward, params, query, key, value)
         grads = vjp((dout, None if weights is None else jnp.zeros_like(weights)))
@@ -81,7 +82,7 @@ def run_jax(vec: Vector) -> dict[str, np.ndarray]:
     return {k: to_float64(v) for k, v in result.items()}
 
 
-def _torch_run(vec: Vector, module) -> dict[str, np.ndarray]:
+def _torch_run(vec: Vector, module, implementation: str = "math") -> dict[str, np.ndarray]:
     import torch
 
     c, a = vec.case, vec.arrays
@@ -97,7 +98,7 @@ def _torch_run(vec: Vector, module) -> dict[str, np.ndarray]:
     query, key, value = (tensor(a[n]).requires_grad_(True) for n in ("query", "key", "value"))
     masks = {n: None if a.get(n) is None else tensor(a[n]) for n in ("attn_mask", "key_padding_mask")}
     extra = {} if a.get("dropout_mask") is None else {"dropout_mask": tensor(a["dropout_mask"])}
-    out, weights = module(query, key, value, **masks, **_forward_kwargs(c), **extra)
+    out, weights = module(query, key, value, **masks, **_forward_kwargs(c, implementation), **extra)
     out.backward(tensor(a["dout"]))
     result = {"out": out, "dquery": query.grad, "dkey": key.grad, "dvalue": value.grad}
     if weights is not None:
@@ -106,15 +107,17 @@ def _torch_run(vec: Vector, module) -> dict[str, np.ndarray]:
     return {k: to_float64(v) for k, v in result.items()}
 
 
-def run_torch(vec: Vector) -> dict[str, np.ndarray]:
+def run_torch(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
     """``torch_attn.MultiheadAttention`` (eager): outputs and gradients (inputs and parameters)."""
     import torch
 
     import torch_attn
 
     c = vec.case
-    module = torch_attn.MultiheadAttention(c.E, c.num_heads, **_ctor_kwargs(c), dtype=getattr(torch, c.dtype))
-    return _torch_run(vec, module)
+    module = torch_attn.MultiheadAttention(
+        c.E, c.num_heads, **_ctor_kwargs(c), dtype=getattr(torch, c.dtype), implementation=implementation
+    )
+    return _torch_run(vec, module, implementation)
 
 
 def builtin_applies(vec: Vector) -> bool:
@@ -124,6 +127,9 @@ def builtin_applies(vec: Vector) -> bool:
 
 
 def applies(impl: str, vec: Vector) -> bool:
+    """The fast paths (``*_blocked``, ``*_fused``) take no dropout; they run with need_weights=False."""
+    if impl.endswith(("_blocked", "_fused")):
+        return vec.case.dropout_p == 0.0
     return builtin_applies(vec) if impl == "torch_builtin" else True
 
 
@@ -145,4 +151,9 @@ IMPLEMENTATIONS = {
     "jax_attn": run_jax,
     "torch_attn": run_torch,
     "torch_builtin": run_torch_builtin,
+    # the fast SDPA paths inside the module, judged on every dropout-free vector (without weights)
+    "jax_attn_blocked": lambda vec: run_jax(vec, "blocked"),
+    "jax_attn_fused": lambda vec: run_jax(vec, "fused"),
+    "torch_attn_blocked": lambda vec: run_torch(vec, "blocked"),
+    "torch_attn_fused": lambda vec: run_torch(vec, "fused"),
 }

@@ -97,7 +97,7 @@ class CausalSelfAttention(nnx.Module):
       bias: biases on the four projections.
       dropout: attention-weight dropout, applied in training mode only (``train()``/``eval()``).
       implementation: ``"math"`` (the readable SDPA core, supports dropout) or ``"fused"``
-        (``jax.nn.dot_product_attention``, XLA).
+        (``jax.nn.dot_product_attention``, XLA) or ``"blocked"`` (the core's blocked online softmax).
       rngs: ``nnx.Rngs`` for the initialization (``params``) and dropout (``dropout``) streams.
       dtype: computation dtype; None promotes the input's with the parameters'.
       param_dtype: parameter dtype.
@@ -234,6 +234,7 @@ class CausalSelfAttention(nnx.Module):
             enable_gqa=True,
             dropout_mask=dropout_mask,
             dropout_rng=dropout_rng,
+            implementation=self.implementation,
         )
 
     def torch_state_dict(self, layout: str = "torch_attn") -> dict[str, np.ndarray]:

@@ -19,11 +19,23 @@ Semantics, identical in both twins:
 
 from __future__ import annotations
 
+import logging
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from attn_spec import check_sdpa
+from attn_spec import check_implementation, check_sdpa
 from jax_attn.masks import causal_mask
+
+logger = logging.getLogger(__name__)
+
+#: Block sizes of ``implementation="blocked"`` (query rows, key columns per step). 128 × 128 fp32 logits
+#: per (batch, head) is 64 KiB: the working set of one step stays in a CPU core's L2 (measured on
+#: 2-core XLA:CPU at B8 N8 T512 H64: 128 beat 256 and 512).
+BLOCK_T = 128
+BLOCK_S = 128
 
 
 def _spec(x) -> tuple[tuple[int, ...], str] | None:
@@ -63,13 +75,17 @@ def scaled_dot_product_attention_with_weights(
     *,
     dropout_mask: jnp.ndarray | None = None,
     dropout_rng: jax.Array | None = None,
+    implementation: str = "math",
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """:func:`scaled_dot_product_attention` that also returns the attention weights.
 
     Returns:
       ``(output, weights)``: output ``(..., T, V)`` and weights ``(..., T, S)`` (after dropout, as
       torch's ``nn.MultiheadAttention`` returns them), both in the query's dtype.
+
+    Only ``implementation="math"`` materialises the weights; any other value raises ``ValueError``.
     """
+    check_implementation(implementation, dropout_p=dropout_p, need_weights=True)
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     attn_mask = None if attn_mask is None else jnp.asarray(attn_mask)
     dropout_mask = None if dropout_mask is None else jnp.asarray(dropout_mask)
@@ -124,6 +140,7 @@ def scaled_dot_product_attention(
     *,
     dropout_mask: jnp.ndarray | None = None,
     dropout_rng: jax.Array | None = None,
+    implementation: str = "math",
 ) -> jnp.ndarray:
     """``torch.nn.functional.scaled_dot_product_attention`` in JAX.
 
@@ -138,20 +155,315 @@ def scaled_dot_product_attention(
       dropout_mask: bool keep-mask broadcastable to ``(..., T, S)``; replaces the random draw so that two
         frameworks drop the same weights. Kept weights are scaled by ``1 / (1 - dropout_p)``.
       dropout_rng: ``jax.random`` key; required when ``dropout_p > 0`` and no ``dropout_mask`` is given.
+      implementation: ``"math"`` (default, the readable reference above), ``"blocked"`` (online
+        softmax over query/key blocks, causal blocks above the diagonal skipped, memory bounded by one
+        block; no dropout) or ``"fused"`` (``jax.nn.dot_product_attention``: cuDNN on a GPU for fp16/bf16,
+        XLA otherwise, see :func:`fused_backend`; no dropout). Unsupported combinations raise.
 
     Returns:
       ``(..., T, V)`` in the query's dtype.
     """
-    out, _ = scaled_dot_product_attention_with_weights(
-        query,
-        key,
-        value,
-        attn_mask,
-        dropout_p,
-        is_causal,
-        scale,
-        enable_gqa,
-        dropout_mask=dropout_mask,
-        dropout_rng=dropout_rng,
+    check_implementation(implementation, dropout_p=dropout_p, need_weights=False)
+    if implementation == "math":
+        out, _ = scaled_dot_product_attention_with_weights(
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            enable_gqa,
+            dropout_mask=dropout_mask,
+            dropout_rng=dropout_rng,
+        )
+        return out
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    attn_mask = None if attn_mask is None else jnp.asarray(attn_mask)
+    shapes = check_sdpa(
+        query=_spec(query),
+        key=_spec(key),
+        value=_spec(value),
+        attn_mask=_spec(attn_mask),
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        dropout_mask=_spec(dropout_mask),
     )
-    return out
+    return _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation)
+
+
+def _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation):
+    """The checked inputs through a fast path. Unlike the public function this accepts ``is_causal`` and
+    ``attn_mask`` together (their conjunction): ``MultiheadAttention`` passes its causal hint this way so
+    the blocked path can skip the blocks above the diagonal."""
+    scale = 1.0 / (shapes.H**0.5) if scale is None else scale
+    if implementation == "blocked":
+        return _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes)
+    return _fused_attention(query, key, value, attn_mask, is_causal, scale, shapes)
+
+
+# ------------------------------------------------------------------------------- fast paths
+# Both take the checked inputs and return what the math path returns (fully-masked rows give zeros and
+# zero gradients) without materialising attention weights.
+
+
+def _grouped(query, key, value, attn_mask, shapes):
+    """Inputs as ``q (Z, K, G, T, H)``, ``k (Z, K, S, H)``, ``v (Z, K, S, V)`` and the mask as
+    ``(Z|1, K|1, G|1, T|1, S|1)``: Z flattens the leading dimensions, K the key/value heads. Query heads
+    are grouped over their key/value head (reshape, never a repeated copy of K and V)."""
+    T, S, H, V, G = shapes.T, shapes.S, shapes.H, shapes.V, shapes.groups
+    if G > 1:
+        lead, N = shapes.batch[:-1], shapes.batch[-1]
+        K = N // G
+        q = jnp.broadcast_to(query, (*lead, N, T, H)).reshape(-1, K, G, T, H)
+        k = jnp.broadcast_to(key, (*lead, K, S, H)).reshape(-1, K, S, H)
+        v = jnp.broadcast_to(value, (*lead, K, S, V)).reshape(-1, K, S, V)
+    else:
+        q = jnp.broadcast_to(query, (*shapes.batch, T, H)).reshape(-1, 1, 1, T, H)
+        k = jnp.broadcast_to(key, (*shapes.batch, S, H)).reshape(-1, 1, S, H)
+        v = jnp.broadcast_to(value, (*shapes.batch, S, V)).reshape(-1, 1, S, V)
+    mask = None
+    if attn_mask is not None:
+        rank = len(shapes.batch) + 2
+        m = attn_mask.reshape((1,) * (rank - attn_mask.ndim) + attn_mask.shape)
+        Tm, Sm = m.shape[-2:]
+        if all(d == 1 for d in m.shape[:-2]):
+            mask = m.reshape(1, 1, 1, Tm, Sm)  # one mask for every batch and head: keep it small
+        else:
+            mask = jnp.broadcast_to(m, (*shapes.batch, Tm, Sm))
+            mask = mask.reshape(q.shape[0], q.shape[1], q.shape[2], Tm, Sm)
+    return q, k, v, mask
+
+
+def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
+    """Flash-attention style SDPA: for each block of BLOCK_T queries, a loop over blocks of BLOCK_S keys
+    keeping a running row max, row sum and unnormalised output (online softmax). With ``is_causal`` the
+    loop stops at the diagonal: key blocks wholly above it are never computed. Memory: one block of
+    logits per step instead of ``(..., T, S)``. The backward pass (custom VJP) recomputes each block's
+    logits from the saved row logsumexp, so it is bounded too. No gradient flows into a float
+    ``attn_mask`` (it is treated as a constant)."""
+    ct = _compute_dtype(query.dtype)
+    T, S = shapes.T, shapes.S
+    q, k, v, mask = _grouped(query.astype(ct), key.astype(ct), value.astype(ct), attn_mask, shapes)
+    bt, bs = min(BLOCK_T, T), min(BLOCK_S, S)
+    Tp, Sp = -(-T // bt) * bt, -(-S // bs) * bs
+    # Fusing the scale into q: one multiply of (T, H) instead of one of (T, S).
+    q = jnp.pad(q * jnp.asarray(scale, ct), [(0, 0)] * 3 + [(0, Tp - T), (0, 0)])
+    k = jnp.pad(k, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)])
+    v = jnp.pad(v, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)])
+    if mask is not None:
+        pad_T = 0 if mask.shape[-2] == 1 else Tp - T
+        pad_S = 0 if mask.shape[-1] == 1 else Sp - S
+        fill = False if mask.dtype == jnp.bool_ else 0.0
+        mask = jnp.pad(mask, [(0, 0)] * 3 + [(0, pad_T), (0, pad_S)], constant_values=fill)
+        if mask.dtype != jnp.bool_:
+            mask = mask.astype(ct)
+    cfg = _BlockConfig(T=T, S=S, bt=bt, bs=bs, causal=bool(is_causal))
+    out = _flash(cfg, q, k, v, mask)[..., :T, :]
+    return out.reshape(shapes.out).astype(query.dtype)
+
+
+class _BlockConfig(tuple):
+    """Static description of a blocked call (hashable, for ``custom_vjp``'s ``nondiff_argnums``)."""
+
+    def __new__(cls, *, T, S, bt, bs, causal):
+        return super().__new__(cls, (T, S, bt, bs, causal))
+
+    T = property(lambda self: self[0])
+    S = property(lambda self: self[1])
+    bt = property(lambda self: self[2])
+    bs = property(lambda self: self[3])
+    causal = property(lambda self: self[4])
+
+    def key_blocks(self, i, n_s: int):
+        """How many key blocks query block ``i`` needs: all, or up to the diagonal when causal
+        (top-left: query t sees keys s <= t)."""
+        if not self.causal:
+            return n_s
+        return jnp.minimum(n_s, ((i + 1) * self.bt - 1) // self.bs + 1)
+
+    def first_query_block(self, j):
+        """The first query block that sees any key of key block ``j`` (0 unless causal)."""
+        return (j * self.bs) // self.bt if self.causal else 0
+
+
+def _block_logits(cfg, q_i, k_j, mask, i, j):
+    """Logits ``(Z, K, G, bt, bs)`` of query block i against key block j, masked entries -inf."""
+    s = jnp.einsum("zkgth,zksh->zkgts", q_i, k_j)
+    rows = i * cfg.bt + jnp.arange(cfg.bt)[:, None]
+    cols = j * cfg.bs + jnp.arange(cfg.bs)[None, :]
+    keep = None
+    if cfg.causal:
+        keep = cols <= rows
+    if cfg.S % cfg.bs:
+        valid = cols < cfg.S  # padded keys
+        keep = valid if keep is None else keep & valid
+    if mask is not None:
+        m = mask
+        if m.shape[-2] != 1:
+            m = jax.lax.dynamic_slice_in_dim(m, i * cfg.bt, cfg.bt, axis=3)
+        if m.shape[-1] != 1:
+            m = jax.lax.dynamic_slice_in_dim(m, j * cfg.bs, cfg.bs, axis=4)
+        if m.dtype == jnp.bool_:
+            keep = m if keep is None else keep & m
+        else:
+            s = s + m
+    return s if keep is None else jnp.where(keep, s, -jnp.inf)
+
+
+def _flash_forward(cfg, q, k, v, mask):
+    """Output ``(Z, K, G, Tp, V)`` and the row statistics ``(Z, K, G, Tp, 2)``: the max the row was
+    shifted by (0 for rows with no key) and the row sum (1 for rows with no key). They are kept apart, not
+    folded into a logsumexp: with a ``finfo.min`` additive mask, ``max + log(sum)`` rounds to ``max``."""
+    Z, K, G, Tp, _ = q.shape
+    n_t, n_s = Tp // cfg.bt, k.shape[2] // cfg.bs
+    Vw = v.shape[-1]
+
+    def query_block(i):
+        q_i = jax.lax.dynamic_slice_in_dim(q, i * cfg.bt, cfg.bt, axis=3)
+
+        def step(j, carry):
+            m, row_sum, acc = carry
+            k_j = jax.lax.dynamic_slice_in_dim(k, j * cfg.bs, cfg.bs, axis=2)
+            v_j = jax.lax.dynamic_slice_in_dim(v, j * cfg.bs, cfg.bs, axis=2)
+            s = _block_logits(cfg, q_i, k_j, mask, i, j)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            # A row with nothing kept so far has max -inf: shift by 0 so exp gives exact zeros, not NaN.
+            m_use = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - m_use[..., None])
+            alpha = jnp.exp(m - m_use)
+            row_sum = alpha * row_sum + jnp.sum(p, axis=-1)
+            acc = alpha[..., None] * acc + jnp.einsum("zkgts,zksv->zkgtv", p, v_j)
+            return m_new, row_sum, acc
+
+        init = (
+            jnp.full((Z, K, G, cfg.bt), -jnp.inf, q.dtype),
+            jnp.zeros((Z, K, G, cfg.bt), q.dtype),
+            jnp.zeros((Z, K, G, cfg.bt, Vw), q.dtype),
+        )
+        m, row_sum, acc = jax.lax.fori_loop(0, cfg.key_blocks(i, n_s), step, init)
+        empty = row_sum == 0.0
+        row_sum = jnp.where(empty, 1.0, row_sum)
+        stats = jnp.stack([jnp.where(empty, 0.0, m), row_sum], axis=-1)
+        return acc / row_sum[..., None], stats
+
+    out, stats = jax.lax.map(query_block, jnp.arange(n_t))  # (n_t, Z, K, G, bt, ·)
+    out = jnp.moveaxis(out, 0, 3).reshape(Z, K, G, Tp, Vw)
+    stats = jnp.moveaxis(stats, 0, 3).reshape(Z, K, G, Tp, 2)
+    return out, stats
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q, k, v, mask):
+    return _flash_forward(cfg, q, k, v, mask)[0]
+
+
+def _flash_fwd(cfg, q, k, v, mask):
+    out, stats = _flash_forward(cfg, q, k, v, mask)
+    return out, (q, k, v, mask, out, stats)
+
+
+def _flash_bwd(cfg, residuals, d_out):
+    """FlashAttention-2 backward: recompute ``p = exp(s - max) / sum`` per block; one pass over query blocks
+    for dq, one over key blocks for dk and dv (each accumulates only its own block: no atomics)."""
+    q, k, v, mask, out, stats = residuals
+    n_t, n_s = q.shape[3] // cfg.bt, k.shape[2] // cfg.bs
+    delta = jnp.sum(d_out * out, axis=-1)  # (Z, K, G, Tp): rowsum(dO ∘ O)
+
+    def sl(x, start, size, axis):
+        return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+    def probs_and_dlogits(i, j):
+        q_i, do_i = sl(q, i * cfg.bt, cfg.bt, 3), sl(d_out, i * cfg.bt, cfg.bt, 3)
+        k_j, v_j = sl(k, j * cfg.bs, cfg.bs, 2), sl(v, j * cfg.bs, cfg.bs, 2)
+        s = _block_logits(cfg, q_i, k_j, mask, i, j)
+        st = sl(stats, i * cfg.bt, cfg.bt, 3)
+        p = jnp.exp(s - st[..., 0:1]) / st[..., 1:2]
+        dp = jnp.einsum("zkgtv,zksv->zkgts", do_i, v_j)
+        ds = p * (dp - sl(delta, i * cfg.bt, cfg.bt, 3)[..., None])
+        return q_i, do_i, k_j, p, ds
+
+    def dq_block(i):
+        def step(j, dq_i):
+            _, _, k_j, _, ds = probs_and_dlogits(i, j)
+            return dq_i + jnp.einsum("zkgts,zksh->zkgth", ds, k_j)
+
+        init = jnp.zeros(q.shape[:3] + (cfg.bt, q.shape[-1]), q.dtype)
+        return jax.lax.fori_loop(0, cfg.key_blocks(i, n_s), step, init)
+
+    def dkv_block(j):
+        def step(i, carry):
+            dk_j, dv_j = carry
+            q_i, do_i, _, p, ds = probs_and_dlogits(i, j)
+            dv_j = dv_j + jnp.einsum("zkgts,zkgtv->zksv", p, do_i)
+            dk_j = dk_j + jnp.einsum("zkgts,zkgth->zksh", ds, q_i)
+            return dk_j, dv_j
+
+        init = (
+            jnp.zeros(k.shape[:2] + (cfg.bs, k.shape[-1]), k.dtype),
+            jnp.zeros(v.shape[:2] + (cfg.bs, v.shape[-1]), v.dtype),
+        )
+        return jax.lax.fori_loop(cfg.first_query_block(j), n_t, step, init)
+
+    dq = jax.lax.map(dq_block, jnp.arange(n_t))
+    dq = jnp.moveaxis(dq, 0, 3).reshape(q.shape)
+    dk, dv = jax.lax.map(dkv_block, jnp.arange(n_s))
+    dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)
+    dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
+    if mask is None:
+        d_mask = None
+    elif mask.dtype == jnp.bool_:
+        d_mask = np.zeros(mask.shape, jax.dtypes.float0)
+    else:
+        d_mask = jnp.zeros_like(mask)  # the mask is a constant here (see _blocked_attention)
+    return dq, dk, dv, d_mask
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def fused_backend(dtype) -> str:
+    """What ``implementation="fused"`` runs for inputs of ``dtype`` on the default device: ``"cudnn"``
+    (GPU, fp16/bf16) or ``"xla"``."""
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def _fused_attention(query, key, value, attn_mask, is_causal, scale, shapes):
+    """``jax.nn.dot_product_attention`` (layout ``(Z, T, N, H)``) with our semantics around it: a float
+    mask's -inf entries become a bool mask (its bias alone would give NaN rows), and rows with no key left
+    are zeroed (the kernel would return the mean of V there)."""
+    backend = fused_backend(query.dtype)
+    logger.info(
+        "scaled_dot_product_attention(implementation='fused'): jax.nn.dot_product_attention[%s]", backend
+    )
+    ct = query.dtype if backend == "cudnn" else _compute_dtype(query.dtype)
+    q, k, v, mask = _grouped(query.astype(ct), key.astype(ct), value.astype(ct), attn_mask, shapes)
+    Z, K, G, T, H = q.shape
+    q_ZTNH = q.reshape(Z, K * G, T, H).transpose(0, 2, 1, 3)
+    k_ZSKH, v_ZSKV = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    # The kernel wants one head width for q, k and v: zero-pad the narrower side (exact: zero features
+    # add nothing to the logits, zero value columns are sliced off).
+    width = max(H, shapes.V)
+    q_ZTNH, k_ZSKH = (jnp.pad(x, [(0, 0)] * 3 + [(0, width - H)]) for x in (q_ZTNH, k_ZSKH))
+    v_ZSKV = jnp.pad(v_ZSKV, [(0, 0)] * 3 + [(0, width - shapes.V)])
+    keep = bias = None
+    if mask is not None:
+        m = mask.reshape(mask.shape[0], mask.shape[1] * mask.shape[2], *mask.shape[3:])
+        if m.dtype == jnp.bool_:
+            keep = m
+        else:
+            keep = m > -jnp.inf
+            bias = jnp.where(keep, m, 0.0).astype(ct)
+        keep = jnp.broadcast_to(keep, (*keep.shape[:2], T, shapes.S))
+    out = jax.nn.dot_product_attention(
+        q_ZTNH, k_ZSKH, v_ZSKV, bias=bias, mask=keep, scale=scale, is_causal=is_causal, implementation=backend
+    )
+    if keep is not None:
+        has_key = jnp.any(keep, axis=-1)  # (Z|1, N|1, T)
+        out = jnp.where(has_key.transpose(0, 2, 1)[..., None], out, 0.0)
+    out = out[..., : shapes.V].transpose(0, 2, 1, 3)  # (Z, N, T, V)
+    return out.reshape(shapes.out).astype(query.dtype)

@@ -33,8 +33,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from attn_spec import check_implementation, check_sdpa
 from attn_spec.mha import check_mha, check_mha_init
-from jax_attn.functional import scaled_dot_product_attention_with_weights
+from jax_attn.functional import _fast_attention, scaled_dot_product_attention_with_weights
 from jax_attn.masks import keep_to_additive, masked_to_keep
 
 
@@ -46,6 +47,22 @@ def _linear(x: jnp.ndarray, weight: jnp.ndarray, bias: jnp.ndarray | None) -> jn
     """torch's ``F.linear``: ``x @ weight.T + bias`` with ``weight (out, in)``."""
     y = jnp.einsum("...i,oi->...o", x, weight)
     return y if bias is None else y + bias
+
+
+def _check_sdpa_shapes(q, k, v, mask):
+    """The SDPA core's shapes for the fast paths (the module's own checks already passed)."""
+    spec = lambda x: None if x is None else (tuple(x.shape), jnp.dtype(x.dtype).name)  # noqa: E731
+    return check_sdpa(
+        query=spec(q),
+        key=spec(k),
+        value=spec(v),
+        attn_mask=spec(mask),
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+        dropout_mask=None,
+    )
 
 
 def _merged_mask(attn_mask, key_padding_mask, N: int, num_heads: int, L: int, S: int, pad: int, dtype):
@@ -108,6 +125,7 @@ def multi_head_attention_forward(
     batch_first: bool = False,
     dropout_mask: jnp.ndarray | None = None,
     dropout_rng: jax.Array | None = None,
+    implementation: str = "math",
 ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """``torch.nn.functional.multi_head_attention_forward`` in JAX.
 
@@ -124,6 +142,12 @@ def multi_head_attention_forward(
       is_causal: torch's hint; requires attn_mask, which is applied as given.
       dropout_mask: bool keep-mask ``(N, Nh, L, S_total)``; replaces the random draw.
       dropout_rng: ``jax.random`` key for the draw (the torch twin uses torch's global generator).
+
+      implementation: the SDPA core's path (``"math"``, ``"blocked"``, ``"fused"``; see
+        ``scaled_dot_product_attention``). Only ``"math"`` returns weights or applies dropout: the others
+        raise ``ValueError`` when ``need_weights=True`` or dropout is active, never falling back silently.
+        With ``is_causal=True`` they apply causal masking structurally (skipping the blocks above the
+        diagonal) *and* the given ``attn_mask``: identical when the mask is the causal mask it claims to be.
 
     Returns:
       ``(attn_output, attn_weights)``: output in query's layout with width E; weights ``(N, L, S_total)``
@@ -168,9 +192,13 @@ def multi_head_attention_forward(
     else:
         w_q, w_k, w_v = jnp.split(in_proj_weight, 3, axis=0)
     b_q, b_k, b_v = (None,) * 3 if in_proj_bias is None else jnp.split(in_proj_bias, 3)
-    q_NLE = _linear(query, w_q, b_q)
-    k_NSE = _linear(key, w_k, b_k)
-    v_NSE = _linear(value, w_v, b_v)
+    if not use_separate_proj_weight and query is key is value:
+        # self-attention: one (N·L, E) @ (E, 3E) matmul instead of three narrower ones
+        q_NLE, k_NSE, v_NSE = jnp.split(_linear(query, in_proj_weight, in_proj_bias), 3, axis=-1)
+    else:
+        q_NLE = _linear(query, w_q, b_q)
+        k_NSE = _linear(key, w_k, b_k)
+        v_NSE = _linear(value, w_v, b_v)
     if bias_k is not None:
         k_NSE = jnp.concatenate([k_NSE, jnp.broadcast_to(bias_k.reshape(1, 1, E), (N, 1, E))], axis=1)
         v_NSE = jnp.concatenate([v_NSE, jnp.broadcast_to(bias_v.reshape(1, 1, E), (N, 1, E))], axis=1)
@@ -189,15 +217,23 @@ def multi_head_attention_forward(
         attn_mask, key_padding_mask, N, Nh, L, S, shapes.S_total - S, jnp.promote_types(q_NLE.dtype, "f4")
     )
     p = dropout_p if training else 0.0
-    out_NhLD, weights_NhLS = scaled_dot_product_attention_with_weights(
-        q_NhLD,
-        k_NhSD,
-        v_NhSD,
-        mask,
-        p,
-        dropout_mask=dropout_mask if p > 0.0 else None,
-        dropout_rng=dropout_rng,
-    )
+    if implementation != "math":
+        check_implementation(
+            implementation, dropout_p=p, need_weights=need_weights, name="multi_head_attention_forward"
+        )
+        shapes_sdpa = _check_sdpa_shapes(q_NhLD, k_NhSD, v_NhSD, mask)
+        out_NhLD = _fast_attention(q_NhLD, k_NhSD, v_NhSD, mask, is_causal, None, shapes_sdpa, implementation)
+        weights_NhLS = None
+    else:
+        out_NhLD, weights_NhLS = scaled_dot_product_attention_with_weights(
+            q_NhLD,
+            k_NhSD,
+            v_NhSD,
+            mask,
+            p,
+            dropout_mask=dropout_mask if p > 0.0 else None,
+            dropout_rng=dropout_rng,
+        )
     out_NLE = out_NhLD.transpose(0, 2, 1, 3).reshape(N, L, E)
     out_NLE = _linear(out_NLE, out_proj_weight, out_proj_bias)
 
@@ -269,6 +305,9 @@ class MultiheadAttention(nnx.Module):
     Dropout keys come from the ``rngs`` stream ``'dropout'`` (falling back to ``'default'``).
 
     Args:
+      implementation: SDPA path, ``"math"`` (default), ``"blocked"`` or ``"fused"`` (see
+        :func:`multi_head_attention_forward`); the fast paths raise on ``need_weights=True`` (pass
+        ``need_weights=False``) and on active dropout.
       dtype: computation dtype; None promotes the query's dtype with ``param_dtype`` (flax's rule).
       param_dtype: dtype the parameters are stored in (float32 default).
     """
@@ -285,12 +324,15 @@ class MultiheadAttention(nnx.Module):
         vdim: int | None = None,
         batch_first: bool = False,
         *,
+        implementation: str = "math",
         dtype=None,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
         _init_weights: bool = True,
     ):
         self.head_dim, self.kdim, self.vdim = check_mha_init(embed_dim, num_heads, dropout, kdim, vdim)
+        check_implementation(implementation, dropout_p=0.0, need_weights=False, name="MultiheadAttention")
+        self.implementation = implementation
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
@@ -402,6 +444,7 @@ class MultiheadAttention(nnx.Module):
             batch_first=self.batch_first,
             dropout_mask=dropout_mask if active else None,
             dropout_rng=rng,
+            implementation=self.implementation,
         )
 
     def torch_state_dict(self) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ CONSTRUCTOR = {
     "unknown_impl": (
         (24, 4),
         {"implementation": "flash"},
-        "implementation must be one of ('math', 'fused'); got implementation='flash'",
+        "implementation must be one of ('math', 'fused', 'blocked'); got implementation='flash'",
     ),
     "fused_dropout": (
         (24, 4, None, True, 0.1),

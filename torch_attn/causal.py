@@ -199,6 +199,7 @@ class CausalSelfAttention(nn.Module):
             enable_gqa=True,
             dropout_mask=dropout_mask,
             generator=generator,
+            implementation=self.implementation,
         )
 
     def torch_state_dict(self, layout: str = "torch_attn") -> dict[str, torch.Tensor]:

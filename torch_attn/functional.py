@@ -19,10 +19,19 @@ Semantics, identical in both twins:
 
 from __future__ import annotations
 
-import torch
+import logging
 
-from attn_spec import check_sdpa
+import torch
+import torch.nn.functional as F
+
+from attn_spec import check_implementation, check_sdpa
 from torch_attn.masks import causal_mask
+
+logger = logging.getLogger(__name__)
+
+#: Block sizes of ``implementation="blocked"`` (query rows, key columns per step), as in the JAX twin.
+BLOCK_T = 128
+BLOCK_S = 128
 
 
 def _spec(x) -> tuple[tuple[int, ...], str] | None:
@@ -62,13 +71,17 @@ def scaled_dot_product_attention_with_weights(
     *,
     dropout_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    implementation: str = "math",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`scaled_dot_product_attention` that also returns the attention weights.
 
     Returns:
       ``(output, weights)``: output ``(..., T, V)`` and weights ``(..., T, S)`` (after dropout, as
       torch's ``nn.MultiheadAttention`` returns them), both in the query's dtype.
+
+    Only ``implementation="math"`` materialises the weights; any other value raises ``ValueError``.
     """
+    check_implementation(implementation, dropout_p=dropout_p, need_weights=True)
     shapes = check_sdpa(
         query=_spec(query),
         key=_spec(key),
@@ -120,6 +133,7 @@ def scaled_dot_product_attention(
     *,
     dropout_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    implementation: str = "math",
 ) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention``, written out as readable math.
 
@@ -135,20 +149,162 @@ def scaled_dot_product_attention(
         frameworks drop the same weights. Kept weights are scaled by ``1 / (1 - dropout_p)``.
       generator: ``torch.Generator`` for the random draw (the JAX twin takes ``dropout_rng``); the global
         generator when None.
+      implementation: ``"math"`` (default, the readable reference above), ``"blocked"`` (online
+        softmax over query/key blocks, causal blocks above the diagonal skipped, memory bounded by one
+        block; no dropout) or ``"fused"`` (``F.scaled_dot_product_attention``, torch picks the kernel; no
+        dropout). Unsupported combinations raise.
 
     Returns:
       ``(..., T, V)`` in the query's dtype.
     """
-    out, _ = scaled_dot_product_attention_with_weights(
-        query,
-        key,
-        value,
-        attn_mask,
-        dropout_p,
-        is_causal,
-        scale,
-        enable_gqa,
-        dropout_mask=dropout_mask,
-        generator=generator,
+    check_implementation(implementation, dropout_p=dropout_p, need_weights=False)
+    if implementation == "math":
+        out, _ = scaled_dot_product_attention_with_weights(
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            enable_gqa,
+            dropout_mask=dropout_mask,
+            generator=generator,
+        )
+        return out
+    shapes = check_sdpa(
+        query=_spec(query),
+        key=_spec(key),
+        value=_spec(value),
+        attn_mask=_spec(attn_mask),
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        dropout_mask=_spec(dropout_mask),
     )
-    return out
+    return _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation)
+
+
+def _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation):
+    """The checked inputs through a fast path. Unlike the public function this accepts ``is_causal`` and
+    ``attn_mask`` together (their conjunction): ``MultiheadAttention`` passes its causal hint this way so
+    the blocked path can skip the blocks above the diagonal."""
+    scale = 1.0 / (shapes.H**0.5) if scale is None else scale
+    if implementation == "blocked":
+        return _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes)
+    return _fused_attention(query, key, value, attn_mask, is_causal, scale, shapes)
+
+
+# ------------------------------------------------------------------------------- fast paths
+# Both take the checked inputs and return what the math path returns (fully-masked rows give zeros and
+# zero gradients) without materialising attention weights.
+
+
+def _grouped(query, key, value, attn_mask, shapes):
+    """Inputs as ``q (Z, K, G, T, H)``, ``k (Z, K, S, H)``, ``v (Z, K, S, V)`` and the mask as
+    ``(Z|1, K|1, G|1, T|1, S|1)``: Z flattens the leading dimensions, K the key/value heads. Query heads
+    are grouped over their key/value head (reshape, never a repeated copy of K and V)."""
+    T, S, H, V, G = shapes.T, shapes.S, shapes.H, shapes.V, shapes.groups
+    if G > 1:
+        lead, N = shapes.batch[:-1], shapes.batch[-1]
+        K = N // G
+        q = query.expand(*lead, N, T, H).reshape(-1, K, G, T, H)
+        k = key.expand(*lead, K, S, H).reshape(-1, K, S, H)
+        v = value.expand(*lead, K, S, V).reshape(-1, K, S, V)
+    else:
+        q = query.expand(*shapes.batch, T, H).reshape(-1, 1, 1, T, H)
+        k = key.expand(*shapes.batch, S, H).reshape(-1, 1, S, H)
+        v = value.expand(*shapes.batch, S, V).reshape(-1, 1, S, V)
+    mask = None
+    if attn_mask is not None:
+        rank = len(shapes.batch) + 2
+        m = attn_mask.reshape((1,) * (rank - attn_mask.ndim) + tuple(attn_mask.shape))
+        Tm, Sm = m.shape[-2:]
+        if all(d == 1 for d in m.shape[:-2]):
+            mask = m.reshape(1, 1, 1, Tm, Sm)  # one mask for every batch and head: keep it small
+        else:
+            mask = m.expand(*shapes.batch, Tm, Sm).reshape(q.shape[0], q.shape[1], q.shape[2], Tm, Sm)
+    return q, k, v, mask
+
+
+def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
+    """Flash-attention style SDPA: for each block of BLOCK_T queries, a loop over blocks of BLOCK_S keys
+    keeping a running row max, row sum and unnormalised output (online softmax). With ``is_causal`` the
+    loop stops at the diagonal: key blocks wholly above it are never computed. Memory (forward, no grad):
+    one block of logits per step. Gradients come from autograd through the loop (it keeps every block's
+    probabilities; the JAX twin recomputes them in a custom VJP)."""
+    ct = _compute_dtype(query.dtype)
+    T, S = shapes.T, shapes.S
+    q, k, v, mask = _grouped(query.to(ct), key.to(ct), value.to(ct), attn_mask, shapes)
+    q = q * scale  # fusing the scale into q: one multiply of (T, H) instead of one of (T, S)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(ct)
+    outs = []
+    for t0 in range(0, T, BLOCK_T):
+        q_i = q[..., t0 : t0 + BLOCK_T, :]
+        bt = q_i.shape[-2]
+        rows = torch.arange(t0, t0 + bt, device=q.device)[:, None]
+        m = torch.full(q_i.shape[:-1], -torch.inf, dtype=ct, device=q.device)
+        row_sum = torch.zeros_like(m)
+        acc = torch.zeros(*q_i.shape[:-1], shapes.V, dtype=ct, device=q.device)
+        # top-left causal: query t sees keys s <= t, so this block needs keys below t0 + bt only
+        s_end = min(S, t0 + bt) if is_causal else S
+        for s0 in range(0, s_end, BLOCK_S):
+            k_j, v_j = k[..., s0 : s0 + BLOCK_S, :], v[..., s0 : s0 + BLOCK_S, :]
+            s = torch.einsum("zkgth,zksh->zkgts", q_i, k_j)
+            keep = None
+            if is_causal:
+                keep = torch.arange(s0, s0 + k_j.shape[-2], device=q.device)[None, :] <= rows
+            if mask is not None:
+                mb = mask
+                if mb.shape[-2] != 1:
+                    mb = mb[..., t0 : t0 + bt, :]
+                if mb.shape[-1] != 1:
+                    mb = mb[..., s0 : s0 + k_j.shape[-2]]
+                if mb.dtype == torch.bool:
+                    keep = mb if keep is None else keep & mb
+                else:
+                    s = s + mb
+            if keep is not None:
+                s = torch.where(keep, s, -torch.inf)
+            m_new = torch.maximum(m, torch.amax(s, dim=-1)).detach()
+            # A row with nothing kept so far has max -inf: shift by 0 so exp gives exact zeros, not NaN.
+            m_use = torch.where(torch.isfinite(m_new), m_new, 0.0)
+            p = torch.exp(s - m_use[..., None])
+            alpha = torch.exp(m - m_use)
+            row_sum = alpha * row_sum + p.sum(dim=-1)
+            acc = alpha[..., None] * acc + torch.einsum("zkgts,zksv->zkgtv", p, v_j)
+            m = m_new
+        outs.append(acc / torch.where(row_sum == 0.0, 1.0, row_sum)[..., None])
+    out = torch.cat(outs, dim=-2)
+    return out.reshape(shapes.out).to(query.dtype)
+
+
+def fused_backend(dtype) -> str:
+    """What ``implementation="fused"`` runs: ``F.scaled_dot_product_attention``, kernel chosen by torch
+    (the JAX twin names ``"cudnn"`` or ``"xla"``)."""
+    return "F.scaled_dot_product_attention"
+
+
+def _fused_attention(query, key, value, attn_mask, is_causal, scale, shapes):
+    """``F.scaled_dot_product_attention`` with our semantics around it: computed in at least float32 on
+    CPU, and rows with no key left are zeroed (its math backend would return NaN there)."""
+    logger.info("scaled_dot_product_attention(implementation='fused'): F.scaled_dot_product_attention")
+    ct = _compute_dtype(query.dtype) if query.device.type == "cpu" else query.dtype
+    q, k, v = query.to(ct), key.to(ct), value.to(ct)
+    mask = attn_mask
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(ct)
+    if mask is not None and is_causal:
+        # F.sdpa takes one or the other: fold the causal mask into the given one
+        keep = causal_mask(shapes.T, shapes.S, device=q.device)
+        mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, -torch.inf)
+        is_causal = False
+    out = F.scaled_dot_product_attention(
+        q, k, v, mask, 0.0, is_causal, scale=scale, enable_gqa=shapes.groups > 1
+    )
+    if mask is not None:
+        has_key = (mask if mask.dtype == torch.bool else mask > -torch.inf).any(dim=-1, keepdim=True)
+        out = torch.where(has_key, torch.nan_to_num(out), 0.0)
+    return out.to(query.dtype)

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from attn_spec import check_implementation, check_sdpa
 from attn_spec.mha import check_mha, check_mha_init
-from torch_attn.functional import scaled_dot_product_attention_with_weights
+from torch_attn.functional import _fast_attention, scaled_dot_product_attention_with_weights
 from torch_attn.masks import keep_to_additive, masked_to_keep
 
 
@@ -44,6 +45,22 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     """torch's ``F.linear``: ``x @ weight.T + bias`` with ``weight (out, in)``."""
     y = torch.einsum("...i,oi->...o", x, weight)
     return y if bias is None else y + bias
+
+
+def _check_sdpa_shapes(q, k, v, mask):
+    """The SDPA core's shapes for the fast paths (the module's own checks already passed)."""
+    spec = lambda x: None if x is None else (tuple(x.shape), str(x.dtype).removeprefix("torch."))  # noqa: E731
+    return check_sdpa(
+        query=spec(q),
+        key=spec(k),
+        value=spec(v),
+        attn_mask=spec(mask),
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+        dropout_mask=None,
+    )
 
 
 def _merged_mask(attn_mask, key_padding_mask, N: int, num_heads: int, L: int, S: int, pad: int, dtype):
@@ -103,6 +120,7 @@ def multi_head_attention_forward(
     batch_first: bool = False,
     dropout_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    implementation: str = "math",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``torch.nn.functional.multi_head_attention_forward``, written on this project's SDPA core.
 
@@ -119,6 +137,12 @@ def multi_head_attention_forward(
       is_causal: torch's hint; requires attn_mask, which is applied as given.
       dropout_mask: bool keep-mask ``(N, Nh, L, S_total)``; replaces the random draw.
       generator: ``torch.Generator`` for the draw (the JAX twin takes ``dropout_rng``).
+
+      implementation: the SDPA core's path (``"math"``, ``"blocked"``, ``"fused"``; see
+        ``scaled_dot_product_attention``). Only ``"math"`` returns weights or applies dropout: the others
+        raise ``ValueError`` when ``need_weights=True`` or dropout is active, never falling back silently.
+        With ``is_causal=True`` they apply causal masking structurally (skipping the blocks above the
+        diagonal) *and* the given ``attn_mask``: identical when the mask is the causal mask it claims to be.
 
     Returns:
       ``(attn_output, attn_weights)``: output in query's layout with width E; weights ``(N, L, S_total)``
@@ -159,9 +183,13 @@ def multi_head_attention_forward(
     else:
         w_q, w_k, w_v = torch.chunk(in_proj_weight, 3, dim=0)
     b_q, b_k, b_v = (None,) * 3 if in_proj_bias is None else torch.chunk(in_proj_bias, 3)
-    q_NLE = _linear(query, w_q, b_q)
-    k_NSE = _linear(key, w_k, b_k)
-    v_NSE = _linear(value, w_v, b_v)
+    if not use_separate_proj_weight and query is key is value:
+        # self-attention: one (N·L, E) @ (E, 3E) matmul instead of three narrower ones
+        q_NLE, k_NSE, v_NSE = torch.chunk(_linear(query, in_proj_weight, in_proj_bias), 3, dim=-1)
+    else:
+        q_NLE = _linear(query, w_q, b_q)
+        k_NSE = _linear(key, w_k, b_k)
+        v_NSE = _linear(value, w_v, b_v)
     if bias_k is not None:
         k_NSE = torch.cat([k_NSE, bias_k.reshape(1, 1, E).expand(N, 1, E)], dim=1)
         v_NSE = torch.cat([v_NSE, bias_v.reshape(1, 1, E).expand(N, 1, E)], dim=1)
@@ -187,15 +215,23 @@ def multi_head_attention_forward(
         torch.promote_types(q_NLE.dtype, torch.float32),
     )
     p = dropout_p if training else 0.0
-    out_NhLD, weights_NhLS = scaled_dot_product_attention_with_weights(
-        q_NhLD,
-        k_NhSD,
-        v_NhSD,
-        mask,
-        p,
-        dropout_mask=dropout_mask if p > 0.0 else None,
-        generator=generator,
-    )
+    if implementation != "math":
+        check_implementation(
+            implementation, dropout_p=p, need_weights=need_weights, name="multi_head_attention_forward"
+        )
+        shapes_sdpa = _check_sdpa_shapes(q_NhLD, k_NhSD, v_NhSD, mask)
+        out_NhLD = _fast_attention(q_NhLD, k_NhSD, v_NhSD, mask, is_causal, None, shapes_sdpa, implementation)
+        weights_NhLS = None
+    else:
+        out_NhLD, weights_NhLS = scaled_dot_product_attention_with_weights(
+            q_NhLD,
+            k_NhSD,
+            v_NhSD,
+            mask,
+            p,
+            dropout_mask=dropout_mask if p > 0.0 else None,
+            generator=generator,
+        )
     out_NLE = out_NhLD.permute(0, 2, 1, 3).reshape(N, L, E)
     out_NLE = _linear(out_NLE, out_proj_weight, out_proj_bias)
 
@@ -261,9 +297,13 @@ class MultiheadAttention(nn.Module):
         batch_first: bool = False,
         device=None,
         dtype=None,
+        *,
+        implementation: str = "math",
     ):
         super().__init__()
         self.head_dim, self.kdim, self.vdim = check_mha_init(embed_dim, num_heads, dropout, kdim, vdim)
+        check_implementation(implementation, dropout_p=0.0, need_weights=False, name="MultiheadAttention")
+        self.implementation = implementation
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
@@ -357,6 +397,7 @@ class MultiheadAttention(nn.Module):
             is_causal=is_causal,
             batch_first=self.batch_first,
             dropout_mask=dropout_mask if active else None,
+            implementation=self.implementation,
         )
 
     def torch_state_dict(self) -> dict[str, np.ndarray]:

@@ -174,6 +174,24 @@ def build_jax_attn_sdpa(case: Case, ctx: Context) -> Prepared:
     return jax_for_mode(f, _qkv_jax(case, "BNTH"), case, "XLA: jax_attn math (einsum, masked softmax)")
 
 
+def _build_jax_attn_sdpa_impl(implementation: str) -> Callable[[Case, Context], Prepared]:
+    def build(case: Case, ctx: Context) -> Prepared:
+        import jax_attn
+        from jax_attn.functional import BLOCK_S, BLOCK_T, fused_backend
+
+        def f(q_BNTH, k_BNSH, v_BNSH):
+            return jax_attn.scaled_dot_product_attention(
+                q_BNTH, k_BNSH, v_BNSH, is_causal=case.causal, implementation=implementation
+            )
+
+        detail = f"blocks {BLOCK_T}x{BLOCK_S}" if implementation == "blocked" else fused_backend(case.dtype)
+        return jax_for_mode(
+            f, _qkv_jax(case, "BNTH"), case, f"XLA: jax_attn implementation={implementation} ({detail})"
+        )
+
+    return build
+
+
 def _build_jax_nn_dpa(implementation: str) -> Callable[[Case, Context], Prepared]:
     def build(case: Case, ctx: Context) -> Prepared:
         import jax
@@ -227,14 +245,18 @@ def build_flax_mha(case: Case, ctx: Context) -> Prepared:
     return jax_for_mode(f, (state, x), case, "XLA: flax nnx.MultiHeadAttention (dot_product_attention)")
 
 
-def _build_jax_attn_mha(need_weights: bool) -> Callable[[Case, Context], Prepared]:
+def _build_jax_attn_mha(
+    need_weights: bool, implementation: str = "math"
+) -> Callable[[Case, Context], Prepared]:
     def build(case: Case, ctx: Context) -> Prepared:
         import jax.numpy as jnp
         from flax import nnx
 
         from jax_attn import MultiheadAttention
 
-        model = MultiheadAttention(case.E, case.N, batch_first=True, rngs=nnx.Rngs(SEED))
+        # only a non-default path is named, so a MultiheadAttention without the argument still builds
+        kw = {} if implementation == "math" else {"implementation": implementation}
+        model = MultiheadAttention(case.E, case.N, batch_first=True, rngs=nnx.Rngs(SEED), **kw)
         if hasattr(model, "eval"):
             model.eval()
         graphdef, state = _jax_module(model, case.dtype)
@@ -249,7 +271,10 @@ def _build_jax_attn_mha(need_weights: bool) -> Callable[[Case, Context], Prepare
 
         x = _jax_random((case.B, case.T, case.E), case.dtype, 7)
         return jax_for_mode(
-            f, (state, x), case, f"XLA: jax_attn.MultiheadAttention need_weights={need_weights}"
+            f,
+            (state, x),
+            case,
+            f"XLA: jax_attn.MultiheadAttention need_weights={need_weights} implementation={implementation}",
         )
 
     return build
@@ -344,6 +369,22 @@ def build_torch_attn_sdpa(case: Case, ctx: Context) -> Prepared:
     return torch_for_mode(
         f, _qkv_torch(case, ctx), case, ctx, "eager: torch_attn math (matmul, masked softmax)"
     )
+
+
+def _build_torch_attn_sdpa_impl(implementation: str) -> Callable[[Case, Context], Prepared]:
+    def build(case: Case, ctx: Context) -> Prepared:
+        import torch_attn
+
+        def f(q_BNTH, k_BNSH, v_BNSH):
+            return torch_attn.scaled_dot_product_attention(
+                q_BNTH, k_BNSH, v_BNSH, is_causal=case.causal, implementation=implementation
+            )
+
+        return torch_for_mode(
+            f, _qkv_torch(case, ctx), case, ctx, f"eager: torch_attn implementation={implementation}"
+        )
+
+    return build
 
 
 def build_torch_compile_sdpa(case: Case, ctx: Context) -> Prepared:
@@ -473,6 +514,20 @@ IMPLS: tuple[Impl, ...] = (
         "jax_attn SDPA under jax.jit",
         role="jax_attn",
     ),
+    Impl(
+        "jax_attn.blocked.sdpa[jit]",
+        "jax",
+        "sdpa",
+        _build_jax_attn_sdpa_impl("blocked"),
+        "jax_attn SDPA implementation='blocked' (online softmax, causal block skipping) under jax.jit",
+    ),
+    Impl(
+        "jax_attn.fused.sdpa[jit]",
+        "jax",
+        "sdpa",
+        _build_jax_attn_sdpa_impl("fused"),
+        "jax_attn SDPA implementation='fused' (jax.nn.dot_product_attention) under jax.jit",
+    ),
     Impl("jax.nn.dpa[xla]", "jax", "sdpa", _build_jax_nn_dpa("xla"), "jax.nn.dot_product_attention, XLA"),
     Impl(
         "jax.nn.dpa[cudnn]",
@@ -490,6 +545,14 @@ IMPLS: tuple[Impl, ...] = (
         _build_jax_attn_mha(need_weights=False),
         "jax_attn.MultiheadAttention(need_weights=False) under jax.jit",
         role="jax_attn",
+        requires=("jax_attn", "MultiheadAttention"),
+    ),
+    Impl(
+        "jax_attn.blocked.MHA[jit]",
+        "jax",
+        "mha",
+        _build_jax_attn_mha(need_weights=False, implementation="blocked"),
+        "jax_attn.MultiheadAttention(implementation='blocked', need_weights=False) under jax.jit",
         requires=("jax_attn", "MultiheadAttention"),
     ),
     Impl(
@@ -519,6 +582,13 @@ IMPLS: tuple[Impl, ...] = (
         build_torch_attn_sdpa,
         "torch_attn SDPA, eager",
         role="torch_attn",
+    ),
+    Impl(
+        "torch_attn.blocked.sdpa[eager]",
+        "torch",
+        "sdpa",
+        _build_torch_attn_sdpa_impl("blocked"),
+        "torch_attn SDPA implementation='blocked', eager",
     ),
     Impl(
         "torch.compile(torch_attn.sdpa)",

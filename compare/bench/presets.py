@@ -168,6 +168,23 @@ def smoke(device: str) -> Preset:
     )
 
 
-PRESETS = {"quick": quick, "full": full, "gpu": gpu, "smoke": smoke}
+def perf(device: str) -> Preset:
+    """The issue's target shapes (E = 512, 8 heads of 64): B8 T512 and B2 T2048, fp32, full and causal,
+    forward and forward+backward. Run with ``--impl`` to pick the rows (see ``docs/performance.md``)."""
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    cases = _sweep([512], B=8, N=8, H=64, dtypes=[dtype]) + _sweep([2048], B=2, N=8, H=64, dtypes=[dtype])
+    return Preset(
+        name="perf",
+        device=device,
+        cases=tuple(cases),
+        gemm_n=2048,
+        timing=TimingSettings(warmup_runs=2, warmup_s=0.1, min_runs=10, min_time_s=0.5, budget_s=2.0),
+        max_T={"mha+weights": 2048, "torch.F.sdpa[math]": 2048},
+        plot_config=(None, 8, 64),
+        exclude=frozenset({"torch.F.sdpa[auto]"}),
+    )
+
+
+PRESETS = {"perf": perf, "quick": quick, "full": full, "gpu": gpu, "smoke": smoke}
 
 __all__ = ["Case", "FORWARD", "FORWARD_BACKWARD", "PRESETS", "Preset", "full", "gpu", "quick", "smoke"]
