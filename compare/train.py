@@ -58,6 +58,25 @@ class TrainConfig:
     seed: int = 0
     mismatch: str | None = None  # a deliberate difference on the torch side (see MISMATCHES)
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"TrainConfig: {name} must be a positive int; got {name}={val!r}")
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig: {name} must be positive; got {name}={getattr(self, name)!r}")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise ValueError(f"TrainConfig: betas must be in [0, 1); got ({self.beta1}, {self.beta2})")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig: weight_decay must be >= 0; got {self.weight_decay!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"TrainConfig: clip_norm must be positive or None; got {self.clip_norm!r}")
+        if self.mismatch is not None and self.mismatch not in MISMATCHES:
+            raise ValueError(
+                f"TrainConfig: unknown mismatch {self.mismatch!r}; choose one of {sorted(MISMATCHES)}"
+            )
+
 
 def token_stream(vocab_size: int, n_tokens: int, seed: int) -> np.ndarray:
     """A deterministic synthetic language: a sparse random bigram chain (each token has 4 likely
@@ -182,10 +201,6 @@ def run(model_config: GPTConfig, cfg: TrainConfig, progress=None) -> dict:
     """Train both sides for ``cfg.steps`` steps; returns the record (per-step rows, verdict, timing)."""
     from compare import env
 
-    if cfg.mismatch is not None and cfg.mismatch not in MISMATCHES:
-        raise ValueError(f"unknown mismatch {cfg.mismatch!r}; choose one of {sorted(MISMATCHES)}")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"steps and batch_size must be positive; got {cfg.steps}, {cfg.batch_size}")
     precision = env.pin_precision()
     t0 = time.perf_counter()
     seq_len = model_config.block_size

@@ -98,3 +98,22 @@ def test_cli_train_mismatch_exits_1(tmp_path):
 
 def test_cli_train_bad_config_is_usage_error(tmp_path):
     assert cli.main(["train", "--kv-heads", "3", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"steps": 0}, "steps must be a positive int"),
+        ({"lr": 0.0}, "lr must be positive"),
+        ({"clip_norm": -1.0}, "clip_norm"),
+        ({"mismatch": "nope"}, "unknown mismatch"),
+        ({"beta2": 1.0}, "betas"),
+    ],
+)
+def test_train_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train.TrainConfig(**kwargs)
+
+
+def test_cli_train_zero_steps_is_usage_error(tmp_path):
+    assert cli.main(["train", "--steps", "0", "--out", str(tmp_path)]) == 2
