@@ -42,6 +42,24 @@ def _spec(x) -> tuple[tuple[int, ...], str] | None:
     return None if x is None else (tuple(x.shape), jnp.dtype(x.dtype).name)
 
 
+def _check(
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask, needs_rng=False
+):
+    """The shared ``attn_spec`` checks on this framework's arrays; returns the derived shapes."""
+    return check_sdpa(
+        query=_spec(query),
+        key=_spec(key),
+        value=_spec(value),
+        attn_mask=_spec(attn_mask),
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        dropout_mask=_spec(dropout_mask),
+        needs_rng=needs_rng,
+    )
+
+
 def _compute_dtype(dtype) -> jnp.dtype:
     # Low precision is upcast: fp32 logits/softmax is what keeps bf16 attention accurate.
     return jnp.promote_types(dtype, jnp.float32)
@@ -89,16 +107,16 @@ def scaled_dot_product_attention_with_weights(
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     attn_mask = None if attn_mask is None else jnp.asarray(attn_mask)
     dropout_mask = None if dropout_mask is None else jnp.asarray(dropout_mask)
-    shapes = check_sdpa(
-        query=_spec(query),
-        key=_spec(key),
-        value=_spec(value),
-        attn_mask=_spec(attn_mask),
-        dropout_p=dropout_p,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
-        dropout_mask=_spec(dropout_mask),
+    shapes = _check(
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        dropout_mask,
         needs_rng=dropout_rng is None,
     )
     ct = _compute_dtype(query.dtype)
@@ -180,17 +198,7 @@ def scaled_dot_product_attention(
         return out
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     attn_mask = None if attn_mask is None else jnp.asarray(attn_mask)
-    shapes = check_sdpa(
-        query=_spec(query),
-        key=_spec(key),
-        value=_spec(value),
-        attn_mask=_spec(attn_mask),
-        dropout_p=dropout_p,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
-        dropout_mask=_spec(dropout_mask),
-    )
+    shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
     return _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation)
 
 

@@ -38,6 +38,24 @@ def _spec(x) -> tuple[tuple[int, ...], str] | None:
     return None if x is None else (tuple(x.shape), str(x.dtype).removeprefix("torch."))
 
 
+def _check(
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask, needs_rng=False
+):
+    """The shared ``attn_spec`` checks on this framework's arrays; returns the derived shapes."""
+    return check_sdpa(
+        query=_spec(query),
+        key=_spec(key),
+        value=_spec(value),
+        attn_mask=_spec(attn_mask),
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        dropout_mask=_spec(dropout_mask),
+        needs_rng=needs_rng,
+    )
+
+
 def _compute_dtype(dtype) -> torch.dtype:
     # Low precision is upcast: fp32 logits/softmax is what keeps bf16 attention accurate.
     return torch.promote_types(dtype, torch.float32)
@@ -82,17 +100,7 @@ def scaled_dot_product_attention_with_weights(
     Only ``implementation="math"`` materialises the weights; any other value raises ``ValueError``.
     """
     check_implementation(implementation, dropout_p=dropout_p, need_weights=True)
-    shapes = check_sdpa(
-        query=_spec(query),
-        key=_spec(key),
-        value=_spec(value),
-        attn_mask=_spec(attn_mask),
-        dropout_p=dropout_p,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
-        dropout_mask=_spec(dropout_mask),
-    )
+    shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
     ct = _compute_dtype(query.dtype)
     q_TH, k_SH, v_SV = query.to(ct), key.to(ct), value.to(ct)
     if shapes.groups > 1:
@@ -172,17 +180,7 @@ def scaled_dot_product_attention(
             generator=generator,
         )
         return out
-    shapes = check_sdpa(
-        query=_spec(query),
-        key=_spec(key),
-        value=_spec(value),
-        attn_mask=_spec(attn_mask),
-        dropout_p=dropout_p,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
-        dropout_mask=_spec(dropout_mask),
-    )
+    shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
     return _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation)
 
 
