@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from compare import runners
 from compare.cases import NP_DTYPES
 from compare.cases_causal import param_names
 from compare.runners import to_float64
@@ -81,10 +82,11 @@ def run_torch(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray
     module = torch_attn.CausalSelfAttention(
         c.E, c.N, c.K, c.bias, c.dropout_p, implementation=implementation, dtype=dt
     )
+    module.to(runners.TORCH_DEVICE)  # set by --device
     module.load_torch_state_dict({n: a[n] for n in param_names(c)})
     module.train(c.dropout_p > 0)
-    drop = None if "dropout_mask" not in a else torch.from_numpy(a["dropout_mask"])
-    x, dy = (torch.from_numpy(np.asarray(a[n], np.float32)).to(dt) for n in ("x", "dy"))
+    drop = None if "dropout_mask" not in a else runners.to_torch(a["dropout_mask"])
+    x, dy = (runners.to_torch(a[n], c.dtype) for n in ("x", "dy"))
     x.requires_grad_(True)
     if c.chunks is None:
         out = module(x, dropout_mask=drop)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from compare import runners
 from compare.cases import NP_DTYPES
 from compare.cases_mha import MhaCase, parameters
 from compare.runners import to_float64
@@ -83,16 +84,13 @@ def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
 
 
 def _torch_run(vec: Vector, module, implementation: str = "math") -> dict[str, np.ndarray]:
-    import torch
 
     c, a = vec.case, vec.arrays
-    tdt = getattr(torch, c.dtype)
 
-    def tensor(x):
-        if x.dtype == bool:
-            return torch.from_numpy(x)
-        return torch.from_numpy(np.asarray(x, np.float32)).to(tdt)
+    def tensor(x):  # on runners.TORCH_DEVICE (set by --device)
+        return runners.to_torch(x) if x.dtype == bool else runners.to_torch(x, c.dtype)
 
+    module.to(runners.TORCH_DEVICE)
     module.load_state_dict({k: tensor(v) for k, v in parameters(a).items()}, strict=True)
     module.train(c.dropout_p > 0)
     query, key, value = (tensor(a[n]).requires_grad_(True) for n in ("query", "key", "value"))
