@@ -30,6 +30,20 @@ def _broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+def check_qkv_dtypes(q_dt: str, k_dt: str, v_dt: str, name: str) -> None:
+    """query, key and value: floating, and one dtype for all three."""
+    for arg, dt in (("query", q_dt), ("key", k_dt), ("value", v_dt)):
+        if dt not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{name}: {arg} must be floating ({', '.join(FLOAT_DTYPES)}); got {arg}.dtype={dt}"
+            )
+    if not q_dt == k_dt == v_dt:
+        raise ValueError(
+            f"{name}: query, key and value must share one dtype; got query.dtype={q_dt}, "
+            f"key.dtype={k_dt}, value.dtype={v_dt}"
+        )
+
+
 @dataclass(frozen=True)
 class SdpaShapes:
     """What the checks derived from valid inputs.
@@ -91,16 +105,7 @@ def check_sdpa(
     shapes = (
         f"query.shape={fmt_shape(q_shape)}, key.shape={fmt_shape(k_shape)}, value.shape={fmt_shape(v_shape)}"
     )
-    for arg, dt in (("query", q_dt), ("key", k_dt), ("value", v_dt)):
-        if dt not in FLOAT_DTYPES:
-            raise ValueError(
-                f"{name}: {arg} must be floating ({', '.join(FLOAT_DTYPES)}); got {arg}.dtype={dt}"
-            )
-    if not q_dt == k_dt == v_dt:
-        raise ValueError(
-            f"{name}: query, key and value must share one dtype; got query.dtype={q_dt}, "
-            f"key.dtype={k_dt}, value.dtype={v_dt}"
-        )
+    check_qkv_dtypes(q_dt, k_dt, v_dt, name)
     min_rank = 3 if enable_gqa else 2
     for arg, shape in (("query", q_shape), ("key", k_shape), ("value", v_shape)):
         if len(shape) < min_rank:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attn_spec.checks import FLOAT_DTYPES, fmt_shape
+from attn_spec.checks import FLOAT_DTYPES, check_qkv_dtypes, fmt_shape
 
 Spec = tuple[tuple[int, ...], str]
 
@@ -110,16 +110,7 @@ def check_mha(
     batched = len(q_shape) == 3
     if len(k_shape) != len(q_shape) or len(v_shape) != len(q_shape):
         raise ValueError(f"{name}: key and value must have the same rank as query; got {shapes}")
-    for arg, dt in (("query", q_dt), ("key", k_dt), ("value", v_dt)):
-        if dt not in FLOAT_DTYPES:
-            raise ValueError(
-                f"{name}: {arg} must be floating ({', '.join(FLOAT_DTYPES)}); got {arg}.dtype={dt}"
-            )
-    if not q_dt == k_dt == v_dt:
-        raise ValueError(
-            f"{name}: query, key and value must share one dtype; got query.dtype={q_dt}, "
-            f"key.dtype={k_dt}, value.dtype={v_dt}"
-        )
+    check_qkv_dtypes(q_dt, k_dt, v_dt, name)
     for arg, shape, size, what in (
         ("query", q_shape, embed_dim, "embed_dim"),
         ("key", k_shape, kdim, "kdim"),
