@@ -27,15 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn_spec import check_implementation, check_sdpa
+from attn_spec.blocks import block_sizes
 from jax_attn.masks import causal_mask
 
 logger = logging.getLogger(__name__)
-
-#: Block sizes of ``implementation="blocked"`` (query rows, key columns per step). 128 × 128 fp32 logits
-#: per (batch, head) is 64 KiB: the working set of one step stays in a CPU core's L2 (measured on
-#: 2-core XLA:CPU at B8 N8 T512 H64: 128 beat 256 and 512).
-BLOCK_T = 128
-BLOCK_S = 128
 
 
 def _spec(x) -> tuple[tuple[int, ...], str] | None:
@@ -246,21 +241,27 @@ def _grouped(query, key, value, attn_mask, shapes):
 
 
 def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
-    """Flash-attention style SDPA: for each block of BLOCK_T queries, a loop over blocks of BLOCK_S keys
-    keeping a running row max, row sum and unnormalised output (online softmax). With ``is_causal`` the
-    loop stops at the diagonal: key blocks wholly above it are never computed. Memory: one block of
-    logits per step instead of ``(..., T, S)``. The backward pass (custom VJP) recomputes each block's
-    logits from the saved row logsumexp, so it is bounded too. No gradient flows into a float
-    ``attn_mask`` (it is treated as a constant)."""
+    """Flash-attention style SDPA, one key/value head at a time: for each block of ``bt`` queries (all G
+    query heads of the group together), a loop over blocks of ``bs`` keys keeping a running row max, row
+    sum and unnormalised output (online softmax). With ``is_causal`` the loop stops at the diagonal: key
+    blocks wholly above it are never computed. Memory: one block of logits per step instead of
+    ``(..., T, S)``. The backward pass (custom VJP) recomputes each block's logits from the saved row
+    statistics, so it is bounded too. No gradient flows into a float ``attn_mask`` (it is treated as a
+    constant). Block sizes: :func:`attn_spec.blocks.block_sizes`.
+
+    Why per head: XLA:CPU runs a batched matrix product (a batch of heads) at about half the rate of the
+    same work as plain 2-D products (measured 47–70 vs 116 GFLOP/s at 64 heads of 128×512×64), so the
+    heads are a sequential ``lax.map`` whose body does 2-D products of ``G·bt × H`` by ``H × bs``."""
     ct = _compute_dtype(query.dtype)
     T, S = shapes.T, shapes.S
     q, k, v, mask = _grouped(query.astype(ct), key.astype(ct), value.astype(ct), attn_mask, shapes)
-    bt, bs = min(BLOCK_T, T), min(BLOCK_S, S)
+    bt, bs = block_sizes(T, S)
     Tp, Sp = -(-T // bt) * bt, -(-S // bs) * bs
-    # Fusing the scale into q: one multiply of (T, H) instead of one of (T, S).
-    q = jnp.pad(q * jnp.asarray(scale, ct), [(0, 0)] * 3 + [(0, Tp - T), (0, 0)])
-    k = jnp.pad(k, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)])
-    v = jnp.pad(v, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)])
+    Z, K, G = q.shape[:3]
+    # One row per key/value head; the scale is fused into q (one multiply of (T, H), not of (T, S)).
+    q = jnp.pad(q * jnp.asarray(scale, ct), [(0, 0)] * 3 + [(0, Tp - T), (0, 0)]).reshape(Z * K, G, Tp, -1)
+    k = jnp.pad(k, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)]).reshape(Z * K, Sp, -1)
+    v = jnp.pad(v, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)]).reshape(Z * K, Sp, -1)
     if mask is not None:
         pad_T = 0 if mask.shape[-2] == 1 else Tp - T
         pad_S = 0 if mask.shape[-1] == 1 else Sp - S
@@ -268,38 +269,56 @@ def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
         mask = jnp.pad(mask, [(0, 0)] * 3 + [(0, pad_T), (0, pad_S)], constant_values=fill)
         if mask.dtype != jnp.bool_:
             mask = mask.astype(ct)
-    cfg = _BlockConfig(T=T, S=S, bt=bt, bs=bs, causal=bool(is_causal))
+    cfg = _BlockConfig(T=T, S=S, bt=bt, bs=bs, causal=bool(is_causal), K=K)
     out = _flash(cfg, q, k, v, mask)[..., :T, :]
     return out.reshape(shapes.out).astype(query.dtype)
+
+
+#: Causal calls with at most this many query blocks unroll the query-block loop: each block's key loop then
+#: has a static trip count, which XLA unrolls like the non-causal one. With a traced count (lax.map) the
+#: causal B2 T2048 forward ran slower than the non-causal one despite doing 10 of 16 blocks.
+_UNROLL_CAUSAL = 8
 
 
 class _BlockConfig(tuple):
     """Static description of a blocked call (hashable, for ``custom_vjp``'s ``nondiff_argnums``)."""
 
-    def __new__(cls, *, T, S, bt, bs, causal):
-        return super().__new__(cls, (T, S, bt, bs, causal))
+    def __new__(cls, *, T, S, bt, bs, causal, K):
+        return super().__new__(cls, (T, S, bt, bs, causal, K))
 
     T = property(lambda self: self[0])
     S = property(lambda self: self[1])
     bt = property(lambda self: self[2])
     bs = property(lambda self: self[3])
     causal = property(lambda self: self[4])
+    K = property(lambda self: self[5])  # key/value heads per batch row (to find a head's mask)
 
     def key_blocks(self, i, n_s: int):
         """How many key blocks query block ``i`` needs: all, or up to the diagonal when causal
         (top-left: query t sees keys s <= t)."""
         if not self.causal:
             return n_s
+        if isinstance(i, int):  # static: a Python int keeps the key loop's trip count static
+            return min(n_s, ((i + 1) * self.bt - 1) // self.bs + 1)
         return jnp.minimum(n_s, ((i + 1) * self.bt - 1) // self.bs + 1)
 
-    def first_query_block(self, j):
-        """The first query block that sees any key of key block ``j`` (0 unless causal)."""
-        return (j * self.bs) // self.bt if self.causal else 0
+
+def _head_mask(cfg, mask, h):
+    """The mask ``(G|1, T|1, S|1)`` of key/value head row ``h`` (= z·K + k), taken from the grouped mask
+    ``(Z|1, K|1, G|1, T|1, S|1)``."""
+    if mask is None:
+        return None
+    z = h // cfg.K if mask.shape[0] != 1 else 0
+    kk = h % cfg.K if mask.shape[1] != 1 else 0
+    return jax.lax.dynamic_index_in_dim(
+        jax.lax.dynamic_index_in_dim(mask, z, axis=0, keepdims=False), kk, axis=0, keepdims=False
+    )
 
 
-def _block_logits(cfg, q_i, k_j, mask, i, j):
-    """Logits ``(Z, K, G, bt, bs)`` of query block i against key block j, masked entries -inf."""
-    s = jnp.einsum("zkgth,zksh->zkgts", q_i, k_j)
+def _block_logits(cfg, q_i, k_j, mask_h, i, j):
+    """Logits ``(G, bt, bs)`` of query block i (``(G, bt, H)``) against key block j (``(bs, H)``), masked
+    entries -inf. No batch dimension: the product is one 2-D GEMM ``(G·bt, H) × (H, bs)``."""
+    s = jnp.einsum("gth,sh->gts", q_i, k_j)
     rows = i * cfg.bt + jnp.arange(cfg.bt)[:, None]
     cols = j * cfg.bs + jnp.arange(cfg.bs)[None, :]
     keep = None
@@ -308,12 +327,12 @@ def _block_logits(cfg, q_i, k_j, mask, i, j):
     if cfg.S % cfg.bs:
         valid = cols < cfg.S  # padded keys
         keep = valid if keep is None else keep & valid
-    if mask is not None:
-        m = mask
+    if mask_h is not None:
+        m = mask_h
         if m.shape[-2] != 1:
-            m = jax.lax.dynamic_slice_in_dim(m, i * cfg.bt, cfg.bt, axis=3)
+            m = jax.lax.dynamic_slice_in_dim(m, i * cfg.bt, cfg.bt, axis=1)
         if m.shape[-1] != 1:
-            m = jax.lax.dynamic_slice_in_dim(m, j * cfg.bs, cfg.bs, axis=4)
+            m = jax.lax.dynamic_slice_in_dim(m, j * cfg.bs, cfg.bs, axis=2)
         if m.dtype == jnp.bool_:
             keep = m if keep is None else keep & m
         else:
@@ -321,46 +340,68 @@ def _block_logits(cfg, q_i, k_j, mask, i, j):
     return s if keep is None else jnp.where(keep, s, -jnp.inf)
 
 
+def _blocks(x, size, axis):
+    """``x`` cut into blocks of ``size`` along ``axis``, the block index moved to the front."""
+    shape = x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1 :]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _unblocks(x, axis):
+    """Inverse of :func:`_blocks`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :])
+
+
 def _flash_forward(cfg, q, k, v, mask):
-    """Output ``(Z, K, G, Tp, V)`` and the row statistics ``(Z, K, G, Tp, 2)``: the max the row was
-    shifted by (0 for rows with no key) and the row sum (1 for rows with no key). They are kept apart, not
-    folded into a logsumexp: with a ``finfo.min`` additive mask, ``max + log(sum)`` rounds to ``max``."""
-    Z, K, G, Tp, _ = q.shape
-    n_t, n_s = Tp // cfg.bt, k.shape[2] // cfg.bs
+    """Output ``(ZK, G, Tp, V)`` and the row statistics ``(ZK, G, Tp, 2)``: the max the row was shifted by
+    (0 for rows with no key) and the row sum (1 for rows with no key). They are kept apart, not folded into
+    a logsumexp: with a ``finfo.min`` additive mask, ``max + log(sum)`` rounds to ``max``."""
+    G, Tp = q.shape[1:3]
+    n_t, n_s = Tp // cfg.bt, k.shape[1] // cfg.bs
     Vw = v.shape[-1]
 
-    def query_block(i):
-        q_i = jax.lax.dynamic_slice_in_dim(q, i * cfg.bt, cfg.bt, axis=3)
+    def head(args):
+        h, q_h, k_h, v_h = args
+        mask_h = _head_mask(cfg, mask, h)
 
-        def step(j, carry):
-            m, row_sum, acc = carry
-            k_j = jax.lax.dynamic_slice_in_dim(k, j * cfg.bs, cfg.bs, axis=2)
-            v_j = jax.lax.dynamic_slice_in_dim(v, j * cfg.bs, cfg.bs, axis=2)
-            s = _block_logits(cfg, q_i, k_j, mask, i, j)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            # A row with nothing kept so far has max -inf: shift by 0 so exp gives exact zeros, not NaN.
-            m_use = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(s - m_use[..., None])
-            alpha = jnp.exp(m - m_use)
-            row_sum = alpha * row_sum + jnp.sum(p, axis=-1)
-            acc = alpha[..., None] * acc + jnp.einsum("zkgts,zksv->zkgtv", p, v_j)
-            return m_new, row_sum, acc
+        def query_block(args):
+            i, q_i = args
 
-        init = (
-            jnp.full((Z, K, G, cfg.bt), -jnp.inf, q.dtype),
-            jnp.zeros((Z, K, G, cfg.bt), q.dtype),
-            jnp.zeros((Z, K, G, cfg.bt, Vw), q.dtype),
-        )
-        m, row_sum, acc = jax.lax.fori_loop(0, cfg.key_blocks(i, n_s), step, init)
-        empty = row_sum == 0.0
-        row_sum = jnp.where(empty, 1.0, row_sum)
-        stats = jnp.stack([jnp.where(empty, 0.0, m), row_sum], axis=-1)
-        return acc / row_sum[..., None], stats
+            def step(j, carry):
+                m, row_sum, acc = carry
+                k_j = jax.lax.dynamic_slice_in_dim(k_h, j * cfg.bs, cfg.bs, axis=0)
+                v_j = jax.lax.dynamic_slice_in_dim(v_h, j * cfg.bs, cfg.bs, axis=0)
+                s = _block_logits(cfg, q_i, k_j, mask_h, i, j)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                # A row with nothing kept so far has max -inf: shift by 0 so exp gives exact zeros.
+                m_use = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+                p = jnp.exp(s - m_use[..., None])
+                alpha = jnp.exp(m - m_use)
+                row_sum = alpha * row_sum + jnp.sum(p, axis=-1)
+                acc = alpha[..., None] * acc + jnp.einsum("gts,sv->gtv", p, v_j)
+                return m_new, row_sum, acc
 
-    out, stats = jax.lax.map(query_block, jnp.arange(n_t))  # (n_t, Z, K, G, bt, ·)
-    out = jnp.moveaxis(out, 0, 3).reshape(Z, K, G, Tp, Vw)
-    stats = jnp.moveaxis(stats, 0, 3).reshape(Z, K, G, Tp, 2)
-    return out, stats
+            init = (
+                jnp.full((G, cfg.bt), -jnp.inf, q.dtype),
+                jnp.zeros((G, cfg.bt), q.dtype),
+                jnp.zeros((G, cfg.bt, Vw), q.dtype),
+            )
+            m, row_sum, acc = jax.lax.fori_loop(0, cfg.key_blocks(i, n_s), step, init)
+            empty = row_sum == 0.0
+            row_sum = jnp.where(empty, 1.0, row_sum)
+            stats = jnp.stack([jnp.where(empty, 0.0, m), row_sum], axis=-1)
+            return acc / row_sum[..., None], stats
+
+        q_blocks = _blocks(q_h, cfg.bt, 1)
+        if cfg.causal and n_t <= _UNROLL_CAUSAL:
+            # Static block indices give each query block a static key-loop length (see _UNROLL_CAUSAL).
+            outs = [query_block((i, q_blocks[i])) for i in range(n_t)]
+            out, stats = (jnp.stack(x) for x in zip(*outs))
+        else:
+            out, stats = jax.lax.map(query_block, (jnp.arange(n_t), q_blocks))
+        return _unblocks(out, 1), _unblocks(stats, 1)
+
+    return jax.lax.map(head, (jnp.arange(q.shape[0]), q, k, v))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -374,52 +415,64 @@ def _flash_fwd(cfg, q, k, v, mask):
 
 
 def _flash_bwd(cfg, residuals, d_out):
-    """FlashAttention-2 backward: recompute ``p = exp(s - max) / sum`` per block; one pass over query blocks
-    for dq, one over key blocks for dk and dv (each accumulates only its own block: no atomics)."""
+    """FlashAttention-2 backward in one pass per head: for each query block (a scan carrying the head's dk
+    and dv), a loop over its key blocks recomputes ``p = exp(s - max) / sum`` and adds that block's share
+    to dq, dk and dv. The heads and blocks run in sequence, so the accumulations need no atomics and no
+    second pass."""
     q, k, v, mask, out, stats = residuals
-    n_t, n_s = q.shape[3] // cfg.bt, k.shape[2] // cfg.bs
-    delta = jnp.sum(d_out * out, axis=-1)  # (Z, K, G, Tp): rowsum(dO ∘ O)
+    n_s = k.shape[1] // cfg.bs
+    delta = jnp.sum(d_out * out, axis=-1)  # (ZK, G, Tp): rowsum(dO ∘ O)
 
-    def sl(x, start, size, axis):
-        return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+    def head(args):
+        h, q_h, k_h, v_h, do_h, st_h, delta_h = args
+        mask_h = _head_mask(cfg, mask, h)
 
-    def probs_and_dlogits(i, j):
-        q_i, do_i = sl(q, i * cfg.bt, cfg.bt, 3), sl(d_out, i * cfg.bt, cfg.bt, 3)
-        k_j, v_j = sl(k, j * cfg.bs, cfg.bs, 2), sl(v, j * cfg.bs, cfg.bs, 2)
-        s = _block_logits(cfg, q_i, k_j, mask, i, j)
-        st = sl(stats, i * cfg.bt, cfg.bt, 3)
-        p = jnp.exp(s - st[..., 0:1]) / st[..., 1:2]
-        dp = jnp.einsum("zkgtv,zksv->zkgts", do_i, v_j)
-        ds = p * (dp - sl(delta, i * cfg.bt, cfg.bt, 3)[..., None])
-        return q_i, do_i, k_j, p, ds
+        def query_block(carry, xs):
+            i, q_i, do_i, st_i, delta_i = xs
 
-    def dq_block(i):
-        def step(j, dq_i):
-            _, _, k_j, _, ds = probs_and_dlogits(i, j)
-            return dq_i + jnp.einsum("zkgts,zksh->zkgth", ds, k_j)
+            def step(j, inner):
+                dq_i, dk_h, dv_h = inner
+                k_j = jax.lax.dynamic_slice_in_dim(k_h, j * cfg.bs, cfg.bs, axis=0)
+                v_j = jax.lax.dynamic_slice_in_dim(v_h, j * cfg.bs, cfg.bs, axis=0)
+                s = _block_logits(cfg, q_i, k_j, mask_h, i, j)
+                p = jnp.exp(s - st_i[..., 0:1]) / st_i[..., 1:2]
+                dp = jnp.einsum("gtv,sv->gts", do_i, v_j)
+                ds = p * (dp - delta_i[..., None])
+                dq_i = dq_i + jnp.einsum("gts,sh->gth", ds, k_j)
+                dk_j = jax.lax.dynamic_slice_in_dim(dk_h, j * cfg.bs, cfg.bs, axis=0)
+                dv_j = jax.lax.dynamic_slice_in_dim(dv_h, j * cfg.bs, cfg.bs, axis=0)
+                dk_j = dk_j + jnp.einsum("gts,gth->sh", ds, q_i)
+                dv_j = dv_j + jnp.einsum("gts,gtv->sv", p, do_i)
+                dk_h = jax.lax.dynamic_update_slice_in_dim(dk_h, dk_j, j * cfg.bs, axis=0)
+                dv_h = jax.lax.dynamic_update_slice_in_dim(dv_h, dv_j, j * cfg.bs, axis=0)
+                return dq_i, dk_h, dv_h
 
-        init = jnp.zeros(q.shape[:3] + (cfg.bt, q.shape[-1]), q.dtype)
-        return jax.lax.fori_loop(0, cfg.key_blocks(i, n_s), step, init)
+            dk_h, dv_h = carry
+            dq_i, dk_h, dv_h = jax.lax.fori_loop(
+                0, cfg.key_blocks(i, n_s), step, (jnp.zeros_like(q_i), dk_h, dv_h)
+            )
+            return (dk_h, dv_h), dq_i
 
-    def dkv_block(j):
-        def step(i, carry):
-            dk_j, dv_j = carry
-            q_i, do_i, _, p, ds = probs_and_dlogits(i, j)
-            dv_j = dv_j + jnp.einsum("zkgts,zkgtv->zksv", p, do_i)
-            dk_j = dk_j + jnp.einsum("zkgts,zkgth->zksh", ds, q_i)
-            return dk_j, dv_j
-
-        init = (
-            jnp.zeros(k.shape[:2] + (cfg.bs, k.shape[-1]), k.dtype),
-            jnp.zeros(v.shape[:2] + (cfg.bs, v.shape[-1]), v.dtype),
+        n_t = q_h.shape[1] // cfg.bt
+        xs = (
+            jnp.arange(n_t),
+            _blocks(q_h, cfg.bt, 1),
+            _blocks(do_h, cfg.bt, 1),
+            _blocks(st_h, cfg.bt, 1),
+            _blocks(delta_h, cfg.bt, 1),
         )
-        return jax.lax.fori_loop(cfg.first_query_block(j), n_t, step, init)
+        carry = (jnp.zeros_like(k_h), jnp.zeros_like(v_h))
+        if cfg.causal and n_t <= _UNROLL_CAUSAL:
+            dq = []
+            for i in range(n_t):
+                carry, dq_i = query_block(carry, (i, *(x[i] for x in xs[1:])))
+                dq.append(dq_i)
+            (dk_h, dv_h), dq = carry, jnp.stack(dq)
+        else:
+            (dk_h, dv_h), dq = jax.lax.scan(query_block, carry, xs)
+        return _unblocks(dq, 1), dk_h, dv_h
 
-    dq = jax.lax.map(dq_block, jnp.arange(n_t))
-    dq = jnp.moveaxis(dq, 0, 3).reshape(q.shape)
-    dk, dv = jax.lax.map(dkv_block, jnp.arange(n_s))
-    dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)
-    dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
+    dq, dk, dv = jax.lax.map(head, (jnp.arange(q.shape[0]), q, k, v, d_out, stats, delta))
     if mask is None:
         d_mask = None
     elif mask.dtype == jnp.bool_:

@@ -56,3 +56,34 @@ def test_fast_path_matches_oracle_and_math(all_vectors, results, impl, name):
     _assert_all_ok(agree.between(vec, res, math), f"{impl} vs math on {name}")
     if "fully_masked" in name:
         assert all(np.all(np.isfinite(x)) for x in res.values())
+
+
+# The shared vectors are short (T, S <= 8), so at the default block size (attn_spec.blocks.MAX_BLOCK) the
+# blocked paths see one block. Shrinking the block to 3 makes them run many blocks with padding, the
+# online-softmax rescaling across key blocks, causal skipping (T != S too) and per-block masks, and the
+# JAX custom VJP's accumulation of dk/dv across query blocks. ``unroll=0`` forces the JAX causal path that
+# loops over query blocks with a traced index (used when a call has more than 8 query blocks).
+BLOCK_CASES = [*JAX_CASES, "causal_T_lt_S", "causal_square", "mask_rank3_NTS", "large_logits"]
+CAUSAL_BLOCK_CASES = [n for n in BLOCK_CASES if n.startswith(("causal", "gqa_G2_causal"))]
+MULTI_BLOCK = (
+    [("jax_attn_blocked", n, None) for n in BLOCK_CASES]
+    + [("jax_attn_blocked", n, 0) for n in CAUSAL_BLOCK_CASES]
+    + [("torch_attn_blocked", n, None) for n in BLOCK_CASES]
+)
+
+
+@pytest.mark.parametrize(("impl", "name", "unroll"), MULTI_BLOCK)
+def test_blocked_path_with_many_small_blocks(all_vectors, monkeypatch, impl, name, unroll):
+    import attn_spec.blocks
+    import jax_attn.functional
+
+    monkeypatch.setattr(attn_spec.blocks, "MAX_BLOCK", 3)
+    if unroll is not None:
+        monkeypatch.setattr(jax_attn.functional, "_UNROLL_CAUSAL", unroll)
+    vec = all_vectors[name]
+    T, S = vec.arrays["q"].shape[-2], vec.arrays["k"].shape[-2]
+    assert max(T, S) > 3 and attn_spec.blocks.block_sizes(T, S) == (min(T, 3), min(S, 3))  # several blocks
+    res = runners.IMPLEMENTATIONS[impl](vec)
+    _assert_all_ok(agree.against_oracle(vec, res), f"{impl} (3-blocks) vs oracle on {name}")
+    if "fully_masked" in name:
+        assert all(np.all(np.isfinite(x)) for x in res.values())

@@ -25,13 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from attn_spec import check_implementation, check_sdpa
+from attn_spec.blocks import block_sizes
 from torch_attn.masks import causal_mask
 
 logger = logging.getLogger(__name__)
-
-#: Block sizes of ``implementation="blocked"`` (query rows, key columns per step), as in the JAX twin.
-BLOCK_T = 128
-BLOCK_S = 128
 
 
 def _spec(x) -> tuple[tuple[int, ...], str] | None:
@@ -227,7 +224,7 @@ def _grouped(query, key, value, attn_mask, shapes):
 
 
 def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
-    """Flash-attention style SDPA: for each block of BLOCK_T queries, a loop over blocks of BLOCK_S keys
+    """Flash-attention style SDPA: for each block of ``bt`` queries, a loop over blocks of ``bs`` keys
     keeping a running row max, row sum and unnormalised output (online softmax). With ``is_causal`` the
     loop stops at the diagonal: key blocks wholly above it are never computed. Memory (forward, no grad):
     one block of logits per step. Gradients come from autograd through the loop (it keeps every block's
@@ -238,18 +235,19 @@ def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
     q = q * scale  # fusing the scale into q: one multiply of (T, H) instead of one of (T, S)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(ct)
+    bt, bs = block_sizes(T, S)  # shared with the JAX twin
     outs = []
-    for t0 in range(0, T, BLOCK_T):
-        q_i = q[..., t0 : t0 + BLOCK_T, :]
-        bt = q_i.shape[-2]
-        rows = torch.arange(t0, t0 + bt, device=q.device)[:, None]
+    for t0 in range(0, T, bt):
+        q_i = q[..., t0 : t0 + bt, :]
+        t1 = t0 + q_i.shape[-2]  # the last block may be shorter
+        rows = torch.arange(t0, t1, device=q.device)[:, None]
         m = torch.full(q_i.shape[:-1], -torch.inf, dtype=ct, device=q.device)
         row_sum = torch.zeros_like(m)
         acc = torch.zeros(*q_i.shape[:-1], shapes.V, dtype=ct, device=q.device)
-        # top-left causal: query t sees keys s <= t, so this block needs keys below t0 + bt only
-        s_end = min(S, t0 + bt) if is_causal else S
-        for s0 in range(0, s_end, BLOCK_S):
-            k_j, v_j = k[..., s0 : s0 + BLOCK_S, :], v[..., s0 : s0 + BLOCK_S, :]
+        # top-left causal: query t sees keys s <= t, so this block needs keys below t1 only
+        s_end = min(S, t1) if is_causal else S
+        for s0 in range(0, s_end, bs):
+            k_j, v_j = k[..., s0 : s0 + bs, :], v[..., s0 : s0 + bs, :]
             s = torch.einsum("zkgth,zksh->zkgts", q_i, k_j)
             keep = None
             if is_causal:
@@ -257,7 +255,7 @@ def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
             if mask is not None:
                 mb = mask
                 if mb.shape[-2] != 1:
-                    mb = mb[..., t0 : t0 + bt, :]
+                    mb = mb[..., t0:t1, :]
                 if mb.shape[-1] != 1:
                     mb = mb[..., s0 : s0 + k_j.shape[-2]]
                 if mb.dtype == torch.bool:

@@ -177,14 +177,18 @@ def build_jax_attn_sdpa(case: Case, ctx: Context) -> Prepared:
 def _build_jax_attn_sdpa_impl(implementation: str) -> Callable[[Case, Context], Prepared]:
     def build(case: Case, ctx: Context) -> Prepared:
         import jax_attn
-        from jax_attn.functional import BLOCK_S, BLOCK_T, fused_backend
+        from attn_spec.blocks import block_sizes
+        from jax_attn.functional import fused_backend
 
         def f(q_BNTH, k_BNSH, v_BNSH):
             return jax_attn.scaled_dot_product_attention(
                 q_BNTH, k_BNSH, v_BNSH, is_causal=case.causal, implementation=implementation
             )
 
-        detail = f"blocks {BLOCK_T}x{BLOCK_S}" if implementation == "blocked" else fused_backend(case.dtype)
+        if implementation == "blocked":
+            detail = "blocks {}x{}, one head at a time".format(*block_sizes(case.T, case.S))
+        else:
+            detail = fused_backend(case.dtype)
         return jax_for_mode(
             f, _qkv_jax(case, "BNTH"), case, f"XLA: jax_attn implementation={implementation} ({detail})"
         )
