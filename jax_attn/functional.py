@@ -278,6 +278,11 @@ def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
 #: has a static trip count, which XLA unrolls like the non-causal one. With a traced count (lax.map) the
 #: causal B2 T2048 forward ran slower than the non-causal one despite doing 10 of 16 blocks.
 _UNROLL_CAUSAL = 8
+#: In such a causal call, a query block whose keys up to the diagonal number at most this many takes them
+#: in (at most) two static ranges, not in key blocks: the keys every row sees in one product without the
+#: causal comparison, the diagonal band with it. No online-softmax rescaling between blocks, bigger GEMMs.
+_ROWS_MAX_KEYS = 4096
+_ALIGN_KEYS = 8
 
 
 class _BlockConfig(tuple):
@@ -315,14 +320,16 @@ def _head_mask(cfg, mask, h):
     )
 
 
-def _block_logits(cfg, q_i, k_j, mask_h, i, j):
-    """Logits ``(G, bt, bs)`` of query block i (``(G, bt, H)``) against key block j (``(bs, H)``), masked
-    entries -inf. No batch dimension: the product is one 2-D GEMM ``(G·bt, H) × (H, bs)``."""
-    s = jnp.einsum("gth,sh->gts", q_i, k_j)
+def _block_logits(cfg, q_i, k_c, mask_h, i, c0):
+    """Logits ``(G, bt, C)`` of query block i (``(G, bt, H)``) against the C keys ``k_c`` that start at
+    column ``c0`` (static or traced), masked entries -inf. No batch dimension: the product is one 2-D GEMM
+    ``(G·bt, H) × (H, C)``."""
+    n_cols = k_c.shape[0]
+    s = jnp.einsum("gth,sh->gts", q_i, k_c)
     rows = i * cfg.bt + jnp.arange(cfg.bt)[:, None]
-    cols = j * cfg.bs + jnp.arange(cfg.bs)[None, :]
+    cols = c0 + jnp.arange(n_cols)[None, :]
     keep = None
-    if cfg.causal:
+    if cfg.causal and not _below_diagonal(cfg, i, c0, n_cols):
         keep = cols <= rows
     if cfg.S % cfg.bs:
         valid = cols < cfg.S  # padded keys
@@ -332,12 +339,37 @@ def _block_logits(cfg, q_i, k_j, mask_h, i, j):
         if m.shape[-2] != 1:
             m = jax.lax.dynamic_slice_in_dim(m, i * cfg.bt, cfg.bt, axis=1)
         if m.shape[-1] != 1:
-            m = jax.lax.dynamic_slice_in_dim(m, j * cfg.bs, cfg.bs, axis=2)
+            m = jax.lax.dynamic_slice_in_dim(m, c0, n_cols, axis=2)
         if m.dtype == jnp.bool_:
             keep = m if keep is None else keep & m
         else:
             s = s + m
     return s if keep is None else jnp.where(keep, s, -jnp.inf)
+
+
+def _below_diagonal(cfg, i, c0, n_cols) -> bool:
+    """Whether columns ``[c0, c0 + n_cols)`` are all visible to every row of query block i (known only for
+    static indices): then the causal comparison is skipped."""
+    if not (isinstance(i, int) and isinstance(c0, int)):
+        return False
+    return c0 + n_cols - 1 <= i * cfg.bt
+
+
+def _key_ranges(cfg, i, n_s):
+    """The key column ranges query block i visits, as ``(traced loop count, None)`` or, for a static causal
+    block, a list of static ``(c0, n_cols)`` ranges: the keys wholly below the diagonal in one range
+    (one GEMM, no causal comparison) and the rest up to the diagonal in another."""
+    if not (cfg.causal and isinstance(i, int)):
+        return cfg.key_blocks(i, n_s), None
+    end = min(cfg.bs * n_s, (i + 1) * cfg.bt)  # keys past the block's last row are never visible
+    if cfg.bs * n_s > _ROWS_MAX_KEYS:
+        return cfg.key_blocks(i, n_s), None  # long keys: stay in blocks (bounded memory)
+    full = min(end, i * cfg.bt + 1)  # columns <= the block's first row: visible to all its rows
+    full = (full // _ALIGN_KEYS) * _ALIGN_KEYS
+    ranges = [(0, full)] if full else []
+    if end > full:
+        ranges.append((full, end - full))
+    return None, ranges
 
 
 def _blocks(x, size, axis):
@@ -367,26 +399,33 @@ def _flash_forward(cfg, q, k, v, mask):
         def query_block(args):
             i, q_i = args
 
-            def step(j, carry):
+            def keys(carry, c0, n_cols):
                 m, row_sum, acc = carry
-                k_j = jax.lax.dynamic_slice_in_dim(k_h, j * cfg.bs, cfg.bs, axis=0)
-                v_j = jax.lax.dynamic_slice_in_dim(v_h, j * cfg.bs, cfg.bs, axis=0)
-                s = _block_logits(cfg, q_i, k_j, mask_h, i, j)
+                k_c = jax.lax.dynamic_slice_in_dim(k_h, c0, n_cols, axis=0)
+                v_c = jax.lax.dynamic_slice_in_dim(v_h, c0, n_cols, axis=0)
+                s = _block_logits(cfg, q_i, k_c, mask_h, i, c0)
                 m_new = jnp.maximum(m, jnp.max(s, axis=-1))
                 # A row with nothing kept so far has max -inf: shift by 0 so exp gives exact zeros.
                 m_use = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                 p = jnp.exp(s - m_use[..., None])
                 alpha = jnp.exp(m - m_use)
                 row_sum = alpha * row_sum + jnp.sum(p, axis=-1)
-                acc = alpha[..., None] * acc + jnp.einsum("gts,sv->gtv", p, v_j)
+                acc = alpha[..., None] * acc + jnp.einsum("gts,sv->gtv", p, v_c)
                 return m_new, row_sum, acc
 
-            init = (
+            carry = (
                 jnp.full((G, cfg.bt), -jnp.inf, q.dtype),
                 jnp.zeros((G, cfg.bt), q.dtype),
                 jnp.zeros((G, cfg.bt, Vw), q.dtype),
             )
-            m, row_sum, acc = jax.lax.fori_loop(0, cfg.key_blocks(i, n_s), step, init)
+            count, ranges = _key_ranges(cfg, i, n_s)
+            if ranges is None:
+                step = lambda j, c: keys(c, j * cfg.bs, cfg.bs)  # noqa: E731
+                carry = jax.lax.fori_loop(0, count, step, carry)
+            else:
+                for c0, n_cols in ranges:
+                    carry = keys(carry, c0, n_cols)
+            m, row_sum, acc = carry
             empty = row_sum == 0.0
             row_sum = jnp.where(empty, 1.0, row_sum)
             stats = jnp.stack([jnp.where(empty, 0.0, m), row_sum], axis=-1)
@@ -394,7 +433,7 @@ def _flash_forward(cfg, q, k, v, mask):
 
         q_blocks = _blocks(q_h, cfg.bt, 1)
         if cfg.causal and n_t <= _UNROLL_CAUSAL:
-            # Static block indices give each query block a static key-loop length (see _UNROLL_CAUSAL).
+            # Static block indices give each query block static key ranges (see _UNROLL_CAUSAL).
             outs = [query_block((i, q_blocks[i])) for i in range(n_t)]
             out, stats = (jnp.stack(x) for x in zip(*outs))
         else:
@@ -430,27 +469,33 @@ def _flash_bwd(cfg, residuals, d_out):
         def query_block(carry, xs):
             i, q_i, do_i, st_i, delta_i = xs
 
-            def step(j, inner):
+            def keys(inner, c0, n_cols):
                 dq_i, dk_h, dv_h = inner
-                k_j = jax.lax.dynamic_slice_in_dim(k_h, j * cfg.bs, cfg.bs, axis=0)
-                v_j = jax.lax.dynamic_slice_in_dim(v_h, j * cfg.bs, cfg.bs, axis=0)
-                s = _block_logits(cfg, q_i, k_j, mask_h, i, j)
+                k_c = jax.lax.dynamic_slice_in_dim(k_h, c0, n_cols, axis=0)
+                v_c = jax.lax.dynamic_slice_in_dim(v_h, c0, n_cols, axis=0)
+                s = _block_logits(cfg, q_i, k_c, mask_h, i, c0)
                 p = jnp.exp(s - st_i[..., 0:1]) / st_i[..., 1:2]
-                dp = jnp.einsum("gtv,sv->gts", do_i, v_j)
+                dp = jnp.einsum("gtv,sv->gts", do_i, v_c)
                 ds = p * (dp - delta_i[..., None])
-                dq_i = dq_i + jnp.einsum("gts,sh->gth", ds, k_j)
-                dk_j = jax.lax.dynamic_slice_in_dim(dk_h, j * cfg.bs, cfg.bs, axis=0)
-                dv_j = jax.lax.dynamic_slice_in_dim(dv_h, j * cfg.bs, cfg.bs, axis=0)
-                dk_j = dk_j + jnp.einsum("gts,gth->sh", ds, q_i)
-                dv_j = dv_j + jnp.einsum("gts,gtv->sv", p, do_i)
-                dk_h = jax.lax.dynamic_update_slice_in_dim(dk_h, dk_j, j * cfg.bs, axis=0)
-                dv_h = jax.lax.dynamic_update_slice_in_dim(dv_h, dv_j, j * cfg.bs, axis=0)
+                dq_i = dq_i + jnp.einsum("gts,sh->gth", ds, k_c)
+                dk_c = jax.lax.dynamic_slice_in_dim(dk_h, c0, n_cols, axis=0)
+                dv_c = jax.lax.dynamic_slice_in_dim(dv_h, c0, n_cols, axis=0)
+                dk_c = dk_c + jnp.einsum("gts,gth->sh", ds, q_i)
+                dv_c = dv_c + jnp.einsum("gts,gtv->sv", p, do_i)
+                dk_h = jax.lax.dynamic_update_slice_in_dim(dk_h, dk_c, c0, axis=0)
+                dv_h = jax.lax.dynamic_update_slice_in_dim(dv_h, dv_c, c0, axis=0)
                 return dq_i, dk_h, dv_h
 
             dk_h, dv_h = carry
-            dq_i, dk_h, dv_h = jax.lax.fori_loop(
-                0, cfg.key_blocks(i, n_s), step, (jnp.zeros_like(q_i), dk_h, dv_h)
-            )
+            inner = (jnp.zeros_like(q_i), dk_h, dv_h)
+            count, ranges = _key_ranges(cfg, i, n_s)
+            if ranges is None:
+                step = lambda j, c: keys(c, j * cfg.bs, cfg.bs)  # noqa: E731
+                inner = jax.lax.fori_loop(0, count, step, inner)
+            else:
+                for c0, n_cols in ranges:
+                    inner = keys(inner, c0, n_cols)
+            dq_i, dk_h, dv_h = inner
             return (dk_h, dv_h), dq_i
 
         n_t = q_h.shape[1] // cfg.bt
