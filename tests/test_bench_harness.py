@@ -296,3 +296,42 @@ def test_jobs_run_smallest_sequence_first():
     jobs = runner.plan_jobs(smoke("cpu"), runner.selected_impls(runner.BenchConfig(threads=1))[0])
     Ts = [j["case"]["T"] for j in jobs["jax"]]
     assert Ts == sorted(Ts)
+
+
+def test_merge_rounds_keeps_the_median_round_of_each_row():
+    a, b = _rec("x", "jax", "", 3.0), _rec("y", "torch", "", 1.0, T=256)
+    rounds = [
+        [a, b],
+        [{**a, "median_s": 1.0}, {**b, "status": "error", "median_s": None}],
+        [{**a, "median_s": 2.0}, {**b, "median_s": 5.0}],
+    ]
+    merged = runner.merge_rounds(rounds)
+    assert [m["impl"] for m in merged] == ["x", "y"]
+    assert merged[0]["median_s"] == 2.0 and merged[0]["round_median_s"] == [3.0, 1.0, 2.0]
+    # two ok rounds of three: the lower middle (the faster), and the failed round is not counted
+    assert merged[1]["median_s"] == 1.0 and merged[1]["round_median_s"] == [1.0, 5.0]
+    assert merged[0]["rounds"] == merged[1]["rounds"] == 3
+    failed = [{**b, "status": "error"}] * 2
+    assert runner.merge_rounds([failed[:1], failed[1:]])[0]["status"] == "error"
+    assert runner.merge_rounds([[a, b]]) == [a, b]  # one round: untouched
+
+
+def test_rounds_alternate_the_frameworks():
+    preset = Preset(name="t", device="cpu", cases=tuple(_cases()[:1]), gemm_n=32, timing=TINY)
+    config = runner.BenchConfig(
+        threads=1,
+        frameworks=("torch",),
+        impl_filter=("fake.ok",),
+        extra_impls=("bench_fake_impls:FAKE_IMPLS",),
+        rounds=2,
+    )
+    events = []
+    doc = runner.run_bench(preset, config, events.append)
+    assert [(e["round"], e["framework"]) for e in events if e["event"] == "round"] == [
+        (1, "torch"),
+        (2, "torch"),
+    ]
+    assert events[0] == {"event": "plan", "total": 2 * (1 + 1)}
+    rows = [r for r in doc["records"] if r["impl"] == "fake.ok"]
+    assert len(rows) == 1 and rows[0]["rounds"] == 2 and len(rows[0]["round_median_s"]) == 2
+    assert "rounds: 2" in report.markdown({**doc, "ratios": report.speedups(doc["records"])})

@@ -55,6 +55,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="leave each framework's default matmul precision (TF32 on GPU) instead of pinning fp32",
     )
     p.add_argument("--job-timeout", type=float, default=600.0, help="kill a worker silent this long (s)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the sweep this many times, frameworks taking turns; each row reports its median round "
+        "(steadier ratios on a shared, noisy machine)",
+    )
     p.add_argument("--extra-impls", action="append", default=[], help="module:ATTR, a tuple of Impl to add")
     p.add_argument(
         "--mesh",
@@ -119,6 +126,7 @@ def run(args) -> int:
         pin_precision=not args.framework_defaults,
         extra_impls=tuple(args.extra_impls),
         job_timeout_s=args.job_timeout,
+        rounds=args.rounds,
     )
     out = Path(args.out) if args.out else default_out()
     console.print(
@@ -144,6 +152,8 @@ def run(args) -> int:
                 bar.update(
                     task, description=f"{ev['framework']} worker up ({ev['meta'].get('import_s', 0):.1f} s)"
                 )
+            elif ev["event"] == "round":
+                bar.console.print(f"round {ev['round']}/{ev['rounds']}: {ev['framework']}")
             elif ev["event"] == "start":
                 bar.update(task, description=escape(ev["id"]))
             elif ev["event"] == "record":

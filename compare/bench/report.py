@@ -222,6 +222,7 @@ def markdown(doc: dict) -> str:
             f"{r['framework']}: {r.get('precision')}" for r in {r["framework"]: r for r in recs}.values()
         ),
         f"- timing: {doc['timing_settings']}",
+        _rounds_note(doc),
         _load_note(recs),
         "- FLOPs: attention 4·B·N·T·S·H (causal credited half), backward 2.5× forward, "
         "projections 2·B·T·E·E per linear; speedup = torch time / jax_attn time (> 1: jax_attn faster)",
@@ -243,6 +244,16 @@ def markdown(doc: dict) -> str:
         lines += [f"- `{n['impl']}`: {n['reason']}" for n in not_run]
         lines.append("")
     return "\n".join(lines)
+
+
+def _rounds_note(doc: dict) -> str:
+    rounds = doc.get("config", {}).get("rounds", 1)
+    if rounds <= 1:
+        return "- rounds: 1 (each framework's rows measured in one pass)"
+    return (
+        f"- rounds: {rounds}, the frameworks taking turns (jax, torch, jax, …); each row shows its median "
+        "round (`round_median_s` in bench.json lists them all)"
+    )
 
 
 def _load_note(recs: list[dict]) -> str:

@@ -38,6 +38,7 @@ class BenchConfig:
     extra_impls: tuple[str, ...] = ()  # "module:ATTR" tuples of Impl, for plug-ins and tests
     job_timeout_s: float = 600.0  # a worker silent for this long is killed; its job becomes "timeout"
     max_restarts: int = 5
+    rounds: int = 1  # sweeps, the frameworks taking turns; each row keeps its median round (see merge_rounds)
 
 
 def detect_device() -> str:
@@ -278,22 +279,28 @@ def run_bench(
     impls, not_run = selected_impls(config, _table(config))
     jobs = plan_jobs(preset, impls)
     total = sum(len(v) + len({j["case"]["dtype"] for j in v}) for v in jobs.values())
-    on_event({"event": "plan", "total": total})
-    records: list[dict] = []
+    on_event({"event": "plan", "total": total * max(1, config.rounds)})
     # relative cost of a job: a JAX job also compiles (forward+backward takes seconds on a small CPU)
     weight = {"jax": 2.0, "torch": 1.0}
-    todo = {fw: weight.get(fw, 1.0) * sum(j["skip"] is None for j in js) for fw, js in jobs.items()}
-    for framework in config.frameworks:
-        if not jobs.get(framework):
-            continue
+    rounds = max(1, config.rounds)
+    # (round, framework) turns in order: jax, torch, jax, torch… so that slow drifts of a shared machine's
+    # speed hit both frameworks alike instead of whichever ran during the slow minutes
+    turns = [(r, fw) for r in range(rounds) for fw in config.frameworks if jobs.get(fw)]
+    todo = {t: weight.get(t[1], 1.0) * sum(j["skip"] is None for j in jobs[t[1]]) for t in turns}
+    by_round: list[list[dict]] = [[] for _ in range(rounds)]
+    for turn in turns:
+        r, framework = turn
         deadline = None
         if preset.wall_budget_s is not None:
-            # each worker gets the time left in proportion to the (weighted) jobs it has to run
+            # each turn gets the time left in proportion to the (weighted) jobs it has to run
             left = preset.wall_budget_s - (time.perf_counter() - t0)
-            share = left * todo[framework] / max(1, sum(todo.values()))
+            share = left * todo[turn] / max(1, sum(todo.values()))
             deadline = time.time() + share
-        records += run_framework(framework, jobs[framework], preset, config, run_id, on_event, deadline)
-        todo.pop(framework)
+        if rounds > 1:
+            on_event({"event": "round", "round": r + 1, "rounds": rounds, "framework": framework})
+        by_round[r] += run_framework(framework, jobs[framework], preset, config, run_id, on_event, deadline)
+        todo.pop(turn)
+    records = merge_rounds(by_round)
     attach_ceilings(records)
     return {
         "schema": worker.SCHEMA,
@@ -310,6 +317,42 @@ def run_bench(
         "wall_s": time.perf_counter() - t0,
         "records": records,
     }
+
+
+def _row_key(rec: dict) -> tuple:
+    return (rec.get("impl"), rec.get("mode"), rec.get("causal"), rec.get("dtype"), *report_case_key(rec))
+
+
+def report_case_key(rec: dict) -> tuple:
+    return tuple(rec.get(k) for k in ("B", "N", "T", "H"))
+
+
+def merge_rounds(by_round: list[list[dict]]) -> list[dict]:
+    """One record per row from several rounds: the ok round with the median time (the lower middle for
+    an even count), with every ok round's median kept in ``round_median_s``. A row ok in no round keeps
+    its first round's record. One round: the records unchanged."""
+    if len(by_round) == 1:
+        return by_round[0]
+    order: list[tuple] = []
+    rows: dict[tuple, list[dict]] = {}
+    for recs in by_round:
+        for rec in recs:
+            key = _row_key(rec)
+            if key not in rows:
+                order.append(key)
+                rows[key] = []
+            rows[key].append(rec)
+    merged = []
+    for key in order:
+        ok = sorted((r for r in rows[key] if r.get("status") == "ok"), key=lambda r: r["median_s"])
+        if not ok:
+            merged.append(rows[key][0])
+            continue
+        pick = dict(ok[(len(ok) - 1) // 2])
+        pick["rounds"] = len(rows[key])
+        pick["round_median_s"] = [r["median_s"] for r in rows[key] if r.get("status") == "ok"]
+        merged.append(pick)
+    return merged
 
 
 def _table(config: BenchConfig) -> tuple[Impl, ...]:
