@@ -11,6 +11,13 @@ overhead. A length is cut into the fewest blocks of at most ``MAX_BLOCK`` and th
 from __future__ import annotations
 
 MAX_BLOCK = 512
+#: Causal calls longer than one block cut the queries into about this many blocks (each at least
+#: MIN_CAUSAL_BLOCK rows, at most MAX_BLOCK) so that the tiles above the diagonal are skipped: at T = 1024,
+#: four 256-blocks compute 10 of 16 query×key tiles where two 512-blocks compute 3 of 4. Measured on the
+#: 2-core CPU (B2 N8 T1024 H64): forward 0.75× torch's fused kernel with four blocks vs 0.61× with two. At
+#: T = 512 one block stays fastest (smaller blocks lose more GEMM efficiency than the skipping saves).
+CAUSAL_QUERY_BLOCKS = 4
+MIN_CAUSAL_BLOCK = 256
 _ALIGN = 8
 
 
@@ -28,6 +35,10 @@ def block_size(length: int, max_block: int | None = None) -> int:
     return min(max_block, -(-size // _ALIGN) * _ALIGN) if max_block >= _ALIGN else size
 
 
-def block_sizes(T: int, S: int) -> tuple[int, int]:
-    """``(bt, bs)``: query and key block sizes for T queries and S keys."""
-    return block_size(T), block_size(S)
+def block_sizes(T: int, S: int, causal: bool = False) -> tuple[int, int]:
+    """``(bt, bs)``: query and key block sizes for T queries and S keys (smaller query blocks when causal,
+    see :data:`CAUSAL_QUERY_BLOCKS`)."""
+    if not causal or T <= MAX_BLOCK:
+        return block_size(T), block_size(S)
+    wanted = max(MIN_CAUSAL_BLOCK, -(-T // CAUSAL_QUERY_BLOCKS))
+    return block_size(T, min(MAX_BLOCK, wanted)), block_size(S)

@@ -255,7 +255,7 @@ def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
     ct = _compute_dtype(query.dtype)
     T, S = shapes.T, shapes.S
     q, k, v, mask = _grouped(query.astype(ct), key.astype(ct), value.astype(ct), attn_mask, shapes)
-    bt, bs = block_sizes(T, S)
+    bt, bs = block_sizes(T, S, bool(is_causal))
     Tp, Sp = -(-T // bt) * bt, -(-S // bs) * bs
     Z, K, G = q.shape[:3]
     # One row per key/value head; the scale is fused into q (one multiply of (T, H), not of (T, S)).

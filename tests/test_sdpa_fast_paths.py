@@ -72,14 +72,21 @@ MULTI_BLOCK = (
 )
 
 
-@pytest.mark.parametrize(("impl", "name", "unroll"), MULTI_BLOCK)
-def test_blocked_path_with_many_small_blocks(all_vectors, monkeypatch, impl, name, unroll):
+def _small_blocks(monkeypatch, max_block, unroll):
     import attn_spec.blocks
     import jax_attn.functional
 
-    monkeypatch.setattr(attn_spec.blocks, "MAX_BLOCK", 3)
+    monkeypatch.setattr(attn_spec.blocks, "MAX_BLOCK", max_block)
+    monkeypatch.setattr(attn_spec.blocks, "MIN_CAUSAL_BLOCK", 2)
     if unroll is not None:
         monkeypatch.setattr(jax_attn.functional, "_UNROLL_CAUSAL", unroll)
+
+
+@pytest.mark.parametrize(("impl", "name", "unroll"), MULTI_BLOCK)
+def test_blocked_path_with_many_small_blocks(all_vectors, monkeypatch, impl, name, unroll):
+    import attn_spec.blocks
+
+    _small_blocks(monkeypatch, 3, unroll)
     vec = all_vectors[name]
     T, S = vec.arrays["q"].shape[-2], vec.arrays["k"].shape[-2]
     assert max(T, S) > 3 and attn_spec.blocks.block_sizes(T, S) == (min(T, 3), min(S, 3))  # several blocks
@@ -87,3 +94,18 @@ def test_blocked_path_with_many_small_blocks(all_vectors, monkeypatch, impl, nam
     _assert_all_ok(agree.against_oracle(vec, res), f"{impl} (3-blocks) vs oracle on {name}")
     if "fully_masked" in name:
         assert all(np.all(np.isfinite(x)) for x in res.values())
+
+
+@pytest.mark.parametrize("unroll", [None, 0])
+@pytest.mark.parametrize("name", ["causal_square", "causal_T_gt_S"])
+def test_causal_blocked_path_with_unequal_query_and_key_blocks(all_vectors, monkeypatch, name, unroll):
+    """Causal query blocks of 2 against key blocks of 3: the diagonal cuts key blocks mid-way."""
+    import attn_spec.blocks
+
+    _small_blocks(monkeypatch, 4, unroll)
+    vec = all_vectors[name]
+    T, S = vec.arrays["q"].shape[-2], vec.arrays["k"].shape[-2]
+    bt, bs = attn_spec.blocks.block_sizes(T, S, causal=True)
+    assert bt == 2 and bs == 3  # T = 6 or 7 queries in blocks of 2; S = 6 keys in blocks of 3, or S = 3
+    res = runners.IMPLEMENTATIONS["jax_attn_blocked"](vec)
+    _assert_all_ok(agree.against_oracle(vec, res), f"jax_attn_blocked ({bt}x{bs} blocks) vs oracle on {name}")

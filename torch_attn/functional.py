@@ -235,7 +235,7 @@ def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
     q = q * scale  # fusing the scale into q: one multiply of (T, H) instead of one of (T, S)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(ct)
-    bt, bs = block_sizes(T, S)  # shared with the JAX twin
+    bt, bs = block_sizes(T, S, bool(is_causal))  # shared with the JAX twin
     outs = []
     for t0 in range(0, T, bt):
         q_i = q[..., t0 : t0 + bt, :]

@@ -186,7 +186,7 @@ def _build_jax_attn_sdpa_impl(implementation: str) -> Callable[[Case, Context], 
             )
 
         if implementation == "blocked":
-            detail = "blocks {}x{}, one head at a time".format(*block_sizes(case.T, case.S))
+            detail = "blocks {}x{}, one head at a time".format(*block_sizes(case.T, case.S, case.causal))
         else:
             detail = fused_backend(case.dtype)
         return jax_for_mode(
