@@ -372,6 +372,17 @@ def _key_ranges(cfg, i, n_s):
     return None, ranges
 
 
+def _over_keys(cfg, i, n_s, keys, carry):
+    """``carry`` through ``keys(carry, c0, n_cols)`` for every key range query block i visits: a loop over
+    key blocks, or the static ranges of :func:`_key_ranges`."""
+    count, ranges = _key_ranges(cfg, i, n_s)
+    if ranges is None:
+        return jax.lax.fori_loop(0, count, lambda j, c: keys(c, j * cfg.bs, cfg.bs), carry)
+    for c0, n_cols in ranges:
+        carry = keys(carry, c0, n_cols)
+    return carry
+
+
 def _blocks(x, size, axis):
     """``x`` cut into blocks of ``size`` along ``axis``, the block index moved to the front."""
     shape = x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1 :]
@@ -418,14 +429,7 @@ def _flash_forward(cfg, q, k, v, mask):
                 jnp.zeros((G, cfg.bt), q.dtype),
                 jnp.zeros((G, cfg.bt, Vw), q.dtype),
             )
-            count, ranges = _key_ranges(cfg, i, n_s)
-            if ranges is None:
-                step = lambda j, c: keys(c, j * cfg.bs, cfg.bs)  # noqa: E731
-                carry = jax.lax.fori_loop(0, count, step, carry)
-            else:
-                for c0, n_cols in ranges:
-                    carry = keys(carry, c0, n_cols)
-            m, row_sum, acc = carry
+            m, row_sum, acc = _over_keys(cfg, i, n_s, keys, carry)
             empty = row_sum == 0.0
             row_sum = jnp.where(empty, 1.0, row_sum)
             stats = jnp.stack([jnp.where(empty, 0.0, m), row_sum], axis=-1)
@@ -487,15 +491,7 @@ def _flash_bwd(cfg, residuals, d_out):
                 return dq_i, dk_h, dv_h
 
             dk_h, dv_h = carry
-            inner = (jnp.zeros_like(q_i), dk_h, dv_h)
-            count, ranges = _key_ranges(cfg, i, n_s)
-            if ranges is None:
-                step = lambda j, c: keys(c, j * cfg.bs, cfg.bs)  # noqa: E731
-                inner = jax.lax.fori_loop(0, count, step, inner)
-            else:
-                for c0, n_cols in ranges:
-                    inner = keys(inner, c0, n_cols)
-            dq_i, dk_h, dv_h = inner
+            dq_i, dk_h, dv_h = _over_keys(cfg, i, n_s, keys, (jnp.zeros_like(q_i), dk_h, dv_h))
             return (dk_h, dv_h), dq_i
 
         n_t = q_h.shape[1] // cfg.bt
