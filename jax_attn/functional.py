@@ -274,14 +274,17 @@ def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
     return out.reshape(shapes.out).astype(query.dtype)
 
 
-#: Causal calls with at most this many query blocks unroll the query-block loop: each block's key loop then
-#: has a static trip count, which XLA unrolls like the non-causal one. With a traced count (lax.map) the
-#: causal B2 T2048 forward ran slower than the non-causal one despite doing 10 of 16 blocks.
+#: The forward of a causal call with at most this many query blocks unrolls the query-block loop: each
+#: block's key loop then has a static trip count (XLA unrolls it like the non-causal one). With a traced
+#: count the causal B2 T2048 forward ran slower than the non-causal one despite doing 10 of 16 tiles.
+#: The backward always loops (see _flash_bwd).
 _UNROLL_CAUSAL = 8
-#: In such a causal call, a query block whose keys up to the diagonal number at most this many takes them
-#: in (at most) two static ranges, not in key blocks: the keys every row sees in one product without the
-#: causal comparison, the diagonal band with it. No online-softmax rescaling between blocks, bigger GEMMs.
-_ROWS_MAX_KEYS = 4096
+#: In such a causal forward, a query block whose keys up to the diagonal number at most this many takes
+#: them in (at most) two static ranges, not in key blocks: the keys every row sees in one product without
+#: the causal comparison, the diagonal band with it. No online-softmax rescaling between blocks, bigger
+#: GEMMs: B2 N8 causal forward 0.66–0.68× torch's fused kernel at T1024/T2048 vs 0.54–0.55× with static
+#: 512-key blocks. At T4096 the two are equal and the ranges compile longer (1.9 vs 1.3 s), hence 2048.
+_ROWS_MAX_KEYS = 2048
 _ALIGN_KEYS = 8
 
 
@@ -502,15 +505,11 @@ def _flash_bwd(cfg, residuals, d_out):
             _blocks(st_h, cfg.bt, 1),
             _blocks(delta_h, cfg.bt, 1),
         )
+        # A scan with a traced block index: the backward's tiles stay 512×512 (unrolling it into the
+        # forward's static key ranges gave bigger working sets and was slower at T >= 2048: B2 T2048
+        # causal forward+backward 0.48× torch unrolled vs 0.58× looped, and compiled longer).
         carry = (jnp.zeros_like(k_h), jnp.zeros_like(v_h))
-        if cfg.causal and n_t <= _UNROLL_CAUSAL:
-            dq = []
-            for i in range(n_t):
-                carry, dq_i = query_block(carry, (i, *(x[i] for x in xs[1:])))
-                dq.append(dq_i)
-            (dk_h, dv_h), dq = carry, jnp.stack(dq)
-        else:
-            (dk_h, dv_h), dq = jax.lax.scan(query_block, carry, xs)
+        (dk_h, dv_h), dq = jax.lax.scan(query_block, carry, xs)
         return _unblocks(dq, 1), dk_h, dv_h
 
     dq, dk, dv = jax.lax.map(head, (jnp.arange(q.shape[0]), q, k, v, d_out, stats, delta))
