@@ -335,3 +335,8 @@ def test_rounds_alternate_the_frameworks():
     rows = [r for r in doc["records"] if r["impl"] == "fake.ok"]
     assert len(rows) == 1 and rows[0]["rounds"] == 2 and len(rows[0]["round_median_s"]) == 2
     assert "rounds: 2" in report.markdown({**doc, "ratios": report.speedups(doc["records"])})
+
+
+def test_run_bench_rejects_zero_rounds():
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        runner.run_bench(smoke("cpu"), runner.BenchConfig(threads=1, rounds=0))

@@ -91,3 +91,8 @@ def test_agree_report_folder_is_readable_on_its_own(tmp_path):
 
 def test_agree_device_unavailable_is_usage_error():
     assert cli.main(["agree", "--case", "basic", "--device", "gpu"]) == 2
+
+
+def test_bench_rounds_below_one_exits_2(capsys):
+    assert cli.main(["bench", "--preset", "smoke", "--rounds", "0"]) == 2
+    assert "--rounds must be >= 1, got 0" in capsys.readouterr().out

@@ -115,6 +115,9 @@ def run(args) -> int:
             console.print(f"[red]{e}[/red]")
             return 2
         return mesh.main([args.mesh, str(Path(args.out) if args.out else default_out())])
+    if args.rounds < 1:
+        console.print(f"[red]--rounds must be >= 1, got {args.rounds}[/red]")
+        return 2
     preset_name = "quick" if args.quick or not args.preset else args.preset
     device = runner.detect_device() if args.device == "auto" else args.device
     preset = PRESETS[preset_name](device)

@@ -274,15 +274,17 @@ def run_bench(
     preset: Preset, config: BenchConfig, on_event: Callable[[dict], None] = lambda ev: None
 ) -> dict:
     """Run the whole sweep; returns the ``bench.json`` document (records, settings, environment, wall)."""
+    if config.rounds < 1:
+        raise ValueError(f"BenchConfig.rounds must be >= 1, got {config.rounds}")
     t0 = time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     impls, not_run = selected_impls(config, _table(config))
     jobs = plan_jobs(preset, impls)
     total = sum(len(v) + len({j["case"]["dtype"] for j in v}) for v in jobs.values())
-    on_event({"event": "plan", "total": total * max(1, config.rounds)})
+    on_event({"event": "plan", "total": total * config.rounds})
     # relative cost of a job: a JAX job also compiles (forward+backward takes seconds on a small CPU)
     weight = {"jax": 2.0, "torch": 1.0}
-    rounds = max(1, config.rounds)
+    rounds = config.rounds
     # (round, framework) turns in order: jax, torch, jax, torch… so that slow drifts of a shared machine's
     # speed hit both frameworks alike instead of whichever ran during the slow minutes
     turns = [(r, fw) for r in range(rounds) for fw in config.frameworks if jobs.get(fw)]
