@@ -50,6 +50,18 @@ def between(vec: Vector, result_a: dict, result_b: dict) -> list[Agreement]:
     return out
 
 
+def _unmeasured(vec: Vector, impl: str, **fields) -> dict:
+    """The record of an implementation that produced no numbers on ``vec`` (not applicable, or raised)."""
+    return {
+        "case": vec.name,
+        "kind": vec.kind,
+        "dtype": vec.case.dtype,
+        "pair": f"{impl} vs oracle",
+        "quantity": "-",
+        **fields,
+    }
+
+
 def run(vectors: list[Vector], implementations=None, progress=None) -> list[dict]:
     """Run every implementation of each vector's kind (or ``implementations[kind]``) on every vector;
     one record per (case, pair, quantity).
@@ -66,32 +78,12 @@ def run(vectors: list[Vector], implementations=None, progress=None) -> list[dict
             if not kind.applies(impl, vec):
                 # Listed in the report as not applicable (e.g. torch's built-in with an injected dropout
                 # mask, flax with a float mask); never counted as agreement.
-                records.append(
-                    {
-                        "case": vec.name,
-                        "kind": vec.kind,
-                        "dtype": vec.case.dtype,
-                        "pair": f"{impl} vs oracle",
-                        "quantity": "-",
-                        "ok": True,
-                        "skipped": True,
-                    }
-                )
+                records.append(_unmeasured(vec, impl, ok=True, skipped=True))
                 continue
             try:
                 results[impl] = fn(vec)
             except Exception as e:  # recorded, not hidden: the report shows it as a failure
-                records.append(
-                    {
-                        "case": vec.name,
-                        "kind": vec.kind,
-                        "dtype": vec.case.dtype,
-                        "pair": f"{impl} vs oracle",
-                        "quantity": "-",
-                        "ok": False,
-                        "error": f"{type(e).__name__}: {e}",
-                    }
-                )
+                records.append(_unmeasured(vec, impl, ok=False, error=f"{type(e).__name__}: {e}"))
         for impl, res in results.items():
             for a in against_oracle(vec, res):
                 pair = f"{impl} vs oracle"
