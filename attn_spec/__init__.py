@@ -23,8 +23,11 @@ from attn_spec.checks import (
     check_sdpa,
     fmt_shape,
 )
+from attn_spec.dispatch import AUTO, Choice
 
 __all__ = [
+    "AUTO",
+    "Choice",
     "FLOAT_DTYPES",
     "SDPA_IMPLEMENTATIONS",
     "SdpaShapes",

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attn_spec.checks import FLOAT_DTYPES, fmt_shape
+from attn_spec.dispatch import AUTO
 
 NAME = "CausalSelfAttention"
 IMPLEMENTATIONS = ("math", "fused", "blocked")
@@ -51,7 +52,9 @@ class CausalConfig:
       E, N, K, H: model width, query heads, key/value heads, head width (``E == N * H``).
       bias: whether the four projections have biases.
       dropout: attention-weight dropout probability (training mode only).
-      implementation: ``"math"`` (the readable SDPA core), ``"fused"`` (the framework's kernel) or
+      implementation: None / ``"auto"`` (chosen per call, :mod:`attn_spec.dispatch`; dropout is then
+        taken by math in training mode), ``"math"`` (the readable SDPA core), ``"fused"`` (the
+        framework's kernel) or
         ``"blocked"`` (the SDPA core's blocked online-softmax path: causal blocks skipped, bounded memory).
     """
 
@@ -61,7 +64,7 @@ class CausalConfig:
     H: int
     bias: bool
     dropout: float
-    implementation: str
+    implementation: str | None
 
     @property
     def G(self) -> int:
@@ -92,11 +95,12 @@ def check_config(
         raise ValueError(f"{name}: bias must be a bool; got bias={bias!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{name}: dropout must be a number in [0, 1); got dropout={dropout!r}")
-    if implementation not in IMPLEMENTATIONS:
+    if implementation not in IMPLEMENTATIONS and implementation not in AUTO:
         raise ValueError(
-            f"{name}: implementation must be one of {IMPLEMENTATIONS}; got implementation={implementation!r}"
+            f"{name}: implementation must be None ('auto', see attn_spec.dispatch) or one of "
+            f"{IMPLEMENTATIONS}; got implementation={implementation!r}"
         )
-    if implementation != "math" and dropout > 0.0:
+    if implementation not in AUTO and implementation != "math" and dropout > 0.0:
         # jax.nn.dot_product_attention has no dropout, and torch's fused kernel draws its own mask that
         # cannot be injected: dropout lives on the math path only, in both twins.
         raise ValueError(

@@ -211,8 +211,9 @@ def check_lengths(shape: tuple[int, ...], dtype: str, S: int, name: str = "paddi
         raise ValueError(f"{name}: S must be a positive int; got S={S!r}")
 
 
-#: ``implementation=`` values of ``scaled_dot_product_attention(_with_weights)`` in both twins:
-#: ``"math"`` the readable reference (default); ``"blocked"`` query/key-blocked online softmax that skips
+#: Explicit ``implementation=`` values of ``scaled_dot_product_attention(_with_weights)`` in both twins
+#: (the default, None or ``"auto"``, picks one of them: :mod:`attn_spec.dispatch`):
+#: ``"math"`` the readable reference; ``"blocked"`` query/key-blocked online softmax that skips
 #: fully-masked causal key blocks and never holds a T×S matrix; ``"fused"`` the framework's kernel
 #: (JAX: ``jax.nn.dot_product_attention``, cuDNN on a GPU with fp16/bf16 inputs, else XLA; torch:
 #: ``F.scaled_dot_product_attention``).
@@ -229,12 +230,13 @@ def check_implementation(
     """Validate an ``implementation=`` choice against what the call asks of it.
 
     Only ``"math"`` materialises the attention weights and takes dropout; the others raise rather than
-    silently falling back (the path taken must be explicit).
+    silently falling back (the path taken must be explicit). The automatic choice (None / ``"auto"``) is
+    resolved by :func:`attn_spec.dispatch.select` before this check.
     """
     if implementation not in SDPA_IMPLEMENTATIONS:
         raise ValueError(
-            f"{name}: implementation must be one of {SDPA_IMPLEMENTATIONS}; "
-            f"got implementation={implementation!r}"
+            f"{name}: implementation must be None ('auto', see attn_spec.dispatch) or one of "
+            f"{SDPA_IMPLEMENTATIONS}; got implementation={implementation!r}"
         )
     if implementation == "math":
         return

@@ -5,6 +5,7 @@ from jax_attn.functional import (
     masked_softmax,
     scaled_dot_product_attention,
     scaled_dot_product_attention_with_weights,
+    select_implementation,
 )
 from jax_attn.masks import (
     additive_to_keep,
@@ -30,4 +31,5 @@ __all__ = [
     "padding_mask",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_with_weights",
+    "select_implementation",
 ]

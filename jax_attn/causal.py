@@ -10,8 +10,10 @@ Dimension key (see ``attn_spec``):
     H  head width, E // N        G  query heads per key/value head, N // K
 
 The module is thin: four ``torch.nn.Linear``-layout projections around the SDPA core of
-``jax_attn.functional`` (``implementation="math"``) or ``jax.nn.dot_product_attention``
-(``implementation="fused"``, XLA). The choice is the constructor's, stored and shown in ``repr``.
+``jax_attn.functional`` (``implementation="math"`` or ``"blocked"``) or ``jax.nn.dot_product_attention``
+(``implementation="fused"``, XLA). The default, None (``"auto"``), chooses per call by the rule of
+``attn_spec.dispatch`` (``select_implementation``); the constructor's value and the last automatic choice
+are shown in ``repr`` (``dispatch``) and ``last_choice``.
 
 KV cache: ``cache = attn.init_cache(B, L)`` preallocates ``k, v (B, K, L, H)`` and ``index = 0``;
 ``y, cache = attn(x_chunk, cache=cache)`` writes the chunk's keys/values at ``index`` and attends over the
@@ -46,7 +48,8 @@ from attn_spec.causal import (
     check_layout,
     check_state_dict,
 )
-from jax_attn.functional import scaled_dot_product_attention
+from attn_spec.dispatch import AUTO, ChoiceLog
+from jax_attn.functional import scaled_dot_product_attention, select_implementation
 from jax_attn.masks import causal_mask
 
 
@@ -96,7 +99,9 @@ class CausalSelfAttention(nnx.Module):
       num_kv_heads: K, key/value heads, dividing N (``None``: K = N; 1: multi-query attention).
       bias: biases on the four projections.
       dropout: attention-weight dropout, applied in training mode only (``train()``/``eval()``).
-      implementation: ``"math"`` (the readable SDPA core, supports dropout) or ``"fused"``
+      implementation: None (default) / ``"auto"``: chosen per call by ``select_implementation`` (math
+        with dropout in training mode or for short inputs, blocked for long ones, the core's cuDNN path on
+        a GPU for fp16/bf16); or ``"math"`` (the readable SDPA core, supports dropout), ``"fused"``
         (``jax.nn.dot_product_attention``, XLA) or ``"blocked"`` (the core's blocked online softmax).
       rngs: ``nnx.Rngs`` for the initialization (``params``) and dropout (``dropout``) streams.
       dtype: computation dtype; None promotes the input's with the parameters'.
@@ -115,7 +120,7 @@ class CausalSelfAttention(nnx.Module):
         bias: bool = True,
         dropout: float = 0.0,
         *,
-        implementation: str = "math",
+        implementation: str | None = None,
         rngs: nnx.Rngs,
         dtype=None,
         param_dtype=jnp.float32,
@@ -123,6 +128,7 @@ class CausalSelfAttention(nnx.Module):
         c = self.config = check_config(embed_dim, num_heads, num_kv_heads, bias, dropout, implementation)
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = c.E, c.N, c.K, c.H
         self.dropout, self.implementation = c.dropout, c.implementation
+        self.dispatch = ChoiceLog()  # the last automatic choice (implementation=None), shown in repr
         self.dtype, self.param_dtype = dtype, param_dtype
         self.q_proj = Linear(c.E, c.N * c.H, bias, rngs=rngs, param_dtype=param_dtype)
         self.k_proj = Linear(c.E, c.K * c.H, bias, rngs=rngs, param_dtype=param_dtype)
@@ -131,6 +137,12 @@ class CausalSelfAttention(nnx.Module):
         self.deterministic = False  # training mode, as a fresh torch module; eval() sets True
         self.rngs = rngs["dropout"].fork() if c.dropout > 0.0 else None
         self.sharding = None  # set by jax_attn.sharding.shard_module
+
+    @property
+    def last_choice(self):
+        """The :class:`attn_spec.dispatch.Choice` of the last call (traced call under ``jit``) when
+        ``implementation`` is None / ``"auto"``; None before the first call or with an explicit path."""
+        return self.dispatch.last
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens: zeros
@@ -211,6 +223,21 @@ class CausalSelfAttention(nnx.Module):
     def _attend(self, q_BNTH, k_BKSH, v_BKSH, keep_TS, dropout_mask, dropout_rng) -> jax.Array:
         """Attention of N query heads over K key/value heads; ``keep_TS`` None means top-left causal
         (T == S, no cache)."""
+        dropout_p = 0.0 if self.deterministic else self.dropout
+        implementation = self.implementation
+        if implementation in AUTO:  # chosen from this call's shapes (static under jit: at trace time)
+            choice = select_implementation(
+                q_BNTH,
+                k_BKSH,
+                v_BKSH,
+                keep_TS,
+                dropout_p,
+                keep_TS is None,
+                enable_gqa=True,
+                dropout_mask=dropout_mask,
+            )
+            self.dispatch.last = choice
+            implementation = choice.implementation
         if self.implementation == "fused":
             out_BTNH = jax.nn.dot_product_attention(
                 q_BNTH.transpose(0, 2, 1, 3),
@@ -221,7 +248,6 @@ class CausalSelfAttention(nnx.Module):
                 implementation="xla",
             )
             return out_BTNH.transpose(0, 2, 1, 3)
-        dropout_p = 0.0 if self.deterministic else self.dropout
         if dropout_p > 0.0 and dropout_mask is None and dropout_rng is None:
             dropout_rng = self.rngs()
         return scaled_dot_product_attention(
@@ -234,7 +260,7 @@ class CausalSelfAttention(nnx.Module):
             enable_gqa=True,
             dropout_mask=dropout_mask,
             dropout_rng=dropout_rng,
-            implementation=self.implementation,
+            implementation=implementation,
         )
 
     def torch_state_dict(self, layout: str = "torch_attn") -> dict[str, np.ndarray]:

@@ -15,11 +15,14 @@ Semantics, identical in both twins:
   result is cast back, so bf16/fp16 keep fp32 accuracy inside.
 - Dropout is applied whenever ``dropout_p > 0`` (torch's functional applies it in eval mode too). For
   agreement across frameworks, pass the same bool keep-mask as ``dropout_mask`` on both sides.
+- ``implementation=None`` (the default, also ``"auto"``) picks math, blocked or fused per call by the rule
+  of ``attn_spec.dispatch`` (:func:`select_implementation` says which and why; logged at DEBUG).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 
 import jax
@@ -28,6 +31,7 @@ import numpy as np
 
 from attn_spec import check_implementation, check_sdpa
 from attn_spec.blocks import block_sizes
+from attn_spec.dispatch import AUTO, Choice, select
 from jax_attn.masks import causal_mask
 
 logger = logging.getLogger(__name__)
@@ -153,7 +157,7 @@ def scaled_dot_product_attention(
     *,
     dropout_mask: jnp.ndarray | None = None,
     dropout_rng: jax.Array | None = None,
-    implementation: str = "math",
+    implementation: str | None = None,
 ) -> jnp.ndarray:
     """``torch.nn.functional.scaled_dot_product_attention`` in JAX.
 
@@ -168,14 +172,21 @@ def scaled_dot_product_attention(
       dropout_mask: bool keep-mask broadcastable to ``(..., T, S)``; replaces the random draw so that two
         frameworks drop the same weights. Kept weights are scaled by ``1 / (1 - dropout_p)``.
       dropout_rng: ``jax.random`` key; required when ``dropout_p > 0`` and no ``dropout_mask`` is given.
-      implementation: ``"math"`` (default, the readable reference above), ``"blocked"`` (online
-        softmax over query/key blocks, causal blocks above the diagonal skipped, memory bounded by one
-        block; no dropout) or ``"fused"`` (``jax.nn.dot_product_attention``: cuDNN on a GPU for fp16/bf16,
-        XLA otherwise, see :func:`fused_backend`; no dropout). Unsupported combinations raise.
+      implementation: None (default) or ``"auto"``: chosen from the call's shapes, dtype, device, mask
+        and dropout by :func:`select_implementation` (math for dropout or small problems, blocked for
+        large ones, fused for cuDNN's fp16/bf16 GPU kernel). Or explicitly ``"math"`` (the readable
+        reference above), ``"blocked"`` (online softmax over query/key blocks, causal blocks above the
+        diagonal skipped, memory bounded by one block; no dropout, no gradient for a float mask) or
+        ``"fused"`` (``jax.nn.dot_product_attention``: cuDNN on a GPU for fp16/bf16, XLA otherwise, see
+        :func:`fused_backend`; no dropout). Unsupported explicit combinations raise.
 
     Returns:
       ``(..., T, V)`` in the query's dtype.
     """
+    if implementation in AUTO:
+        implementation = select_implementation(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask=dropout_mask
+        ).implementation
     check_implementation(implementation, dropout_p=dropout_p, need_weights=False)
     if implementation == "math":
         out, _ = scaled_dot_product_attention_with_weights(
@@ -195,6 +206,59 @@ def scaled_dot_product_attention(
     attn_mask = None if attn_mask is None else jnp.asarray(attn_mask)
     shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
     return _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation)
+
+
+def select_implementation(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    dropout_mask=None,
+    need_weights: bool = False,
+) -> Choice:
+    """What ``scaled_dot_product_attention(..., implementation=None)`` runs for these arguments, and why.
+
+    Takes the arguments of :func:`scaled_dot_product_attention` (anything with ``shape`` and ``dtype``
+    will do, e.g. ``jax.ShapeDtypeStruct``: nothing is computed) plus ``need_weights``. Bad arguments raise
+    the same ``ValueError`` as the call. The rule is :func:`attn_spec.dispatch.select`; this twin's own
+    fact is whether cuDNN's fused kernel applies (:func:`fused_backend` ``== "cudnn"`` and head widths
+    that are a multiple of 8, at most 128). The choice is logged at DEBUG.
+
+    Returns:
+      :class:`attn_spec.dispatch.Choice`: ``implementation`` (``"math"``, ``"blocked"`` or ``"fused"``)
+      and ``reason``.
+    """
+    shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
+    return _select(shapes, query.dtype, attn_mask, dropout_p, need_weights)
+
+
+#: Choices whose warning was logged already (each distinct warning once per process).
+_WARNED: set[str] = set()
+
+
+def _select(shapes, dtype, attn_mask, dropout_p, need_weights, name="scaled_dot_product_attention") -> Choice:
+    """:func:`attn_spec.dispatch.select` on this call's facts; logs the choice (DEBUG) and its warning."""
+    width = max(shapes.H, shapes.V)
+    fused = None
+    if fused_backend(dtype) == "cudnn" and width % 8 == 0 and width <= 128:
+        fused = "jax.nn.dot_product_attention[cudnn]"
+    choice = select(
+        logits=math.prod(shapes.logits),
+        need_weights=need_weights,
+        dropout=dropout_p > 0.0,
+        float_mask=attn_mask is not None and jnp.dtype(attn_mask.dtype) != jnp.bool_,
+        fused=fused,
+    )
+    logger.debug("%s(implementation=None): %s", name, choice)
+    if choice.warning and choice.warning not in _WARNED:
+        _WARNED.add(choice.warning)
+        logger.warning("%s: %s", name, choice.warning)
+    return choice
 
 
 def _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation):

@@ -34,8 +34,9 @@ import numpy as np
 from flax import nnx
 
 from attn_spec import check_implementation, check_sdpa
+from attn_spec.dispatch import AUTO, ChoiceLog
 from attn_spec.mha import check_mha, check_mha_init
-from jax_attn.functional import _fast_attention, scaled_dot_product_attention_with_weights
+from jax_attn.functional import _fast_attention, _select, scaled_dot_product_attention_with_weights
 from jax_attn.masks import keep_to_additive, masked_to_keep
 
 
@@ -125,7 +126,8 @@ def multi_head_attention_forward(
     batch_first: bool = False,
     dropout_mask: jnp.ndarray | None = None,
     dropout_rng: jax.Array | None = None,
-    implementation: str = "math",
+    implementation: str | None = None,
+    _choice_log: ChoiceLog | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """``torch.nn.functional.multi_head_attention_forward`` in JAX.
 
@@ -143,8 +145,10 @@ def multi_head_attention_forward(
       dropout_mask: bool keep-mask ``(N, Nh, L, S_total)``; replaces the random draw.
       dropout_rng: ``jax.random`` key for the draw (the torch twin uses torch's global generator).
 
-      implementation: the SDPA core's path (``"math"``, ``"blocked"``, ``"fused"``; see
-        ``scaled_dot_product_attention``). Only ``"math"`` returns weights or applies dropout: the others
+      implementation: the SDPA core's path: None (default) / ``"auto"`` chooses per call by
+        ``select_implementation``'s rule (math whenever ``need_weights=True``, torch's default, or dropout
+        is active; otherwise by size, dtype and device). Explicit ``"math"``, ``"blocked"``, ``"fused"``:
+        see ``scaled_dot_product_attention``. Only ``"math"`` returns weights or applies dropout: the others
         raise ``ValueError`` when ``need_weights=True`` or dropout is active, never falling back silently.
         With ``is_causal=True`` they apply causal masking structurally (skipping the blocks above the
         diagonal) *and* the given ``attn_mask``: identical when the mask is the causal mask it claims to be.
@@ -217,6 +221,18 @@ def multi_head_attention_forward(
         attn_mask, key_padding_mask, N, Nh, L, S, shapes.S_total - S, jnp.promote_types(q_NLE.dtype, "f4")
     )
     p = dropout_p if training else 0.0
+    if implementation in AUTO:
+        choice = _select(
+            _check_sdpa_shapes(q_NhLD, k_NhSD, v_NhSD, mask),
+            q_NhLD.dtype,
+            mask,
+            p,
+            need_weights,
+            name="multi_head_attention_forward",
+        )
+        if _choice_log is not None:  # the module's record, for its repr
+            _choice_log.last = choice
+        implementation = choice.implementation
     if implementation != "math":
         check_implementation(
             implementation, dropout_p=p, need_weights=need_weights, name="multi_head_attention_forward"
@@ -305,8 +321,9 @@ class MultiheadAttention(nnx.Module):
     Dropout keys come from the ``rngs`` stream ``'dropout'`` (falling back to ``'default'``).
 
     Args:
-      implementation: SDPA path, ``"math"`` (default), ``"blocked"`` or ``"fused"`` (see
-        :func:`multi_head_attention_forward`); the fast paths raise on ``need_weights=True`` (pass
+      implementation: SDPA path: None (default) / ``"auto"`` chooses per call (see
+        :func:`multi_head_attention_forward`; the choice is noted in ``last_choice`` and the ``repr``), or
+        ``"math"``, ``"blocked"``, ``"fused"``: the fast paths raise on ``need_weights=True`` (pass
         ``need_weights=False``) and on active dropout.
       dtype: computation dtype; None promotes the query's dtype with ``param_dtype`` (flax's rule).
       param_dtype: dtype the parameters are stored in (float32 default).
@@ -324,15 +341,17 @@ class MultiheadAttention(nnx.Module):
         vdim: int | None = None,
         batch_first: bool = False,
         *,
-        implementation: str = "math",
+        implementation: str | None = None,
         dtype=None,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
         _init_weights: bool = True,
     ):
         self.head_dim, self.kdim, self.vdim = check_mha_init(embed_dim, num_heads, dropout, kdim, vdim)
-        check_implementation(implementation, dropout_p=0.0, need_weights=False, name="MultiheadAttention")
+        if implementation not in AUTO:
+            check_implementation(implementation, dropout_p=0.0, need_weights=False, name="MultiheadAttention")
         self.implementation = implementation
+        self.dispatch = ChoiceLog()  # the last automatic choice (implementation=None), shown in repr
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
@@ -364,6 +383,12 @@ class MultiheadAttention(nnx.Module):
         else:
             self.bias_k = self.bias_v = None
         self.rngs = rngs["dropout"].fork()
+
+    @property
+    def last_choice(self):
+        """The :class:`attn_spec.dispatch.Choice` of the last call (traced call under ``jit``) when
+        ``implementation`` is None / ``"auto"``; None before the first call or with an explicit path."""
+        return self.dispatch.last
 
     @property
     def training(self) -> bool:
@@ -445,6 +470,7 @@ class MultiheadAttention(nnx.Module):
             dropout_mask=dropout_mask if active else None,
             dropout_rng=rng,
             implementation=self.implementation,
+            _choice_log=self.dispatch,
         )
 
     def torch_state_dict(self) -> dict[str, np.ndarray]:

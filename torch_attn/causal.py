@@ -10,8 +10,10 @@ Dimension key (see ``attn_spec``):
     H  head width, E // N        G  query heads per key/value head, N // K
 
 The module is thin: four ``nn.Linear`` projections around the SDPA core of ``torch_attn.functional``
-(``implementation="math"``) or ``F.scaled_dot_product_attention`` (``implementation="fused"``). The
-choice is the constructor's, stored and shown in ``repr``.
+(``implementation="math"`` or ``"blocked"``) or ``F.scaled_dot_product_attention``
+(``implementation="fused"``). The default, None (``"auto"``), chooses per call by the rule of
+``attn_spec.dispatch`` (``select_implementation``); the constructor's value and the last automatic choice
+are shown in ``repr`` and ``last_choice``.
 
 KV cache: ``cache = attn.init_cache(B, L)`` preallocates ``k, v (B, K, L, H)`` and ``index = 0``;
 ``y, cache = attn(x_chunk, cache=cache)`` writes the chunk's keys/values at ``index`` and attends over the
@@ -43,7 +45,8 @@ from attn_spec.causal import (
     check_layout,
     check_state_dict,
 )
-from torch_attn.functional import scaled_dot_product_attention
+from attn_spec.dispatch import AUTO, ChoiceLog, describe
+from torch_attn.functional import scaled_dot_product_attention, select_implementation
 from torch_attn.masks import causal_mask
 
 
@@ -78,8 +81,10 @@ class CausalSelfAttention(nn.Module):
       num_kv_heads: K, key/value heads, dividing N (``None``: K = N; 1: multi-query attention).
       bias: biases on the four projections.
       dropout: attention-weight dropout, applied in training mode only (``train()``/``eval()``).
-      implementation: ``"math"`` (the readable SDPA core, supports dropout) or ``"fused"``
-        (``F.scaled_dot_product_attention``).
+      implementation: None (default) / ``"auto"``: chosen per call by ``select_implementation`` (math
+        with dropout in training mode, otherwise the core's fused path on CPU and CUDA); or ``"math"``
+        (the readable SDPA core, supports dropout), ``"fused"`` (``F.scaled_dot_product_attention``) or
+        ``"blocked"`` (the core's blocked online softmax).
       device, dtype: of the parameters.
 
     Parameters (``state_dict()`` keys, the ``"torch_attn"`` layout): ``q_proj.weight (N·H, E)``,
@@ -95,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         *,
-        implementation: str = "math",
+        implementation: str | None = None,
         device=None,
         dtype=None,
     ):
@@ -103,6 +108,7 @@ class CausalSelfAttention(nn.Module):
         c = self.config = check_config(embed_dim, num_heads, num_kv_heads, bias, dropout, implementation)
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = c.E, c.N, c.K, c.H
         self.dropout, self.implementation = c.dropout, c.implementation
+        self.dispatch = ChoiceLog()  # the last automatic choice (implementation=None), shown in repr
         kw = {"bias": bias, "device": device, "dtype": dtype}
         self.q_proj = nn.Linear(c.E, c.N * c.H, **kw)
         self.k_proj = nn.Linear(c.E, c.K * c.H, **kw)
@@ -113,8 +119,14 @@ class CausalSelfAttention(nn.Module):
         c = self.config
         return (
             f"embed_dim={c.E}, num_heads={c.N}, num_kv_heads={c.K}, bias={c.bias}, dropout={c.dropout}, "
-            f"implementation={c.implementation!r}"
+            f"implementation={describe(c.implementation, self.dispatch)}"
         )
+
+    @property
+    def last_choice(self):
+        """The :class:`attn_spec.dispatch.Choice` of the last call (traced call under ``jit``) when
+        ``implementation`` is None / ``"auto"``; None before the first call or with an explicit path."""
+        return self.dispatch.last
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens: zeros
@@ -179,6 +191,21 @@ class CausalSelfAttention(nn.Module):
     def _attend(self, q_BNTH, k_BKSH, v_BKSH, keep_TS, dropout_mask, generator) -> torch.Tensor:
         """Attention of N query heads over K key/value heads; ``keep_TS`` None means top-left causal
         (T == S, no cache)."""
+        dropout_p = self.dropout if self.training else 0.0
+        implementation = self.implementation
+        if implementation in AUTO:  # chosen from this call's shapes
+            choice = select_implementation(
+                q_BNTH,
+                k_BKSH,
+                v_BKSH,
+                keep_TS,
+                dropout_p,
+                keep_TS is None,
+                enable_gqa=True,
+                dropout_mask=dropout_mask,
+            )
+            self.dispatch.last = choice
+            implementation = choice.implementation
         if self.implementation == "fused":
             return F.scaled_dot_product_attention(
                 q_BNTH,
@@ -188,7 +215,6 @@ class CausalSelfAttention(nn.Module):
                 is_causal=keep_TS is None,
                 enable_gqa=self.config.G > 1,
             )
-        dropout_p = self.dropout if self.training else 0.0
         return scaled_dot_product_attention(
             q_BNTH,
             k_BKSH,
@@ -199,7 +225,7 @@ class CausalSelfAttention(nn.Module):
             enable_gqa=True,
             dropout_mask=dropout_mask,
             generator=generator,
-            implementation=self.implementation,
+            implementation=implementation,
         )
 
     def torch_state_dict(self, layout: str = "torch_attn") -> dict[str, torch.Tensor]:

@@ -15,17 +15,21 @@ Semantics, identical in both twins:
   result is cast back, so bf16/fp16 keep fp32 accuracy inside.
 - Dropout is applied whenever ``dropout_p > 0`` (torch's functional applies it in eval mode too). For
   agreement across frameworks, pass the same bool keep-mask as ``dropout_mask`` on both sides.
+- ``implementation=None`` (the default, also ``"auto"``) picks math, blocked or fused per call by the rule
+  of ``attn_spec.dispatch`` (:func:`select_implementation` says which and why; logged at DEBUG).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
 
 from attn_spec import check_implementation, check_sdpa
 from attn_spec.blocks import block_sizes
+from attn_spec.dispatch import AUTO, Choice, select
 from torch_attn.masks import causal_mask
 
 logger = logging.getLogger(__name__)
@@ -138,7 +142,7 @@ def scaled_dot_product_attention(
     *,
     dropout_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    implementation: str = "math",
+    implementation: str | None = None,
 ) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention``, written out as readable math.
 
@@ -154,14 +158,21 @@ def scaled_dot_product_attention(
         frameworks drop the same weights. Kept weights are scaled by ``1 / (1 - dropout_p)``.
       generator: ``torch.Generator`` for the random draw (the JAX twin takes ``dropout_rng``); the global
         generator when None.
-      implementation: ``"math"`` (default, the readable reference above), ``"blocked"`` (online
-        softmax over query/key blocks, causal blocks above the diagonal skipped, memory bounded by one
-        block; no dropout) or ``"fused"`` (``F.scaled_dot_product_attention``, torch picks the kernel; no
-        dropout). Unsupported combinations raise.
+      implementation: None (default) or ``"auto"``: chosen from the call's shapes, device, mask and
+        dropout by :func:`select_implementation` (math for dropout, fused on CPU and CUDA, else math for
+        small problems and blocked for large ones). Or explicitly ``"math"`` (the readable reference
+        above), ``"blocked"`` (online softmax over query/key blocks, causal blocks above the diagonal
+        skipped, memory bounded by one block; no dropout) or ``"fused"``
+        (``F.scaled_dot_product_attention``, torch picks the kernel; no dropout). Unsupported explicit
+        combinations raise.
 
     Returns:
       ``(..., T, V)`` in the query's dtype.
     """
+    if implementation in AUTO:
+        implementation = select_implementation(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask=dropout_mask
+        ).implementation
     check_implementation(implementation, dropout_p=dropout_p, need_weights=False)
     if implementation == "math":
         out, _ = scaled_dot_product_attention_with_weights(
@@ -179,6 +190,59 @@ def scaled_dot_product_attention(
         return out
     shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
     return _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation)
+
+
+def select_implementation(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    dropout_mask=None,
+    need_weights: bool = False,
+) -> Choice:
+    """What ``scaled_dot_product_attention(..., implementation=None)`` runs for these arguments, and why.
+
+    Takes the arguments of :func:`scaled_dot_product_attention` plus ``need_weights``; nothing is computed
+    (tensors on the ``meta`` device or ``expand``-ed ones will do). Bad arguments raise the same
+    ``ValueError`` as the call. The rule is :func:`attn_spec.dispatch.select`; this twin's own fact is
+    whether ``F.scaled_dot_product_attention`` is the fast path: on ``cpu`` and ``cuda`` tensors, where
+    torch ships fused kernels (flash on CPU; flash, memory-efficient and cuDNN on CUDA). The choice is
+    logged at DEBUG.
+
+    Returns:
+      :class:`attn_spec.dispatch.Choice`: ``implementation`` (``"math"``, ``"blocked"`` or ``"fused"``)
+      and ``reason``.
+    """
+    shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
+    return _select(shapes, query.device, attn_mask, dropout_p, need_weights)
+
+
+#: Choices whose warning was logged already (each distinct warning once per process).
+_WARNED: set[str] = set()
+
+
+def _select(
+    shapes, device, attn_mask, dropout_p, need_weights, name="scaled_dot_product_attention"
+) -> Choice:
+    """:func:`attn_spec.dispatch.select` on this call's facts; logs the choice (DEBUG) and its warning."""
+    fused = "F.scaled_dot_product_attention" if torch.device(device).type in ("cpu", "cuda") else None
+    choice = select(
+        logits=math.prod(shapes.logits),
+        need_weights=need_weights,
+        dropout=dropout_p > 0.0,
+        float_mask=attn_mask is not None and attn_mask.dtype != torch.bool,
+        fused=fused,
+    )
+    logger.debug("%s(implementation=None): %s", name, choice)
+    if choice.warning and choice.warning not in _WARNED:
+        _WARNED.add(choice.warning)
+        logger.warning("%s: %s", name, choice.warning)
+    return choice
 
 
 def _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation):

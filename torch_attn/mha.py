@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from attn_spec import check_implementation, check_sdpa
+from attn_spec.dispatch import AUTO, ChoiceLog, describe
 from attn_spec.mha import check_mha, check_mha_init
-from torch_attn.functional import _fast_attention, scaled_dot_product_attention_with_weights
+from torch_attn.functional import _fast_attention, _select, scaled_dot_product_attention_with_weights
 from torch_attn.masks import keep_to_additive, masked_to_keep
 
 
@@ -120,7 +121,8 @@ def multi_head_attention_forward(
     batch_first: bool = False,
     dropout_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    implementation: str = "math",
+    implementation: str | None = None,
+    _choice_log: ChoiceLog | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``torch.nn.functional.multi_head_attention_forward``, written on this project's SDPA core.
 
@@ -138,8 +140,10 @@ def multi_head_attention_forward(
       dropout_mask: bool keep-mask ``(N, Nh, L, S_total)``; replaces the random draw.
       generator: ``torch.Generator`` for the draw (the JAX twin takes ``dropout_rng``).
 
-      implementation: the SDPA core's path (``"math"``, ``"blocked"``, ``"fused"``; see
-        ``scaled_dot_product_attention``). Only ``"math"`` returns weights or applies dropout: the others
+      implementation: the SDPA core's path: None (default) / ``"auto"`` chooses per call by
+        ``select_implementation``'s rule (math whenever ``need_weights=True``, torch's default, or dropout
+        is active; otherwise by size, dtype and device). Explicit ``"math"``, ``"blocked"``, ``"fused"``:
+        see ``scaled_dot_product_attention``. Only ``"math"`` returns weights or applies dropout: the others
         raise ``ValueError`` when ``need_weights=True`` or dropout is active, never falling back silently.
         With ``is_causal=True`` they apply causal masking structurally (skipping the blocks above the
         diagonal) *and* the given ``attn_mask``: identical when the mask is the causal mask it claims to be.
@@ -215,6 +219,18 @@ def multi_head_attention_forward(
         torch.promote_types(q_NLE.dtype, torch.float32),
     )
     p = dropout_p if training else 0.0
+    if implementation in AUTO:
+        choice = _select(
+            _check_sdpa_shapes(q_NhLD, k_NhSD, v_NhSD, mask),
+            q_NhLD.device,
+            mask,
+            p,
+            need_weights,
+            name="multi_head_attention_forward",
+        )
+        if _choice_log is not None:  # the module's record, for its repr
+            _choice_log.last = choice
+        implementation = choice.implementation
     if implementation != "math":
         check_implementation(
             implementation, dropout_p=p, need_weights=need_weights, name="multi_head_attention_forward"
@@ -282,6 +298,12 @@ class MultiheadAttention(nn.Module):
 
     Starts in training mode like every torch module; ``.eval()`` / ``.train()`` switch. Dropout draws
     from torch's global generator.
+
+    Args:
+      implementation: SDPA path: None (default) / ``"auto"`` chooses per call (see
+        :func:`multi_head_attention_forward`; the choice is noted in ``last_choice`` and the ``repr``), or
+        ``"math"``, ``"blocked"``, ``"fused"``: the fast paths raise on ``need_weights=True`` (pass
+        ``need_weights=False``) and on active dropout.
     """
 
     def __init__(
@@ -298,12 +320,14 @@ class MultiheadAttention(nn.Module):
         device=None,
         dtype=None,
         *,
-        implementation: str = "math",
+        implementation: str | None = None,
     ):
         super().__init__()
         self.head_dim, self.kdim, self.vdim = check_mha_init(embed_dim, num_heads, dropout, kdim, vdim)
-        check_implementation(implementation, dropout_p=0.0, need_weights=False, name="MultiheadAttention")
+        if implementation not in AUTO:
+            check_implementation(implementation, dropout_p=0.0, need_weights=False, name="MultiheadAttention")
         self.implementation = implementation
+        self.dispatch = ChoiceLog()  # the last automatic choice (implementation=None), shown in repr
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
@@ -352,6 +376,18 @@ class MultiheadAttention(nn.Module):
         """The parameters under torch's ``state_dict`` names, in torch's order."""
         return dict(self.named_parameters())
 
+    @property
+    def last_choice(self):
+        """The :class:`attn_spec.dispatch.Choice` of the last call when ``implementation`` is None /
+        ``"auto"``; None before the first call or with an explicit path."""
+        return self.dispatch.last
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+            f"batch_first={self.batch_first}, implementation={describe(self.implementation, self.dispatch)}"
+        )
+
     def forward(
         self,
         query: torch.Tensor,
@@ -398,6 +434,7 @@ class MultiheadAttention(nn.Module):
             batch_first=self.batch_first,
             dropout_mask=dropout_mask if active else None,
             implementation=self.implementation,
+            _choice_log=self.dispatch,
         )
 
     def torch_state_dict(self) -> dict[str, np.ndarray]:
