@@ -92,6 +92,20 @@ def availability(impl: Impl) -> str | None:
     return None
 
 
+def _impl_kwargs(cls, implementation: str | None) -> dict:
+    """``{"implementation": ...}`` for a module constructor that takes one; nothing for the default call
+    (``None``: the auto rows) or for a constructor without the argument (a plug-in module)."""
+    import inspect
+
+    if implementation is None:
+        return {}
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"implementation": implementation} if "implementation" in params else {}
+
+
 # --------------------------------------------------------------------------------------------- JAX
 
 
@@ -169,9 +183,25 @@ def build_jax_attn_sdpa(case: Case, ctx: Context) -> Prepared:
     import jax_attn
 
     def f(q_BNTH, k_BNSH, v_BNSH):
-        return jax_attn.scaled_dot_product_attention(q_BNTH, k_BNSH, v_BNSH, is_causal=case.causal)
+        return jax_attn.scaled_dot_product_attention(
+            q_BNTH, k_BNSH, v_BNSH, is_causal=case.causal, implementation="math"
+        )
 
     return jax_for_mode(f, _qkv_jax(case, "BNTH"), case, "XLA: jax_attn math (einsum, masked softmax)")
+
+
+def build_jax_attn_sdpa_auto(case: Case, ctx: Context) -> Prepared:
+    import jax
+
+    import jax_attn
+
+    def f(q_BNTH, k_BNSH, v_BNSH):
+        return jax_attn.scaled_dot_product_attention(q_BNTH, k_BNSH, v_BNSH, is_causal=case.causal)
+
+    qkv = _qkv_jax(case, "BNTH")
+    spec = jax.ShapeDtypeStruct(qkv[0].shape, qkv[0].dtype)
+    choice = jax_attn.select_implementation(spec, spec, spec, is_causal=case.causal)
+    return jax_for_mode(f, qkv, case, f"XLA: jax_attn default (auto → {choice.implementation})")
 
 
 def _build_jax_attn_sdpa_impl(implementation: str) -> Callable[[Case, Context], Prepared]:
@@ -250,7 +280,7 @@ def build_flax_mha(case: Case, ctx: Context) -> Prepared:
 
 
 def _build_jax_attn_mha(
-    need_weights: bool, implementation: str = "math"
+    need_weights: bool, implementation: str | None = "math"
 ) -> Callable[[Case, Context], Prepared]:
     def build(case: Case, ctx: Context) -> Prepared:
         import jax.numpy as jnp
@@ -258,8 +288,7 @@ def _build_jax_attn_mha(
 
         from jax_attn import MultiheadAttention
 
-        # only a non-default path is named, so a MultiheadAttention without the argument still builds
-        kw = {} if implementation == "math" else {"implementation": implementation}
+        kw = _impl_kwargs(MultiheadAttention, implementation)
         model = MultiheadAttention(case.E, case.N, batch_first=True, rngs=nnx.Rngs(SEED), **kw)
         if hasattr(model, "eval"):
             model.eval()
@@ -278,7 +307,8 @@ def _build_jax_attn_mha(
             f,
             (state, x),
             case,
-            f"XLA: jax_attn.MultiheadAttention need_weights={need_weights} implementation={implementation}",
+            f"XLA: jax_attn.MultiheadAttention need_weights={need_weights} "
+            f"implementation={implementation or 'default (auto)'}",
         )
 
     return build
@@ -288,22 +318,29 @@ def _causal_only(case: Case, device: str) -> str | None:
     return None if case.causal else "causal self-attention: measured in causal cases only"
 
 
-def build_jax_attn_csa(case: Case, ctx: Context) -> Prepared:
-    from flax import nnx
+def _build_jax_attn_csa(implementation: str | None) -> Callable[[Case, Context], Prepared]:
+    def build(case: Case, ctx: Context) -> Prepared:
+        from flax import nnx
 
-    from jax_attn import CausalSelfAttention
+        from jax_attn import CausalSelfAttention
 
-    model = CausalSelfAttention(case.E, case.N, rngs=nnx.Rngs(SEED))
-    if hasattr(model, "eval"):
-        model.eval()
-    graphdef, state = _jax_module(model, case.dtype)
-    impl = getattr(model, "implementation", "default")
+        kw = _impl_kwargs(CausalSelfAttention, implementation)
+        model = CausalSelfAttention(case.E, case.N, rngs=nnx.Rngs(SEED), **kw)
+        if hasattr(model, "eval"):
+            model.eval()
+        graphdef, state = _jax_module(model, case.dtype)
+        impl = getattr(model, "implementation", "default") or "default (auto)"
 
-    def f(state, x_BTE):
-        return nnx.merge(graphdef, state)(x_BTE)
+        def f(state, x_BTE):
+            return nnx.merge(graphdef, state)(x_BTE)
 
-    x = _jax_random((case.B, case.T, case.E), case.dtype, 7)
-    return jax_for_mode(f, (state, x), case, f"XLA: jax_attn.CausalSelfAttention implementation={impl}")
+        x = _jax_random((case.B, case.T, case.E), case.dtype, 7)
+        return jax_for_mode(f, (state, x), case, f"XLA: jax_attn.CausalSelfAttention implementation={impl}")
+
+    return build
+
+
+build_jax_attn_csa = _build_jax_attn_csa("math")
 
 
 # ------------------------------------------------------------------------------------------- torch
@@ -368,11 +405,24 @@ def build_torch_attn_sdpa(case: Case, ctx: Context) -> Prepared:
     import torch_attn
 
     def f(q_BNTH, k_BNSH, v_BNSH):
-        return torch_attn.scaled_dot_product_attention(q_BNTH, k_BNSH, v_BNSH, is_causal=case.causal)
+        return torch_attn.scaled_dot_product_attention(
+            q_BNTH, k_BNSH, v_BNSH, is_causal=case.causal, implementation="math"
+        )
 
     return torch_for_mode(
         f, _qkv_torch(case, ctx), case, ctx, "eager: torch_attn math (matmul, masked softmax)"
     )
+
+
+def build_torch_attn_sdpa_auto(case: Case, ctx: Context) -> Prepared:
+    import torch_attn
+
+    def f(q_BNTH, k_BNSH, v_BNSH):
+        return torch_attn.scaled_dot_product_attention(q_BNTH, k_BNSH, v_BNSH, is_causal=case.causal)
+
+    qkv = _qkv_torch(case, ctx)
+    choice = torch_attn.select_implementation(*qkv, is_causal=case.causal)
+    return torch_for_mode(f, qkv, case, ctx, f"eager: torch_attn default (auto → {choice.implementation})")
 
 
 def _build_torch_attn_sdpa_impl(implementation: str) -> Callable[[Case, Context], Prepared]:
@@ -456,7 +506,9 @@ def _torch_module_mask(case: Case, ctx: Context):
     return torch.ones(case.T, case.S, dtype=torch.bool, device=ctx.device).triu(1)
 
 
-def _build_torch_mha(source: str, need_weights: bool) -> Callable[[Case, Context], Prepared]:
+def _build_torch_mha(
+    source: str, need_weights: bool, implementation: str | None = "math"
+) -> Callable[[Case, Context], Prepared]:
     def build(case: Case, ctx: Context) -> Prepared:
         import torch
 
@@ -465,7 +517,9 @@ def _build_torch_mha(source: str, need_weights: bool) -> Callable[[Case, Context
         else:
             from torch_attn import MultiheadAttention as cls
         torch.manual_seed(SEED)
-        model = cls(case.E, case.N, batch_first=True).to(device=ctx.device, dtype=getattr(torch, case.dtype))
+        kw = _impl_kwargs(cls, implementation) if source == "torch_attn" else {}
+        model = cls(case.E, case.N, batch_first=True, **kw)
+        model = model.to(device=ctx.device, dtype=getattr(torch, case.dtype))
         model.eval()
         mask = _torch_module_mask(case, ctx)
         x = _torch_random((case.B, case.T, case.E), case, ctx, 7)
@@ -482,6 +536,8 @@ def _build_torch_mha(source: str, need_weights: bool) -> Callable[[Case, Context
             if need_weights
             else f"F.sdpa auto → {_sdpa_choice(probe, probe, probe, case.causal)}"
         )
+        if source == "torch_attn" and not need_weights:
+            route = f"implementation={implementation or 'default (auto)'}"
         if source == "torch.nn" and not need_weights and case.mode == flops.FORWARD:
             route += "; fast path eligible"
         params = tuple(p for p in model.parameters() if p.requires_grad)
@@ -490,20 +546,32 @@ def _build_torch_mha(source: str, need_weights: bool) -> Callable[[Case, Context
     return build
 
 
-def build_torch_attn_csa(case: Case, ctx: Context) -> Prepared:
-    import torch
+def _build_torch_attn_csa(implementation: str | None) -> Callable[[Case, Context], Prepared]:
+    def build(case: Case, ctx: Context) -> Prepared:
+        import torch
 
-    from torch_attn import CausalSelfAttention
+        from torch_attn import CausalSelfAttention
 
-    torch.manual_seed(SEED)
-    model = CausalSelfAttention(case.E, case.N).to(device=ctx.device, dtype=getattr(torch, case.dtype))
-    model.eval()
-    impl = getattr(model, "implementation", "default")
-    x = _torch_random((case.B, case.T, case.E), case, ctx, 7)
-    params = tuple(p for p in model.parameters() if p.requires_grad)
-    return torch_for_mode(
-        model, (x,), case, ctx, f"eager torch_attn.CausalSelfAttention implementation={impl}", params=params
-    )
+        torch.manual_seed(SEED)
+        model = CausalSelfAttention(case.E, case.N, **_impl_kwargs(CausalSelfAttention, implementation))
+        model = model.to(device=ctx.device, dtype=getattr(torch, case.dtype))
+        model.eval()
+        impl = getattr(model, "implementation", "default") or "default (auto)"
+        x = _torch_random((case.B, case.T, case.E), case, ctx, 7)
+        params = tuple(p for p in model.parameters() if p.requires_grad)
+        return torch_for_mode(
+            model,
+            (x,),
+            case,
+            ctx,
+            f"eager torch_attn.CausalSelfAttention implementation={impl}",
+            params=params,
+        )
+
+    return build
+
+
+build_torch_attn_csa = _build_torch_attn_csa("math")
 
 
 # ------------------------------------------------------------------------------------------ table
@@ -531,6 +599,16 @@ IMPLS: tuple[Impl, ...] = (
         "sdpa",
         _build_jax_attn_sdpa_impl("fused"),
         "jax_attn SDPA implementation='fused' (jax.nn.dot_product_attention) under jax.jit",
+    ),
+    # The default call (implementation=None): attn_spec.dispatch's rule picks math, blocked or fused. The
+    # ".auto." infix keeps the explicit rows' names (and --impl substrings such as "jax_attn.sdpa[jit]")
+    # from matching these.
+    Impl(
+        "jax_attn.auto.sdpa[jit]",
+        "jax",
+        "sdpa",
+        build_jax_attn_sdpa_auto,
+        "jax_attn SDPA, the default call (implementation=None: auto) under jax.jit",
     ),
     Impl("jax.nn.dpa[xla]", "jax", "sdpa", _build_jax_nn_dpa("xla"), "jax.nn.dot_product_attention, XLA"),
     Impl(
@@ -560,6 +638,14 @@ IMPLS: tuple[Impl, ...] = (
         requires=("jax_attn", "MultiheadAttention"),
     ),
     Impl(
+        "jax_attn.auto.MHA[jit]",
+        "jax",
+        "mha",
+        _build_jax_attn_mha(need_weights=False, implementation=None),
+        "jax_attn.MultiheadAttention(need_weights=False), the default implementation (auto), under jax.jit",
+        requires=("jax_attn", "MultiheadAttention"),
+    ),
+    Impl(
         "jax_attn.MHA[jit,weights]",
         "jax",
         "mha+weights",
@@ -578,6 +664,24 @@ IMPLS: tuple[Impl, ...] = (
         applies=_causal_only,
         requires=("jax_attn", "CausalSelfAttention"),
     ),
+    Impl(
+        "jax_attn.blocked.CSA[jit]",
+        "jax",
+        "csa",
+        _build_jax_attn_csa("blocked"),
+        "jax_attn.CausalSelfAttention(implementation='blocked') under jax.jit",
+        applies=_causal_only,
+        requires=("jax_attn", "CausalSelfAttention"),
+    ),
+    Impl(
+        "jax_attn.auto.CSA[jit]",
+        "jax",
+        "csa",
+        _build_jax_attn_csa(None),
+        "jax_attn.CausalSelfAttention, the default implementation (auto), under jax.jit",
+        applies=_causal_only,
+        requires=("jax_attn", "CausalSelfAttention"),
+    ),
     # PyTorch, eager unless said otherwise
     Impl(
         "torch_attn.sdpa[eager]",
@@ -593,6 +697,20 @@ IMPLS: tuple[Impl, ...] = (
         "sdpa",
         _build_torch_attn_sdpa_impl("blocked"),
         "torch_attn SDPA implementation='blocked', eager",
+    ),
+    Impl(
+        "torch_attn.fused.sdpa[eager]",
+        "torch",
+        "sdpa",
+        _build_torch_attn_sdpa_impl("fused"),
+        "torch_attn SDPA implementation='fused' (F.scaled_dot_product_attention), eager",
+    ),
+    Impl(
+        "torch_attn.auto.sdpa[eager]",
+        "torch",
+        "sdpa",
+        build_torch_attn_sdpa_auto,
+        "torch_attn SDPA, the default call (implementation=None: auto), eager",
     ),
     Impl(
         "torch.compile(torch_attn.sdpa)",
@@ -653,6 +771,22 @@ IMPLS: tuple[Impl, ...] = (
         requires=("torch_attn", "MultiheadAttention"),
     ),
     Impl(
+        "torch_attn.fused.MHA[eager]",
+        "torch",
+        "mha",
+        _build_torch_mha("torch_attn", need_weights=False, implementation="fused"),
+        "torch_attn.MultiheadAttention(implementation='fused', need_weights=False), eager",
+        requires=("torch_attn", "MultiheadAttention"),
+    ),
+    Impl(
+        "torch_attn.auto.MHA[eager]",
+        "torch",
+        "mha",
+        _build_torch_mha("torch_attn", need_weights=False, implementation=None),
+        "torch_attn.MultiheadAttention(need_weights=False), the default implementation (auto), eager",
+        requires=("torch_attn", "MultiheadAttention"),
+    ),
+    Impl(
         "torch_attn.MHA[eager,weights]",
         "torch",
         "mha+weights",
@@ -668,6 +802,24 @@ IMPLS: tuple[Impl, ...] = (
         build_torch_attn_csa,
         "torch_attn.CausalSelfAttention, eager",
         role="torch_attn",
+        applies=_causal_only,
+        requires=("torch_attn", "CausalSelfAttention"),
+    ),
+    Impl(
+        "torch_attn.fused.CSA[eager]",
+        "torch",
+        "csa",
+        _build_torch_attn_csa("fused"),
+        "torch_attn.CausalSelfAttention(implementation='fused'), eager",
+        applies=_causal_only,
+        requires=("torch_attn", "CausalSelfAttention"),
+    ),
+    Impl(
+        "torch_attn.auto.CSA[eager]",
+        "torch",
+        "csa",
+        _build_torch_attn_csa(None),
+        "torch_attn.CausalSelfAttention, the default implementation (auto), eager",
         applies=_causal_only,
         requires=("torch_attn", "CausalSelfAttention"),
     ),
