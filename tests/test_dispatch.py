@@ -315,3 +315,13 @@ def test_module_auto_matches_the_math_path():
     jauto = jax_attn.CausalSelfAttention(16, 2, num_kv_heads=1, rngs=nnx.Rngs(0))
     jauto.load_torch_state_dict(auto.state_dict())
     _close(jauto(jnp.asarray(x)), ref)
+
+
+def test_bench_rows_pin_the_path_they_name():
+    """The explicit bench rows pass ``implementation=``; the auto rows make the default call."""
+    from compare.bench import impls
+
+    for cls in (jax_attn.CausalSelfAttention, jax_attn.MultiheadAttention, torch_attn.MultiheadAttention):
+        assert impls._impl_kwargs(cls, "blocked") == {"implementation": "blocked"}
+        assert impls._impl_kwargs(cls, None) == {}
+    assert impls._impl_kwargs(torch.nn.MultiheadAttention, "math") == {}

@@ -100,7 +100,7 @@ def _impl_kwargs(cls, implementation: str | None) -> dict:
     if implementation is None:
         return {}
     try:
-        params = inspect.signature(cls).parameters
+        params = inspect.signature(cls.__init__).parameters  # nnx modules hide it behind a metaclass
     except (TypeError, ValueError):
         return {}
     return {"implementation": implementation} if "implementation" in params else {}
