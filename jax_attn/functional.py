@@ -183,10 +183,12 @@ def scaled_dot_product_attention(
     Returns:
       ``(..., T, V)`` in the query's dtype.
     """
-    if implementation in AUTO:
-        implementation = select_implementation(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask=dropout_mask
-        ).implementation
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    attn_mask = None if attn_mask is None else jnp.asarray(attn_mask)
+    shapes = None
+    if implementation in AUTO:  # one check serves the choice and the fast path
+        shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
+        implementation = _select(shapes, query.dtype, attn_mask, dropout_p, False).implementation
     check_implementation(implementation, dropout_p=dropout_p, need_weights=False)
     if implementation == "math":
         out, _ = scaled_dot_product_attention_with_weights(
@@ -202,9 +204,8 @@ def scaled_dot_product_attention(
             dropout_rng=dropout_rng,
         )
         return out
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    attn_mask = None if attn_mask is None else jnp.asarray(attn_mask)
-    shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
+    if shapes is None:
+        shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
     return _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation)
 
 

@@ -169,10 +169,10 @@ def scaled_dot_product_attention(
     Returns:
       ``(..., T, V)`` in the query's dtype.
     """
-    if implementation in AUTO:
-        implementation = select_implementation(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask=dropout_mask
-        ).implementation
+    shapes = None
+    if implementation in AUTO:  # one check serves the choice and the fast path
+        shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
+        implementation = _select(shapes, query.device, attn_mask, dropout_p, False).implementation
     check_implementation(implementation, dropout_p=dropout_p, need_weights=False)
     if implementation == "math":
         out, _ = scaled_dot_product_attention_with_weights(
@@ -188,7 +188,8 @@ def scaled_dot_product_attention(
             generator=generator,
         )
         return out
-    shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
+    if shapes is None:
+        shapes = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask)
     return _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation)
 
 
