@@ -325,3 +325,23 @@ def test_bench_rows_pin_the_path_they_name():
         assert impls._impl_kwargs(cls, "blocked") == {"implementation": "blocked"}
         assert impls._impl_kwargs(cls, None) == {}
     assert impls._impl_kwargs(torch.nn.MultiheadAttention, "math") == {}
+
+
+@NO_GPU
+@pytest.mark.parametrize("causal", [False, True])
+def test_under_jit_the_default_call_compiles_to_the_chosen_path(causal):
+    """The choice is made at trace time: the default call lowers to exactly the program of the explicit
+    path it picked (so under ``jit`` auto costs nothing at run time)."""
+    x = jax.ShapeDtypeStruct((1, 2, 256, 16), jnp.float32)
+
+    def lowered(implementation):
+        def attention(q, k, v):
+            return jax_attn.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, implementation=implementation
+            )
+
+        return jax.jit(attention).lower(x, x, x).as_text()
+
+    assert jax_attn.select_implementation(x, x, x, is_causal=causal).implementation == "blocked"
+    assert lowered(None) == lowered("blocked")
+    assert lowered(None) != lowered("math")
