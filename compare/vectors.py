@@ -196,7 +196,8 @@ def oracle_noise(kind: str, case, inputs: dict[str, np.ndarray], trials: int = 2
     worst = {k: 0.0 for k in base if k.startswith("expected_")}
     for _ in range(trials):
         moved = {}
-        for name, x in inputs.items():
+        for name in sorted(inputs):  # sorted: a loaded vector's arrays come in no fixed order
+            x = inputs[name]
             floating = np.issubdtype(x.dtype, np.floating) or x.dtype == NP_DTYPES["bfloat16"]
             if not floating or "mask" in name:
                 moved[name] = x
