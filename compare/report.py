@@ -260,6 +260,8 @@ def fmt_ratio(x: float | None) -> str:
         return "inf"
     if x == 0:
         return "0"
+    if x >= 10:
+        return f"{x:.0f}"
     return f"{x:.2f}" if x >= 0.01 else f"{x:.0e}"
 
 

@@ -92,9 +92,7 @@ def bench_doc(seed=0) -> dict:
                 continue
             limit = preset.limit_for(impl.name, impl.family)
             status = (
-                "skipped"
-                if (limit is not None and case.T > limit) or "cuda" in impl.description.lower()
-                else "ok"
+                "skipped" if (limit is not None and case.T > limit) or impl.applies(case, "cpu") else "ok"
             )
             median = 1e-3 * case.T / 128 * rng.uniform(0.5, 2.0)
             recs.append(
