@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -115,7 +116,7 @@ def run_agreement(args) -> tuple[int, list[dict] | None, dict]:
         return 1, None, {}
     t0 = time.perf_counter()
     with phase(console, "agreement", len(vecs)) as tick:
-        records = agree.run(vecs, progress=lambda d, t, n: tick(d, n))
+        records = agree.run(vecs, progress=lambda d, t, n: tick(d, n), threads=max(1, args.threads))
     seconds = time.perf_counter() - t0
     c = report.counts(records)
     console.print(
@@ -288,6 +289,11 @@ def cmd_train(args) -> int:
     return 0 if record["ok"] else 1
 
 
+def _default_threads() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
+
+
 def _add_agree_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--case", action="append", help="only cases whose name contains this (repeatable)")
     p.add_argument("--kind", action="append", help="only vectors of this kind (sdpa, …; repeatable)")
@@ -300,6 +306,12 @@ def _add_agree_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dir", default=str(vectors_mod.DEFAULT_DIR), help="vector folder")
     p.add_argument("--verbose", action="store_true", help="also the long table of every pair and dtype")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=_default_threads(),
+        help="vectors run at a time (JAX compiles on one core each; default: the CPUs available, at most 4)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,3 +118,25 @@ def test_a_broken_implementation_fails_the_real_agreement_in_full(monkeypatch, c
     assert all(" out: " in line and "basic" in line and "> tol" in line for line in fails)
     others = [i for i in impls if i != "torch_attn"]
     assert len(fails) == 1 + len(others)
+
+
+def test_threaded_agreement_gives_the_same_records_in_the_same_order():
+    """agree.run(threads=2) on real vectors with cheap stand-in implementations (the oracle's values,
+    perturbed differently per implementation): the records equal the single-threaded run's."""
+    names = [n for n, (kind, _) in vectors.all_cases().items() if kind == "sdpa"][:6]
+    vecs = vectors.load_all(vectors.DEFAULT_DIR, names)
+
+    def stand_in(shift):
+        def run(vec):
+            return {
+                k.removeprefix("expected_"): v + shift
+                for k, v in vec.arrays.items()
+                if k.startswith("expected_")
+            }
+
+        return run
+
+    impls = {"sdpa": {"a": stand_in(0.0), "b": stand_in(1e-9), "c": stand_in(1.0)}}
+    one = agree.run(vecs, impls)
+    two = agree.run(vecs, impls, threads=2)
+    assert one == two and any(not r["ok"] for r in one) and any(r["ok"] for r in one)
