@@ -21,7 +21,7 @@ def _fake_phases(monkeypatch, records, doc):
     monkeypatch.setattr(
         vectors, "load_all", lambda d, sel: [SimpleNamespace(name=n, kind=kinds[n]) for n in names]
     )
-    monkeypatch.setattr(agree, "run", lambda vecs, progress=None: copy.deepcopy(records))
+    monkeypatch.setattr(agree, "run", lambda vecs, progress=None, threads=1: copy.deepcopy(records))
     monkeypatch.setattr(env, "select_device", lambda name=None: {"name": "cpu", "jax": "cpu", "torch": "cpu"})
     monkeypatch.setattr(env, "pin_precision", lambda framework_defaults=False: {"pinned": True})
     monkeypatch.setattr(env, "environment", lambda: {"python": "3", "jax": "0", "torch": "2"})
