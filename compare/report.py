@@ -507,11 +507,12 @@ def from_json(doc: dict) -> dict:
             records.append(rec)
     else:
         raise ValueError(f"agreement.json: unknown schema {schema!r} (this version reads 1 and {SCHEMA})")
+    device = doc.get("device", "?")  # schema 1 from `agree --json`: the device dict
     return {
         "records": records,
         "environment": doc.get("environment", {}),
         "precision": doc.get("precision", {}),
-        "device": doc.get("device", "?") if isinstance(doc.get("device"), str) else doc["device"]["name"],
+        "device": device["name"] if isinstance(device, dict) else device,
         "generated": doc.get("generated"),
     }
 

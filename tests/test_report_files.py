@@ -98,3 +98,8 @@ def test_report_on_a_folder_without_json_or_with_an_unknown_schema_is_a_usage_er
     assert cli.main(["report", str(tmp_path)]) == 2
     (tmp_path / "agreement.json").write_text(json.dumps({"schema": 99}))
     assert cli.main(["report", str(tmp_path)]) == 2
+
+
+def test_schema_1_device_may_be_the_agree_json_dict():
+    assert report.from_json({"records": [], "device": {"name": "gpu", "jax": "cuda:0"}})["device"] == "gpu"
+    assert report.from_json({"records": []})["device"] == "?"
