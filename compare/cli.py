@@ -65,21 +65,36 @@ def phase(con: Console, label: str, total: int | None):
         yield tick
 
 
-def check_vectors(directory: Path, write: bool = False) -> tuple[int, str]:
-    """Check (or write) the shared vectors; (exit status, one line saying what happened)."""
+def check_vectors(directory: Path, mode: str = "check") -> tuple[int, str]:
+    """Check, write (``mode="write"``) or regenerate and compare (``mode="verify"``) the shared vectors;
+    (exit status, what happened: one line, or one line per differing vector and a last line)."""
     with phase(console, "vectors", len(vectors_mod.all_cases())) as tick:
+        progress = lambda d, t, n: tick(d, n)  # noqa: E731
         try:
-            if write:
-                manifest = vectors_mod.write(directory, progress=lambda d, t, n: tick(d, n))
+            if mode == "write":
+                manifest = vectors_mod.write(directory, progress=progress)
                 return 0, f"vectors: wrote {len(manifest['cases'])} vectors to {directory}"
-            names = vectors_mod.check(directory, progress=lambda d, t, n: tick(d, n))
-            return 0, f"vectors: checked {len(names)} in {directory}, all intact and equal to the oracle"
+            if mode == "verify":
+                problems = vectors_mod.verify_regenerate(directory, progress=progress)
+                if problems:
+                    lines = [f"[red]differs:[/red] {escape(str(p))}" for p in problems]
+                    lines.append(
+                        f"{len(problems)} regenerated vectors differ from {directory} beyond ulp noise"
+                    )
+                    return 1, "\n".join(lines)
+                return 0, (
+                    f"vectors: regenerated {len(vectors_mod.all_cases())}, equal to {directory} by value "
+                    "(inputs bit-identical, expectations within a few ulp)"
+                )
+            names = vectors_mod.check(directory, progress=progress)
+            return 0, f"vectors: checked {len(names)} in {directory}: intact, equal to the oracle by value"
         except vectors_mod.VectorError as e:
             return 1, f"[red]vector check failed:[/red] {escape(str(e))}"
 
 
 def cmd_vectors(args) -> int:
-    status, line = check_vectors(Path(args.dir), write=args.write)
+    mode = "write" if args.write else "verify" if args.verify_regenerate else "check"
+    status, line = check_vectors(Path(args.dir), mode)
     console.print(line)
     return status
 
@@ -329,8 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("vectors", help="write or check the shared test vectors")
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--write", action="store_true", help="regenerate tests/vectors from the registry")
-    mode.add_argument("--check", action="store_true", help="verify hashes, recipes and oracle values")
+    mode.add_argument(
+        "--write",
+        action="store_true",
+        help="regenerate tests/vectors from the registry (a file whose values agree with the new ones by "
+        "value, as in --check, is kept byte for byte)",
+    )
+    mode.add_argument(
+        "--check",
+        action="store_true",
+        help="verify each file's sha256 against the manifest (corruption, tampering), then regenerate "
+        "every case in memory and judge it by value: inputs bit-identical, oracle expectations within "
+        f"{vectors_mod.ULPS} ulp of the array's scale, widened by {vectors_mod.ULPS}x what one-ulp input "
+        "noise moves them in the oracle "
+        "(float64 BLAS results differ by a few ulp across CPUs, so hashes of regenerated files may not)",
+    )
+    mode.add_argument(
+        "--verify-regenerate",
+        action="store_true",
+        help="write the whole set afresh into a temporary folder, as --write would from scratch, and "
+        "compare it with the committed one by value (manifest fields but sha256, and every array)",
+    )
     p.add_argument("--dir", default=str(vectors_mod.DEFAULT_DIR))
     p.set_defaults(func=cmd_vectors)
 

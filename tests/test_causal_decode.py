@@ -154,7 +154,10 @@ def test_calls_do_not_modify_the_given_cache():
         ya, _ = tm(torch.from_numpy(x[:, 3:4]), cache=t_prompt)
         tm(torch.from_numpy(x[:, 4:5]), cache=t_prompt)  # another branch
         ya2, _ = tm(torch.from_numpy(x[:, 3:4]), cache=t_prompt)
-    assert t_prompt.index == 3 and torch.equal(t_prompt.k, t_k) and torch.equal(ya, ya2)
+    assert t_prompt.index == 3 and torch.equal(t_prompt.k, t_k)  # the buffer itself: bit for bit
+    # The continuation is recomputed: equal within fp32 tolerance (not bits: BLAS may pick other kernels).
+    ya, ya2 = ya.numpy(), ya2.numpy()
+    assert np.max(np.abs(ya2 - ya)) <= 1e-5 * max(1.0, float(np.max(np.abs(ya))))
     _, j_prompt = jm(jnp.asarray(x[:, :3]), cache=jm.init_cache(B, L))
     j_k = np.asarray(j_prompt.k).copy()
     jm(jnp.asarray(x[:, 4:5]), cache=j_prompt)

@@ -24,6 +24,26 @@ def test_vectors_check_exit_1_names_tampered_case(tmp_path, capsys):
     assert "causal_square" in capsys.readouterr().out
 
 
+def test_vectors_verify_regenerate(tmp_path, capsys):
+    dst = tmp_path / "v"
+    shutil.copytree(vectors.DEFAULT_DIR, dst)
+    assert cli.main(["vectors", "--verify-regenerate", "--dir", str(dst)]) == 0
+    assert "equal to" in capsys.readouterr().out
+    # a real change (with its hash updated, so only the values can tell) exits 1 and names the case
+    from safetensors.numpy import load, save
+
+    arrays = load((dst / "primes.safetensors").read_bytes())
+    arrays["expected_dq"] = arrays["expected_dq"] + 1e-9
+    data = save(arrays)
+    (dst / "primes.safetensors").write_bytes(data)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["cases"]["primes"]["sha256"] = vectors._sha256(data)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    assert cli.main(["vectors", "--verify-regenerate", "--dir", str(dst)]) == 1
+    out = capsys.readouterr().out
+    assert "primes" in out and "expected_dq" in out and not list(tmp_path.glob(".vectors-*"))
+
+
 def test_agree_filtered_writes_json(tmp_path):
     out = tmp_path / "a.json"
     assert cli.main(["agree", "--case", "gqa_G2", "--dtype", "float32", "--json", str(out)]) == 0
@@ -59,7 +79,9 @@ def test_broken_implementation_exits_1(monkeypatch, capsys):
     assert "DISAGREE" in out and "basic" in out and "torch_attn vs oracle" in out
 
 
-@pytest.mark.parametrize("argv", [["vectors"], ["vectors", "--write", "--check"]])
+@pytest.mark.parametrize(
+    "argv", [["vectors"], ["vectors", "--write", "--check"], ["vectors", "--check", "--verify-regenerate"]]
+)
 def test_vectors_needs_one_mode(argv):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)

@@ -12,8 +12,10 @@ def test_hand_computed_case():
     k = np.array([[0.0], [np.log(3.0)]])
     v = np.array([[4.0, 0.0], [0.0, 8.0]])
     res = oracle.sdpa_forward(q, k, v, scale=1.0)
-    np.testing.assert_allclose(res["weights"], [[0.25, 0.75]], rtol=1e-15)
-    np.testing.assert_allclose(res["out"], [[1.0, 6.0]], rtol=1e-15)
+    # 1e-14 (~45 ulp), not 1e-15: np.log/np.exp are only accurate to a few ulp, and their SIMD loops
+    # differ between CPUs (AVX512F or not), so exp(ln 3) is 3 within ~7 ulp, not exactly.
+    np.testing.assert_allclose(res["weights"], [[0.25, 0.75]], rtol=1e-14)
+    np.testing.assert_allclose(res["out"], [[1.0, 6.0]], rtol=1e-14)
 
 
 def test_default_scale_is_inverse_sqrt_head_width():
@@ -22,7 +24,7 @@ def test_default_scale_is_inverse_sqrt_head_width():
     v = np.array([[0.0], [1.0]])
     res = oracle.sdpa_forward(q, k, v)
     e = np.exp(1.0)
-    np.testing.assert_allclose(res["out"], [[e / (1 + e)]], rtol=1e-15)
+    np.testing.assert_allclose(res["out"], [[e / (1 + e)]], rtol=1e-14)  # exp to a few ulp, see above
 
 
 def test_fully_masked_row_gives_zeros_and_zero_gradients():
