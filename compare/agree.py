@@ -62,39 +62,60 @@ def _unmeasured(vec: Vector, impl: str, **fields) -> dict:
     }
 
 
-def run(vectors: list[Vector], implementations=None, progress=None) -> list[dict]:
+def run_vector(vec: Vector, implementations=None) -> list[dict]:
+    """Every implementation of ``vec``'s kind (or ``implementations[kind]``) on ``vec``: its records."""
+    records = []
+    kind = KINDS[vec.kind]
+    results = {}
+    impls = kind.implementations if implementations is None else implementations.get(vec.kind, {})
+    for impl, fn in impls.items():
+        if not kind.applies(impl, vec):
+            # Listed in the report as not applicable (e.g. torch's built-in with an injected dropout
+            # mask, flax with a float mask); never counted as agreement.
+            records.append(_unmeasured(vec, impl, ok=True, skipped=True))
+            continue
+        try:
+            results[impl] = fn(vec)
+        except Exception as e:  # recorded, not hidden: the report shows it as a failure
+            records.append(_unmeasured(vec, impl, ok=False, error=f"{type(e).__name__}: {e}"))
+    for impl, res in results.items():
+        for a in against_oracle(vec, res):
+            pair = f"{impl} vs oracle"
+            records.append({"case": vec.name, "kind": vec.kind, "pair": pair, **a.as_dict()})
+    names = list(results)
+    for j, a_name in enumerate(names):
+        for b_name in names[j + 1 :]:
+            for a in between(vec, results[a_name], results[b_name]):
+                records.append(
+                    {"case": vec.name, "kind": vec.kind, "pair": f"{a_name} vs {b_name}", **a.as_dict()}
+                )
+    return records
+
+
+def run(vectors: list[Vector], implementations=None, progress=None, threads: int = 1) -> list[dict]:
     """Run every implementation of each vector's kind (or ``implementations[kind]``) on every vector;
-    one record per (case, pair, quantity).
+    one record per (case, pair, quantity), in the order of ``vectors``.
 
     A pair is ``"<impl> vs oracle"`` or ``"<impl_a> vs <impl_b>"``. An implementation that raises is
-    recorded with ``ok=False`` and its error, and the run goes on.
+    recorded with ``ok=False`` and its error, and the run goes on. ``threads > 1`` runs that many vectors
+    at a time: XLA compiles one program on one core with the GIL released, and compiling is most of the
+    run on CPU; the records are the same as with one thread.
     """
-    records = []
-    for i, vec in enumerate(vectors):
-        kind = KINDS[vec.kind]
-        results = {}
-        impls = kind.implementations if implementations is None else implementations.get(vec.kind, {})
-        for impl, fn in impls.items():
-            if not kind.applies(impl, vec):
-                # Listed in the report as not applicable (e.g. torch's built-in with an injected dropout
-                # mask, flax with a float mask); never counted as agreement.
-                records.append(_unmeasured(vec, impl, ok=True, skipped=True))
-                continue
-            try:
-                results[impl] = fn(vec)
-            except Exception as e:  # recorded, not hidden: the report shows it as a failure
-                records.append(_unmeasured(vec, impl, ok=False, error=f"{type(e).__name__}: {e}"))
-        for impl, res in results.items():
-            for a in against_oracle(vec, res):
-                pair = f"{impl} vs oracle"
-                records.append({"case": vec.name, "kind": vec.kind, "pair": pair, **a.as_dict()})
-        names = list(results)
-        for j, a_name in enumerate(names):
-            for b_name in names[j + 1 :]:
-                for a in between(vec, results[a_name], results[b_name]):
-                    records.append(
-                        {"case": vec.name, "kind": vec.kind, "pair": f"{a_name} vs {b_name}", **a.as_dict()}
-                    )
-        if progress:
-            progress(i + 1, len(vectors), vec.name)
-    return records
+    if threads <= 1:
+        records = []
+        for i, vec in enumerate(vectors):
+            records += run_vector(vec, implementations)
+            if progress:
+                progress(i + 1, len(vectors), vec.name)
+        return records
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="agree") as pool:
+        futures = {pool.submit(run_vector, vec, implementations): i for i, vec in enumerate(vectors)}
+        by_index = {}
+        for done, future in enumerate(as_completed(futures), start=1):
+            i = futures[future]
+            by_index[i] = future.result()
+            if progress:
+                progress(done, len(vectors), vectors[i].name)
+    return [r for i in range(len(vectors)) for r in by_index[i]]

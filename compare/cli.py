@@ -8,12 +8,16 @@ Exit status: 0 when everything agrees within tolerance, 1 when anything does not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from compare import report
@@ -35,40 +39,64 @@ def _progress(label: str):
     )
 
 
-def cmd_vectors(args) -> int:
-    directory = Path(args.dir)
-    with _progress("vectors") as bar:
-        task = bar.add_task("", total=len(vectors_mod.all_cases()))
+@contextlib.contextmanager
+def phase(con: Console, label: str, total: int | None):
+    """A phase of a run: a transient rich progress bar on a terminal, nothing in a log (the caller prints
+    the phase's one result line). Yields ``tick(done, description, total=None)``."""
+    if not con.is_terminal:
+        yield lambda done, description="", total=None: None
+        return
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=con,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("", total=total)
 
-        def tick(done, total, name):
-            bar.update(task, completed=done, description=name)
+        def tick(done, description="", total=None):
+            if total is not None:
+                bar.update(task, total=total)
+            bar.update(task, completed=done, description=escape(str(description)))
 
+        yield tick
+
+
+def check_vectors(directory: Path, mode: str = "check") -> tuple[int, str]:
+    """Check, write (``mode="write"``) or regenerate and compare (``mode="verify"``) the shared vectors;
+    (exit status, what happened: one line, or one line per differing vector and a last line)."""
+    with phase(console, "vectors", len(vectors_mod.all_cases())) as tick:
+        progress = lambda d, t, n: tick(d, n)  # noqa: E731
         try:
-            if args.write:
-                manifest = vectors_mod.write(directory, progress=tick)
-                msg = f"wrote {len(manifest['cases'])} vectors to {directory}"
-            elif args.verify_regenerate:
-                problems = vectors_mod.verify_regenerate(directory, progress=tick)
+            if mode == "write":
+                manifest = vectors_mod.write(directory, progress=progress)
+                return 0, f"vectors: wrote {len(manifest['cases'])} vectors to {directory}"
+            if mode == "verify":
+                problems = vectors_mod.verify_regenerate(directory, progress=progress)
                 if problems:
-                    bar.stop()
-                    for problem in problems:
-                        console.print(f"[red]differs:[/red] {problem}")
-                    console.print(
+                    lines = [f"[red]differs:[/red] {escape(str(p))}" for p in problems]
+                    lines.append(
                         f"{len(problems)} regenerated vectors differ from {directory} beyond ulp noise"
                     )
-                    return 1
-                msg = (
-                    f"regenerated {len(vectors_mod.all_cases())} vectors: equal to {directory} by value "
+                    return 1, "\n".join(lines)
+                return 0, (
+                    f"vectors: regenerated {len(vectors_mod.all_cases())}, equal to {directory} by value "
                     "(inputs bit-identical, expectations within a few ulp)"
                 )
-            else:
-                names = vectors_mod.check(directory, progress=tick)
-                msg = f"checked {len(names)} vectors in {directory}: intact, equal to the oracle by value"
+            names = vectors_mod.check(directory, progress=progress)
+            return 0, f"vectors: checked {len(names)} in {directory}: intact, equal to the oracle by value"
         except vectors_mod.VectorError as e:
-            console.print(f"[red]vector check failed:[/red] {e}")
-            return 1
-    console.print(msg)
-    return 0
+            return 1, f"[red]vector check failed:[/red] {escape(str(e))}"
+
+
+def cmd_vectors(args) -> int:
+    mode = "write" if args.write else "verify" if args.verify_regenerate else "check"
+    status, line = check_vectors(Path(args.dir), mode)
+    console.print(line)
+    return status
 
 
 def _select(args) -> list[str]:
@@ -81,6 +109,39 @@ def _select(args) -> list[str]:
     return names
 
 
+def run_agreement(args) -> tuple[int, list[dict] | None, dict]:
+    """The agreement phase: (exit status, records or None on a usage/load error, context for the report
+    files: environment, precision, device, seconds)."""
+    from compare import agree, env
+
+    try:
+        device = env.select_device(args.device)
+    except ValueError as e:
+        console.print(f"[red]{escape(str(e))}[/red]")
+        return 2, None, {}
+    precision = env.pin_precision(framework_defaults=args.framework_defaults)
+    names = _select(args)
+    if not names:
+        console.print("[red]no case matches the filters[/red]")
+        return 2, None, {}
+    try:
+        vecs = vectors_mod.load_all(Path(args.dir), names)
+    except vectors_mod.VectorError as e:
+        console.print(f"[red]vector load failed:[/red] {escape(str(e))}")
+        return 1, None, {}
+    t0 = time.perf_counter()
+    with phase(console, "agreement", len(vecs)) as tick:
+        records = agree.run(vecs, progress=lambda d, t, n: tick(d, n), threads=max(1, args.threads))
+    seconds = time.perf_counter() - t0
+    c = report.counts(records)
+    console.print(
+        f"agreement: {c['checks']} checks over {c['cases']} cases in {seconds:.0f} s, "
+        f"{c['failed_checks'] + c['errors']} failing"
+    )
+    ctx = {"environment": env.environment(), "precision": precision, "device": device, "seconds": seconds}
+    return (0 if all(r["ok"] for r in records) else 1), records, ctx
+
+
 def cmd_agree(args) -> int:
     if args.devices is not None:  # the sharded check: its own process with N (emulated) devices
         from compare import sharded_check
@@ -88,53 +149,74 @@ def cmd_agree(args) -> int:
         return sharded_check.main(
             ["--devices", str(args.devices)] + (["--json", args.json] if args.json else [])
         )
-    from compare import agree, env
-
-    try:
-        device = env.select_device(args.device)
-    except ValueError as e:
-        console.print(f"[red]{e}[/red]")
-        return 2
-    precision = env.pin_precision(framework_defaults=args.framework_defaults)
-    names = _select(args)
-    if not names:
-        console.print("[red]no case matches the filters[/red]")
-        return 2
-    try:
-        vecs = vectors_mod.load_all(Path(args.dir), names)
-    except vectors_mod.VectorError as e:
-        console.print(f"[red]vector load failed:[/red] {e}")
-        return 1
-    with _progress("agreement") as bar:
-        task = bar.add_task("", total=len(vecs))
-        records = agree.run(vecs, progress=lambda d, t, n: bar.update(task, completed=d, description=n))
-    _print_summary(records)
-    environment = env.environment()
-    folder = Path(args.out) if args.out else None
-    if folder is not None:
-        for path in report.write_agreement(folder, records, environment, precision, device["name"]):
-            console.print(f"wrote {path}")
+    status, records, ctx = run_agreement(args)
+    if records is None:
+        return status
+    written = []
+    if args.out:
+        written += report.write_agreement(
+            Path(args.out), records, ctx["environment"], ctx["precision"], ctx["device"]["name"]
+        )
     if args.json:
-        report.write_atomic(
-            args.json,
-            json.dumps(
-                {"environment": environment, "precision": precision, "device": device, "records": records},
-                indent=1,
-            ),
-        )
-        console.print(f"wrote {args.json}")
-    bad = [r for r in records if not r["ok"]]
-    for r in bad[:30]:
-        detail = (
-            r.get("error") or f"max_abs={r['max_abs']:.3e} > tol={r['tol']:.3e}, nonfinite={r['nonfinite']}"
-        )
-        console.print(f"[red]DISAGREE[/red] {r['case']} | {r['pair']} | {r.get('quantity')}: {detail}")
-    if len(bad) > 30:
-        console.print(f"[red]… and {len(bad) - 30} more disagreements (see the report)[/red]")
-    return 1 if bad else 0
+        doc = report.to_json(records, ctx["environment"], ctx["precision"], ctx["device"]["name"])
+        doc["device_detail"] = ctx["device"]
+        written.append(report.write_atomic(args.json, json.dumps(doc, separators=(",", ":")) + "\n"))
+    print_agreement(console, records, verbose=args.verbose)
+    if written:
+        console.print("wrote " + ", ".join(str(p) for p in written))
+    return status
 
 
-def _print_summary(records: list[dict]) -> None:
+def _matrix_cell(c: dict | None) -> str:
+    if not c:
+        return "-"
+    bad = c["failed"] + c["errors"]
+    if c["oracle"] is None:
+        text = f"{c['errors']} raised" if c["errors"] else "n/a"
+    else:
+        text = report.fmt_ratio(c["oracle"])
+        if c["pair_checks"]:
+            text += f"  {c['pair_ok']}/{c['pair_checks']}"
+    if c["not_applicable"] and c["oracle"] is not None:
+        text += f" ({c['not_applicable']} n/a)"
+    return f"[red]{text} ✗{bad}[/red]" if bad else text
+
+
+def print_verdict(con: Console, ok: bool, line: str) -> None:
+    con.print(f"[bold green]{line}[/bold green]" if ok else f"[bold red]{escape(line)}[/bold red]")
+
+
+def print_agreement(con: Console, records: list[dict], verbose: bool = False, verdict: bool = True) -> None:
+    """The agreement part of the terminal report: verdict, one compact matrix per kind (implementations
+    × dtypes: worst error / tolerance against the oracle, pairwise checks passed / run), every failure in
+    full, and the verdict again. ``verbose`` adds the long table of every pair × dtype."""
+    ok, line = report.verdict(records)
+    if verdict:
+        print_verdict(con, ok, line)
+    con.print(
+        "per kind: worst error/tolerance against the oracle (1 = the tolerance line), then the "
+        "implementation's pairwise checks passed/run"
+    )
+    for m in report.matrices(records):
+        table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+        table.add_column(f"{m['kind']} ({m['cases']} cases)")
+        for dt in m["dtypes"]:
+            table.add_column(dt, justify="right")
+        for impl in m["impls"]:
+            table.add_row(escape(impl), *(_matrix_cell(m["cells"][impl].get(dt)) for dt in m["dtypes"]))
+        con.print(table)
+    if verbose:
+        _print_long_summary(con, records)
+    bad = report.failures(records)
+    if bad:
+        con.print(f"[red]FAILURES: {len(bad)}, each in full:[/red]")
+        for r in bad:
+            con.print(f"[red]FAIL[/red] {escape(report.failure_line(r))}", overflow="fold")
+    if verdict:
+        print_verdict(con, ok, line)
+
+
+def _print_long_summary(con: Console, records: list[dict]) -> None:
     table = Table(title="agreement: worst max-abs error / tolerance (worst case:quantity)")
     for col in ("kind", "pair", "dtype", "cases", "forward", "gradients", "status"):
         table.add_column(col, overflow="fold")
@@ -142,10 +224,21 @@ def _print_summary(records: list[dict]) -> None:
         cells = []
         for label in ("forward", "gradients"):
             w = row.get(label)
-            cells.append(f"{w['max_abs']:.1e} / {w['tol']:.0e}" if w else "-")
+            cells.append(f"{w['max_abs']:.1e} / {w['tol']:.0e} ({w['case']}:{w['quantity']})" if w else "-")
         status = "[green]ok[/green]" if not row["failures"] else f"[red]{row['failures']} FAIL[/red]"
-        table.add_row(row["kind"], row["pair"], row["dtype"], str(row["cases"]), *cells, status)
-    console.print(table)
+        table.add_row(row["kind"], escape(row["pair"]), row["dtype"], str(row["cases"]), *cells, status)
+    con.print(table)
+
+
+def cmd_report(args) -> int:
+    """Re-render a report folder's Markdown and pictures from its JSON (old schemas too)."""
+    try:
+        paths = report.rerender(Path(args.folder))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        console.print(f"[red]cannot re-render {escape(args.folder)}: {escape(str(e))}[/red]")
+        return 2
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -211,6 +304,11 @@ def cmd_train(args) -> int:
     return 0 if record["ok"] else 1
 
 
+def _default_threads() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus))
+
+
 def _add_agree_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--case", action="append", help="only cases whose name contains this (repeatable)")
     p.add_argument("--kind", action="append", help="only vectors of this kind (sdpa, …; repeatable)")
@@ -222,6 +320,13 @@ def _add_agree_arguments(p: argparse.ArgumentParser) -> None:
         help="leave each framework's default matmul precision (TF32 etc.) instead of pinning full fp32",
     )
     p.add_argument("--dir", default=str(vectors_mod.DEFAULT_DIR), help="vector folder")
+    p.add_argument("--verbose", action="store_true", help="also the long table of every pair and dtype")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=_default_threads(),
+        help="vectors run at a time (JAX compiles on one core each; default: the CPUs available, at most 4)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attention across frameworks: agreement report (default: all of it, into reports/).",
     )
     parser.add_argument("--out", help="report folder for the default run (default reports/<timestamp>/)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="the long tables: every pair × dtype, every benchmark measurement, every speedup row",
+    )
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("vectors", help="write or check the shared test vectors")
@@ -287,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for train.json and train.png (default reports/<timestamp>/)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "report", help="re-render a report folder's Markdown and pictures from its JSON (old formats too)"
+    )
+    p.add_argument("folder", help="a report folder, e.g. reports/<timestamp>/")
+    p.set_defaults(func=cmd_report)
+
     from compare.bench import cli as bench_cli
 
     bench_cli.add_parser(sub)
@@ -294,15 +410,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_default(args) -> int:
-    """The main job: vectors check, agreement suite, quick benchmark, all into one report folder."""
+    """The main job: vectors check, agreement suite, quick benchmark, all into one report folder; then
+    the report: verdict, one matrix per kind, every failure, the speedup table, verdict again."""
+    from compare.bench import cli as bench_cli
+
+    t0 = time.perf_counter()
     folder = Path(args.out) if args.out else report.new_report_dir()
-    console.rule(f"report folder: {folder}")
+    console.print(f"main job: vectors check, agreement, quick benchmark → {folder}/")
     parser = build_parser()
-    status = cmd_vectors(parser.parse_args(["vectors", "--check"]))
-    status = max(status, cmd_agree(parser.parse_args(["agree", "--out", str(folder)])))
+    vec_status, vec_line = check_vectors(vectors_mod.DEFAULT_DIR)
+    console.print(vec_line)
+    agree_args = parser.parse_args(["agree"])
+    agree_status, records, ctx = run_agreement(agree_args)
+    written = []
+    if records is not None:
+        written = report.write_agreement(
+            folder, records, ctx["environment"], ctx["precision"], ctx["device"]["name"]
+        )
     bench_args = parser.parse_args(["bench", "--quick", "--out", str(folder)])
-    status = max(status, bench_args.func(bench_args))
-    console.rule(f"{'all agree' if status == 0 else 'DISAGREEMENTS'}; report in {folder}")
+    bench_status, doc, bench_paths = bench_cli.run_sweep(bench_args, console, verbose=args.verbose)
+    status = max(vec_status, agree_status, bench_status)
+
+    ok, line = report.verdict(records) if records is not None else (False, "agreement did not run")
+    ok = ok and status == 0
+    if ok:
+        line = f"{line}; vectors intact; benchmark measured"
+    elif vec_status or bench_status:
+        line = f"{line}; " + "; ".join(
+            what
+            for bad, what in ((vec_status, "VECTOR CHECK FAILED"), (bench_status, "BENCHMARK FAILED"))
+            if bad
+        )
+    console.rule()
+    print_verdict(console, ok, line)
+    if records is not None:
+        print_agreement(console, records, verbose=args.verbose, verdict=False)
+    if doc is not None:
+        bench_cli.print_summary(doc, bench_paths, console, verbose=args.verbose, show_files=False)
+    names = [p.name for p in [*written, *bench_paths.values()]]
+    files = ", ".join(n for n in names if not n.endswith(".png"))
+    pictures = sum(n.endswith(".png") for n in names)
+    console.print(
+        f"report in {folder}/ after {time.perf_counter() - t0:.0f} s: {files} and {pictures} pictures"
+    )
+    print_verdict(console, ok, line)
     return status
 
 

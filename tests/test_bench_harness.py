@@ -245,7 +245,13 @@ def test_end_to_end_writes_json_md_png(tmp_path):
     ]
     assert cli.main(argv) == 0
     doc = json.loads((out / "bench.json").read_text())
-    assert {p.name for p in out.iterdir()} == {"bench.json", "bench.md", "bench.png", "bench_ratio.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "bench.json",
+        "bench.md",
+        "bench.png",
+        "bench_all.png",
+        "bench_ratio.png",
+    }
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     recs = doc["records"]
     assert {r["impl"] for r in recs} == {

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from compare import cli, vectors
+from compare import cli, report, vectors
 
 
 def test_vectors_check_exit_0(capsys):
@@ -47,7 +47,7 @@ def test_vectors_verify_regenerate(tmp_path, capsys):
 def test_agree_filtered_writes_json(tmp_path):
     out = tmp_path / "a.json"
     assert cli.main(["agree", "--case", "gqa_G2", "--dtype", "float32", "--json", str(out)]) == 0
-    data = json.loads(out.read_text())
+    data = report.load_agreement(out)
     assert {r["case"] for r in data["records"]} == {"gqa_G2", "gqa_G2_causal_masked"}
     assert data["precision"]["jax_default_matmul_precision"] == "highest"
     assert all(r["ok"] for r in data["records"])
@@ -99,15 +99,19 @@ def test_agree_report_folder_is_readable_on_its_own(tmp_path):
         "highest",
         "## Tolerance policy",
         "bfloat16",
-        "jax_attn vs oracle",
+        "jax_attn",
         "torch_builtin",
         "causal_square_bf16",
         "torch | 2.",
         "jax | 0.",
+        "## Failures",
+        "agreement.png",
     ):
         assert needed in md, needed
     data = json.loads((folder / "agreement.json").read_text())
-    assert {"environment", "precision", "tolerance_policy", "summary", "records"} <= set(data)
+    assert data["schema"] == report.SCHEMA
+    assert {"environment", "precision", "tolerance_policy", "cases", "checks", "unmeasured"} <= set(data)
+    assert (folder / "agreement.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(folder.glob(".*"))  # no temporary files left behind
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -67,6 +68,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--mesh",
         help="instead: the sharded MultiheadAttention on a data=D,model=M mesh vs one device (bench/mesh.py)",
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every measurement as it lands, and the full measurement and speedup tables",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -84,40 +90,75 @@ def _row_line(r: dict) -> str:
     return f"[red]error[/red] {what}: {r.get('error_kind')}: {escape(str(r.get('error'))[:160])}"
 
 
-def print_tables(doc: dict) -> None:
+def print_tables(doc: dict, con: Console | None = None) -> None:
+    """The long tables (``--verbose``): every measurement and every speedup row."""
+    con = con or console
     header, rows = report.measurement_rows(doc["records"])
     table = Table(title=f"benchmark ({doc['preset']}, {doc['device']})", show_lines=False)
     for h in header:
         table.add_column(h, overflow="fold")
     for row in rows:
         table.add_row(*(escape(c) for c in row))
-    console.print(table)
+    con.print(table)
     header, rows = report.speedup_rows(doc["ratios"])
     table = Table(title="speedup of jax_attn (jit) = torch time / jax_attn time (> 1: JAX faster)")
     for h in header:
         table.add_column(h)
     for row in rows:
         table.add_row(*(escape(c) for c in row))
-    console.print(table)
+    con.print(table)
+    _print_skips(doc, con)
+
+
+def _print_skips(doc: dict, con: Console) -> None:
     for impl, why, n in report.skip_summary(doc["records"]):
-        console.print(f"[dim]skipped {escape(impl)} ({n} rows): {escape(why)}[/dim]")
+        con.print(f"[dim]skipped {escape(impl)} ({n} rows): {escape(why)}[/dim]")
     for n in doc.get("not_run", []):
-        console.print(f"[dim]not run {escape(n['impl'])}: {escape(n['reason'])}[/dim]")
+        con.print(f"[dim]not run {escape(n['impl'])}: {escape(n['reason'])}[/dim]")
 
 
-def run(args) -> int:
-    if getattr(args, "mesh", None):  # the sharded benchmark: its own process with D*M (emulated) devices
-        from compare.bench import mesh
+def print_headline(doc: dict, con: Console) -> None:
+    """The speedup table, one row per family × mode × causality, one column per sequence length."""
+    con.print(
+        "speedup of jax_attn (jit) = torch time / jax time (> 1: JAX faster), "
+        "vs the fastest torch | vs the eager torch_attn twin"
+    )
+    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    families = list(dict.fromkeys(r.get("family") for r in doc["records"] if r.get("family") != "ceiling"))
+    header, rows, n_labels = report.speedup_pivot(doc["ratios"], families)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < n_labels else "right")
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    con.print(table)
 
-        try:
-            mesh.parse_mesh(args.mesh)
-        except ValueError as e:
-            console.print(f"[red]{e}[/red]")
-            return 2
-        return mesh.main([args.mesh, str(Path(args.out) if args.out else default_out())])
+
+def print_summary(
+    doc: dict, paths: dict, con: Console | None = None, verbose: bool = False, show_files: bool = True
+) -> None:
+    """The benchmark part of a report: the speedup headline (or, verbose, every table), failures, and
+    where the full tables are."""
+    con = con or console
+    if verbose:
+        print_tables(doc, con)
+    else:
+        print_headline(doc, con)
+    errors = [r for r in doc["records"] if r.get("status") == "error"]
+    for r in errors:
+        con.print(_row_line(r), overflow="fold")
+    if paths and show_files:
+        folder = next(iter(paths.values())).parent
+        con.print(
+            f"bench: full tables in {folder}/bench.md; pictures bench.png, bench_all.png, bench_ratio.png"
+        )
+
+
+def run_sweep(args, con: Console | None = None, verbose: bool = False) -> tuple[int, dict | None, dict]:
+    """Run the sweep and write its files: (exit status, ``bench.json`` document or None, paths)."""
+    con = con or console
     if args.rounds < 1:
-        console.print(f"[red]--rounds must be >= 1, got {args.rounds}[/red]")
-        return 2
+        con.print(f"[red]--rounds must be >= 1, got {args.rounds}[/red]")
+        return 2, None, {}
     preset_name = "quick" if args.quick or not args.preset else args.preset
     device = runner.detect_device() if args.device == "auto" else args.device
     preset = PRESETS[preset_name](device)
@@ -132,23 +173,32 @@ def run(args) -> int:
         rounds=args.rounds,
     )
     out = Path(args.out) if args.out else default_out()
-    console.print(
-        f"bench: preset [bold]{preset.name}[/bold] on {device}, {len(preset.cases)} cases, "
-        f"{config.threads} thread(s) per worker, frameworks {', '.join(config.frameworks)} → {out}/"
+    what = (
+        f"preset {preset.name} on {device}, {len(preset.cases)} cases, {config.threads} thread(s) per "
+        f"worker, frameworks {', '.join(config.frameworks)}"
     )
+    verbose = verbose or getattr(args, "verbose", False)
     t0 = time.perf_counter()
-    with Progress(
-        TextColumn("bench"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("starting workers", total=None)
+    if con.is_terminal:
+        bar = Progress(
+            TextColumn("bench"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=con,
+            transient=True,
+        )
+    else:  # a log: one line for the phase, when it ends (and, verbose, one per measurement)
+        bar = None
+    with bar if bar is not None else contextlib.nullcontext():
+        task = bar.add_task("starting workers", total=None) if bar else None
 
         def on_event(ev: dict) -> None:
+            if ev["event"] == "record" and verbose and ev["record"]["status"] != "skipped":
+                con.print(_row_line(ev["record"]))
+            if bar is None:
+                return
             if ev["event"] == "plan":
                 bar.update(task, total=ev["total"])
             elif ev["event"] == "meta":
@@ -156,23 +206,34 @@ def run(args) -> int:
                     task, description=f"{ev['framework']} worker up ({ev['meta'].get('import_s', 0):.1f} s)"
                 )
             elif ev["event"] == "round":
-                bar.console.print(f"round {ev['round']}/{ev['rounds']}: {ev['framework']}")
+                bar.update(task, description=f"round {ev['round']}/{ev['rounds']}: {ev['framework']}")
             elif ev["event"] == "start":
                 bar.update(task, description=escape(ev["id"]))
             elif ev["event"] == "record":
                 bar.advance(task)
-                if ev["record"]["status"] != "skipped":
-                    bar.console.print(_row_line(ev["record"]))
 
         doc = runner.run_bench(preset, config, on_event)
     doc["ratios"] = report.speedups(doc["records"])
     paths = report.write_all(doc, out)
-    print_tables(doc)
     elapsed = time.perf_counter() - t0
     ok = sum(r["status"] == "ok" for r in doc["records"])
     err = sum(r["status"] == "error" for r in doc["records"])
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    console.print(
-        f"bench: {ok} measured, {err} failed, wall time {elapsed:.1f} s (sweep {doc['wall_s']:.1f} s)"
-    )
-    return 0 if ok else 1
+    skipped = sum(r["status"] == "skipped" for r in doc["records"])
+    con.print(f"bench: {ok} measured, {err} failed, {skipped} skipped, in {elapsed:.0f} s; {what}")
+    return (0 if ok else 1), doc, paths
+
+
+def run(args) -> int:
+    if getattr(args, "mesh", None):  # the sharded benchmark: its own process with D*M (emulated) devices
+        from compare.bench import mesh
+
+        try:
+            mesh.parse_mesh(args.mesh)
+        except ValueError as e:
+            console.print(f"[red]{e}[/red]")
+            return 2
+        return mesh.main([args.mesh, str(Path(args.out) if args.out else default_out())])
+    status, doc, paths = run_sweep(args, console)
+    if doc is not None:
+        print_summary(doc, paths, console, verbose=args.verbose)
+    return status

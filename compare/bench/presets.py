@@ -90,8 +90,10 @@ def quick(device: str) -> Preset:
             device=device,
             cases=tuple(cases),
             gemm_n=1024,
+            # fewer timed runs than the other presets (>= 10 or 0.15 s per row): the main job's quick look;
+            # `--preset full` for steadier numbers
             timing=TimingSettings(
-                warmup_runs=1, warmup_s=0.02, min_runs=30, min_time_s=0.0, budget_s=0.3, floor_runs=3
+                warmup_runs=1, warmup_s=0.02, min_runs=10, min_time_s=0.0, budget_s=0.15, floor_runs=3
             ),
             # modules and the math backend only on the smaller shapes, weights-returning MHA only at 128
             max_T={"mha": 512, "mha+weights": 128, "csa": 512, "torch.F.sdpa[math]": 512},

@@ -173,6 +173,41 @@ def speedup_rows(ratios: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def speedup_pivot(
+    ratios: list[dict], families: list[str] | None = None
+) -> tuple[list[str], list[list[str]], int]:
+    """The headline: one row per family × mode × causality (× whatever else varies), one column per
+    sequence length, each cell ``vs fastest torch | vs eager twin``; families in the order given (else
+    as they come). Returns (header, rows, number of label columns)."""
+    if families:
+        rank = {f: i for i, f in enumerate(families)}
+        ratios = sorted(ratios, key=lambda s: rank.get(s["family"], len(rank)))
+    Ts = sorted({s["T"] for s in ratios})
+    extra = [f for f in ("dtype", "N", "H") if len({s.get(f) for s in ratios}) > 1]
+    # B joins the row key only if one row would otherwise hold two batch sizes at one T (on GPU presets
+    # B is a function of T, one per column)
+    cell_Bs: dict[tuple, set] = {}
+    for s in ratios:
+        k = (s["family"], s["mode"], s["causal"], *(s.get(f) for f in extra), s["T"])
+        cell_Bs.setdefault(k, set()).add(s["B"])
+    if any(len(b) > 1 for b in cell_Bs.values()):
+        extra.append("B")
+    rows: dict[tuple, dict[int, dict]] = {}
+    for s in ratios:
+        k = (s["family"], s["mode"], "causal" if s["causal"] else "full", *(str(s.get(f)) for f in extra))
+        rows.setdefault(k, {})[s["T"]] = s
+    header = ["family", "mode", "causal", *extra, *(f"T={T}" for T in Ts)]
+
+    def cell(s):
+        if s is None:
+            return "-"
+        twin = s.get("speedup_vs_torch_attn")
+        return f"{_fmt(s['speedup_vs_best_torch'], '.2f')} | {_fmt(twin, '.2f') if twin else '-'}"
+
+    out = [[*k, *(cell(cells.get(T)) for T in Ts)] for k, cells in rows.items()]
+    return header, out, 3 + len(extra)
+
+
 def skip_summary(records: list[dict]) -> list[tuple[str, str, int]]:
     """(impl, reason, number of rows) for skipped rows."""
     counts: dict[tuple[str, str], int] = {}
@@ -269,194 +304,12 @@ def _load_note(recs: list[dict]) -> str:
     return note
 
 
-def _plot_records(doc: dict) -> list[dict]:
-    B, N, H = doc.get("plot_config") or (None, None, None)
-    return [
-        r
-        for r in doc["records"]
-        if r.get("status") == "ok"
-        and r.get("family") != "ceiling"
-        and (B is None or r["B"] == B)
-        and (N is None or r["N"] == N)
-        and (H is None or r["H"] == H)
-    ]
+def write_all(doc: dict, out_dir: Path, json_too: bool = True) -> dict[str, Path]:
+    """Write bench.json, bench.md, bench.png (the lines a reader compares), bench_all.png (every
+    implementation) and bench_ratio.png into ``out_dir``; returns their paths. ``json_too=False``
+    re-renders the rest from an existing bench.json (``python -m compare report``)."""
+    from compare import plots
 
-
-def _panels(plt, doc: dict):
-    modes = [
-        m for m in MODES if any(r.get("mode") == m for r in doc["records"] if r.get("family") != "ceiling")
-    ]
-    modes = modes or list(MODES)
-    fig, axes = plt.subplots(len(modes), 2, figsize=(15, 5.2 * len(modes)), squeeze=False, sharex=True)
-    return fig, axes, modes
-
-
-def plot_throughput(doc: dict, path: Path) -> None:
-    """GFLOP/s vs T per implementation; one panel per mode × causality; GEMM ceilings dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = _plot_records(doc)
-    names = sorted({r["impl"] for r in recs}, key=lambda n: (not n.startswith("jax"), n))
-    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors]
-    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
-    fig, axes, modes = _panels(plt, doc)
-    dtypes = sorted({r["dtype"] for r in recs})
-    B, N, H = doc.get("plot_config") or (None, None, None)
-    for i, mode in enumerate(modes):
-        for j, causal in enumerate((False, True)):
-            ax = axes[i][j]
-            for name in names:
-                for dt in dtypes:
-                    pts = sorted(
-                        (r["T"], r["gflops"])
-                        for r in recs
-                        if r["impl"] == name
-                        and r["mode"] == mode
-                        and r["causal"] == causal
-                        and r["dtype"] == dt
-                    )
-                    if not pts:
-                        continue
-                    jax_side = not name.startswith("torch")
-                    ax.plot(
-                        [p[0] for p in pts],
-                        [p[1] for p in pts],
-                        marker="o" if jax_side else "s",
-                        linestyle="-" if jax_side else "--",
-                        color=colors[name],
-                        lw=2.6 if name.startswith(("jax_attn", "torch_attn")) else 1.4,
-                        label=name + (f" {dt}" if len(dtypes) > 1 else ""),
-                    )
-            for r in doc["records"]:
-                if r.get("family") == "ceiling" and r.get("status") == "ok":
-                    ax.axhline(r["gflops"], color="grey", linestyle=":" if "jax" in r["impl"] else "-.", lw=1)
-                    ax.annotate(
-                        f"{r['impl']} {r['dtype']} n={r['gemm_n']}: {r['gflops']:.0f}",
-                        (0.01, r["gflops"]),
-                        xycoords=("axes fraction", "data"),
-                        fontsize=8,
-                        color="grey",
-                        va="bottom",
-                    )
-            _seq_axis(ax, sorted({r["T"] for r in recs}))
-            ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}")
-            ax.set_xlabel("sequence length T (= S)")
-            ax.set_ylabel("throughput, GFLOP/s (credited FLOPs / median time)")
-            ax.set_ylim(bottom=0)
-            ax.grid(True, which="both", alpha=0.3)
-    handles = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(
-        list(handles.values()),
-        list(handles),
-        loc="lower center",
-        ncol=min(4, len(handles)),
-        fontsize=9,
-        title="solid/circle: JAX (jit)   dashed/square: PyTorch   grey: GEMM ceilings",
-    )
-    shape = f"B={B if B is not None else 'varies'} N={N} H={H}, {', '.join(dtypes)}"
-    fig.suptitle(f"Attention throughput vs sequence length ({doc['device']}: {_device_name(doc)}; {shape})")
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(handles) / 4), 1, 0.97))
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
-
-
-def _seq_axis(ax, Ts: list[int]) -> None:
-    """Log-2 sequence axis labelled with the measured lengths as plain numbers."""
-    import matplotlib.ticker
-
-    ax.set_xscale("log", base=2)
-    if Ts:
-        ax.set_xticks(Ts)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-
-
-def _device_name(doc: dict) -> str:
-    return next((r["device_name"] for r in doc["records"] if r.get("device_name")), "?")
-
-
-def plot_ratio(doc: dict, path: Path) -> None:
-    """Speedup of jax_attn (jit) vs the best torch implementation and vs torch_attn eager, per T."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    B, N, H = doc.get("plot_config") or (None, None, None)
-    ratios = [
-        s
-        for s in doc["ratios"]
-        if (B is None or s["B"] == B) and (N is None or s["N"] == N) and (H is None or s["H"] == H)
-    ]
-    fig, axes, modes = _panels(plt, doc)
-    families = sorted({s["family"] for s in ratios})
-    cmap = plt.get_cmap("tab10")
-    for i, mode in enumerate(modes):
-        for j, causal in enumerate((False, True)):
-            ax = axes[i][j]
-            for k, fam in enumerate(families):
-                for dt in sorted({s["dtype"] for s in ratios}):
-                    sel = sorted(
-                        (
-                            s
-                            for s in ratios
-                            if s["family"] == fam
-                            and s["mode"] == mode
-                            and s["causal"] == causal
-                            and s["dtype"] == dt
-                        ),
-                        key=lambda s: s["T"],
-                    )
-                    if not sel:
-                        continue
-                    ax.plot(
-                        [s["T"] for s in sel],
-                        [s["speedup_vs_best_torch"] for s in sel],
-                        marker="o",
-                        color=cmap(k),
-                        label=f"{fam}: vs best torch {dt}",
-                    )
-                    twin = [s for s in sel if s["speedup_vs_torch_attn"]]
-                    if twin:
-                        ax.plot(
-                            [s["T"] for s in twin],
-                            [s["speedup_vs_torch_attn"] for s in twin],
-                            marker="s",
-                            linestyle="--",
-                            color=cmap(k),
-                            label=f"{fam}: vs torch_attn eager {dt}",
-                        )
-            ax.axhline(1.0, color="black", lw=1)
-            _seq_axis(ax, sorted({s["T"] for s in ratios}))
-            ax.set_yscale("log", base=2)
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}×"))
-            ax.set_title(f"{mode}, {'causal' if causal else 'non-causal'}")
-            ax.set_xlabel("sequence length T (= S)")
-            ax.set_ylabel("speedup = torch time / jax_attn time (>1: JAX faster)")
-            ax.grid(True, which="both", alpha=0.3)
-    handles = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    if handles:
-        fig.legend(
-            list(handles.values()), list(handles), loc="lower center", ncol=min(3, len(handles)), fontsize=9
-        )
-    fig.suptitle(f"jax_attn under jax.jit vs PyTorch ({doc['device']}: {_device_name(doc)})")
-    fig.tight_layout(rect=(0, 0.03 + 0.025 * math.ceil(max(1, len(handles)) / 3), 1, 0.97))
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
-
-
-def write_all(doc: dict, out_dir: Path) -> dict[str, Path]:
-    """Write bench.json, bench.md, bench.png and bench_ratio.png into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc.setdefault("ratios", speedups(doc["records"]))
@@ -466,11 +319,16 @@ def write_all(doc: dict, out_dir: Path) -> dict[str, Path]:
             ("json", "bench.json"),
             ("md", "bench.md"),
             ("png", "bench.png"),
+            ("all_png", "bench_all.png"),
             ("ratio_png", "bench_ratio.png"),
         )
     }
-    atomic_write(paths["json"], lambda p: p.write_text(json.dumps(doc, indent=1, default=str)))
+    if json_too:
+        atomic_write(paths["json"], lambda p: p.write_text(json.dumps(doc, indent=1, default=str)))
+    else:
+        del paths["json"]
     atomic_write(paths["md"], lambda p: p.write_text(markdown(doc)))
-    plot_throughput(doc, paths["png"])
-    plot_ratio(doc, paths["ratio_png"])
+    plots.plot_throughput(doc, paths["png"], only_headline=True)
+    plots.plot_throughput(doc, paths["all_png"], only_headline=False)
+    plots.plot_ratio(doc, paths["ratio_png"])
     return paths
