@@ -162,6 +162,7 @@ def test_cache_of_the_wrong_batch_raises(twin):
     c, sd, x, mask, pos = _setup("gqa_rope")
     m = _jax(c, sd) if twin == "jax" else _torch(c, sd)
     arr = jnp.asarray if twin == "jax" else torch.from_numpy
-    message = "Attention: cache.k and cache.v must both be (B, K, C, H) = (2, 2, 6, 6); got cache.k.shape=(3, 2, 6, 6)"
+    message = "Attention: cache.k and cache.v must both be (B, K, C, H) = (2, 2, 6, 6); got "
+    message += "cache.k.shape=(3, 2, 6, 6)"
     with pytest.raises(ValueError, match=re.escape(message)):
         m(arr(x[:, :1]), cache=m.init_cache(3, 6))
