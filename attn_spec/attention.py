@@ -155,8 +155,8 @@ def check_config(c: AttentionConfig, name: str = NAME) -> None:
         )
     if c.num_heads % c.K:
         raise ValueError(
-            f"{name}: num_kv_heads must divide num_heads (grouped-query attention); got num_heads={c.num_heads}, "
-            f"num_kv_heads={c.K}"
+            f"{name}: num_kv_heads must divide num_heads (grouped-query attention); got "
+            f"num_heads={c.num_heads}, num_kv_heads={c.K}"
         )
     if c.head_dim is None:
         if c.hidden_size % c.num_heads:
