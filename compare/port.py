@@ -11,8 +11,9 @@ This is what a porting user calls::
     assert record.ok
 
 It accepts ``torch.nn.MultiheadAttention``, ``torch_attn.MultiheadAttention`` and
-``torch_attn.CausalSelfAttention``. The module's weights and configuration are read (``from_torch`` /
-``load_torch_state_dict``), the same inputs go through the torch module, through the ported
+``torch_attn.CausalSelfAttention``, and transformers' attention modules of the families in ``attn_spec.hf``
+(``compare.port_hf`` says what is compared for those). The module's weights and configuration are read
+(``from_torch`` / ``load_torch_state_dict``), the same inputs go through the torch module, through the ported
 ``jax_attn`` module under ``jax.jit`` and through the float64 oracle, and the output, the attention
 weights and the gradients (w.r.t. inputs and every parameter, of ``sum(out * dout)`` for a random
 ``dout``) are compared with the project's tolerance policy. Dropout is off (the module is compared in
@@ -171,6 +172,7 @@ def check_port(
     is_causal: bool = False,
     seed: int = 0,
     print_table: bool = True,
+    **hf_options,
 ) -> PortRecord:
     """Port ``module`` to ``jax_attn`` and compare torch, JAX and the float64 oracle on the same inputs.
 
@@ -180,7 +182,10 @@ def check_port(
       inputs: ``query, key, value`` for MHA (in the module's layout), ``x (B, T, E)`` for causal; torch
         tensors or NumPy arrays. Omitted: random inputs of a small size (seeded by ``seed``).
       attn_mask, key_padding_mask, need_weights, average_attn_weights, is_causal: MHA forward arguments,
-        with torch's semantics (bool True = masked out, float additive).
+        with torch's semantics (bool True = masked out, float additive). For a transformers module,
+        ``key_padding_mask`` is the ``(B, T)`` 1/0 padding mask (1 = token).
+      hf_options: for a transformers attention module (``LlamaAttention``, ``GPT2Attention``, ...):
+        ``post_norm_outside``, ``decode``, ``jax_port`` of :func:`compare.port_hf.check_hf_port`.
 
     Returns:
       A :class:`PortRecord`; ``record.ok`` is True when everything agrees within the tolerance policy and
@@ -194,6 +199,17 @@ def check_port(
     from compare import env
 
     env.pin_precision()
+    if type(module).__module__.startswith("transformers."):  # a Hugging Face attention layer
+        from compare.port_hf import check_hf_port
+
+        if attn_mask is not None or len(inputs) > 1:
+            raise ValueError(
+                "check_port: a transformers attention takes x (B, T, E) and key_padding_mask= as its (B, T) "
+                "1/0 padding mask (1 = token)"
+            )
+        return check_hf_port(
+            module, *inputs, attention_mask=key_padding_mask, seed=seed, print_table=print_table, **hf_options
+        )
     if isinstance(module, (torch.nn.MultiheadAttention, torch_attn.MultiheadAttention)):
         if len(inputs) not in (0, 3):
             raise ValueError(

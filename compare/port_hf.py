@@ -2,8 +2,8 @@
 
 For a transformers attention module the record holds:
 
-- **forward and gradients**: transformers' own module (eager attention; its family's rotary-embedding class for
-  ``position_embeddings``; an explicit additive 4-D mask from transformers' mask functions: causal or
+- **forward and gradients**: transformers' own module (eager attention; its family's rotary-embedding class
+  for ``position_embeddings``; an explicit additive 4-D mask from transformers' mask functions: causal or
   sliding-window from the *module's own* window, and the padding mask), the JAX port under ``jax.jit``
   (``jax_attn.hf.from_hf``) and the torch twin (``torch_attn.hf.from_hf``), each judged against a float64
   reference with the tolerance policy (``compare.tolerance``): the output and the gradients of
@@ -424,8 +424,8 @@ def check_hf_port(
 ) -> PortRecord:
     """Port a transformers attention module to both twins and judge everything against the float64 reference
     (see the module docstring). ``x (B, T, E)`` and ``attention_mask (B, T)`` default to a random left-padded
-    batch; ``decode`` defaults to True for causal layers. ``jax_port`` replaces ``jax_attn.hf.from_hf(module)``
-    (to check a port made some other way, e.g. by ``load_layer``)."""
+    batch; ``decode`` defaults to True for causal layers. ``jax_port`` replaces
+    ``jax_attn.hf.from_hf(module)`` (to check a port made some other way, e.g. by ``load_layer``)."""
     import torch
 
     import jax_attn.hf as jhf
