@@ -18,7 +18,7 @@ For a transformers attention module the record holds:
   sees no real key: transformers then averages over the masked keys (an arbitrary row), ours gives zeros.
   Pad query rows are therefore *excluded* from every comparison with transformers (their ``dy`` is zero, so
   the gradients are comparable everywhere) and compared as our convention gives them against the reference.
-- **decode** (decoders): a prefill of ``T - 3`` tokens then one token at a time, through transformers'
+- **decode** (decoders): one token at a time from the first, through transformers'
   ``DynamicCache`` and through our ``KVCache`` (jitted step in JAX), with the same left padding; the decoded
   outputs are compared with each other and with the reference decoding the same way (which equals its full
   pass, except for length-dependent rope tables, dynamic and longrope: cached keys keep the rotation of the
@@ -38,7 +38,6 @@ from compare.tolerance import Agreement, compare_arrays, tolerance
 
 B, T = 2, 7
 PAD = 2  # left pads of batch row 1
-PREFILL = T - 3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,7 +304,7 @@ def run_transformers(module, family, c, x, mask, pos, dy, decode: bool) -> dict[
 
 
 def _chunks(T_: int) -> list[tuple[int, int]]:
-    return [(0, PREFILL)] + [(t, t + 1) for t in range(PREFILL, T_)]
+    return [(t, t + 1) for t in range(T_)]  # token by token from the first (one JAX compile)
 
 
 def _f64(t) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from attn_spec import hf as spec
+from attn_spec.attention import check_state_dict
 from jax_attn.attention import Attention
 from jax_attn.causal import _to_numpy
 
@@ -33,8 +34,15 @@ def _build(c, ours: dict, implementation, training: bool) -> Attention:
         raise ValueError(
             f"{spec.NAME}: the attention's parameters have mixed dtypes {sorted(map(str, dtypes))}"
         )
-    attn = Attention(c, implementation=implementation, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(dtypes.pop()))
-    attn.load_torch_state_dict(ours)
+    dtype = jnp.dtype(dtypes.pop())
+    # Built abstractly (no random initialization to compile and run), then given the weights.
+    attn = nnx.eval_shape(
+        lambda: Attention(c, implementation=implementation, rngs=nnx.Rngs(0), param_dtype=dtype)
+    )
+    for key in check_state_dict({k: a.shape for k, a in ours.items()}, c):
+        attn._param(key).set_value(jnp.asarray(ours[key], dtype))
+    if c.dropout > 0.0:  # a concrete dropout stream, as the constructor forks it
+        attn.rngs = nnx.Rngs(0)["dropout"].fork()
     attn.deterministic = not training
     return attn
 
