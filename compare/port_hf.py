@@ -33,7 +33,7 @@ from dataclasses import asdict
 import numpy as np
 
 from attn_spec import hf as spec
-from compare.port import PortRecord
+from compare.port_record import PortRecord
 from compare.tolerance import Agreement, compare_arrays, tolerance
 
 B, T = 2, 7
