@@ -5,9 +5,9 @@ Records are plain dicts (JSON-ready) so that the CLI, the tests and the reports 
 
 from __future__ import annotations
 
+from compare.kinds.base import Vector
 from compare.registry import KINDS
 from compare.tolerance import Agreement, compare_arrays, tolerance
-from compare.vectors import Vector
 
 
 def _magnitude(vec: Vector, quantity: str) -> float:

@@ -84,7 +84,7 @@ def select_device(name: str | None = None) -> dict:
             raise ValueError("--device gpu: torch.cuda.is_available() is False")
         torch_device = "cuda"
     jax.config.update("jax_default_device", devices[0])
-    from compare import runners
+    from compare.kinds import base
 
-    runners.TORCH_DEVICE = torch_device
+    base.TORCH_DEVICE = torch_device
     return {"name": name, "jax": str(devices[0]), "torch": torch_device}

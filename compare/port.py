@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compare import agree
+from compare import agree, registry
+from compare.kinds.base import NP_DTYPES, Vector
+from compare.kinds.causal import CausalCase
+from compare.kinds.mha import PARAM_PREFIX, MhaCase
 from compare.tolerance import Agreement
-from compare.vectors import Vector
 
 
 @dataclass
@@ -84,9 +86,6 @@ def _dtype_name(module) -> str:
 def _mha_vector(module, inputs, masks, need_weights, average_attn_weights, is_causal, seed) -> Vector:
     import torch
 
-    from compare.cases import NP_DTYPES
-    from compare.cases_mha import PARAM_PREFIX, MhaCase
-
     dtype = _dtype_name(module)
     E, kdim, vdim = module.embed_dim, module.kdim, module.vdim
     rng = np.random.default_rng(seed)
@@ -139,9 +138,6 @@ def _mha_vector(module, inputs, masks, need_weights, average_attn_weights, is_ca
 
 
 def _causal_vector(module, inputs, seed) -> Vector:
-    from compare.cases import NP_DTYPES
-    from compare.cases_causal import CausalCase
-
     dtype = _dtype_name(module)
     np_dtype = NP_DTYPES[dtype]
     rng = np.random.default_rng(seed)
@@ -195,7 +191,7 @@ def check_port(
 
     import jax_attn
     import torch_attn
-    from compare import env, registry
+    from compare import env
 
     env.pin_precision()
     if isinstance(module, (torch.nn.MultiheadAttention, torch_attn.MultiheadAttention)):

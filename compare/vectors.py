@@ -8,8 +8,9 @@ Layout of ``tests/vectors/``::
                            expectations: ``expected_<quantity>`` from the float64 oracle, and for
                            bf16/fp16 ``naive_<quantity>`` from the same-dtype baseline
 
-Each *kind* of case (``sdpa``, and the module kinds) is described once in ``compare.registry``: its case
-recipes, how to build inputs, how the oracle computes expectations. Loading never unpickles: safetensors
+Each *kind* of case (``sdpa``, and the module kinds) is described once, in its module under
+``compare/kinds/`` and listed in ``compare.registry``: its case recipes, how to build inputs, how the
+oracle computes expectations. Loading never unpickles: safetensors
 holds raw arrays and the manifest is JSON. Every problem (missing, altered or malformed file, a case
 missing from the manifest) raises :class:`VectorError` naming the case. Writing goes through a temporary
 folder and ``os.replace``, so a failed write leaves the old set intact.
@@ -22,7 +23,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from compare.cases import NP_DTYPES
+from compare.kinds.base import NP_DTYPES, Vector
+from compare.registry import KINDS
 
 FORMAT = 1
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "tests" / "vectors"
@@ -41,27 +42,8 @@ class VectorError(ValueError):
     """A vector file or the manifest is missing, altered or malformed; the message names the case."""
 
 
-@dataclass
-class Vector:
-    """A loaded vector: its kind, its case recipe and its arrays (NumPy, in their native dtypes)."""
-
-    kind: str
-    case: Any
-    arrays: dict[str, np.ndarray]
-
-    @property
-    def name(self) -> str:
-        return self.case.name
-
-    @property
-    def dtype(self) -> str:
-        return self.case.dtype
-
-
 def all_cases() -> dict[str, tuple[str, Any]]:
     """Every registered case by name: ``{name: (kind, case)}``."""
-    from compare.registry import KINDS
-
     out = {}
     for kind in KINDS.values():
         for name, case in kind.cases.items():
@@ -72,8 +54,6 @@ def all_cases() -> dict[str, tuple[str, Any]]:
 
 
 def _kind(name: str):
-    from compare.registry import KINDS
-
     return KINDS[name]
 
 

@@ -130,7 +130,7 @@ class CausalSelfAttention(nnx.Module):
         self.out_proj = Linear(c.N * c.H, c.E, bias, rngs=rngs, param_dtype=param_dtype)
         self.deterministic = False  # training mode, as a fresh torch module; eval() sets True
         self.rngs = rngs["dropout"].fork() if c.dropout > 0.0 else None
-        self.sharding = None  # set by jax_attn.sharding.shard_module
+        self.sharding = None  # an AttentionSharding, set by jax_attn.sharding.shard_module
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens: zeros
@@ -141,9 +141,7 @@ class CausalSelfAttention(nnx.Module):
         zeros = jnp.zeros((batch_size, c.K, max_length, c.H), dtype)
         cache = KVCache(k=zeros, v=zeros, index=jnp.zeros((), jnp.int32))
         if self.sharding is not None:  # on a mesh: split like the key/value heads (jax_attn.sharding)
-            from jax_attn.sharding import shard_cache
-
-            cache = shard_cache(cache, self)
+            cache = self.sharding.shard_cache(cache, self)
         return cache
 
     def __call__(
@@ -172,17 +170,14 @@ class CausalSelfAttention(nnx.Module):
         check_dropout_mask(dropout_mask is not None, not self.deterministic, c)
         x_BTE = x.astype(self.dtype or jnp.result_type(x.dtype, self.param_dtype))
         if self.sharding is not None:
-            from jax_attn.sharding import causal_constrain
-
-            x_BTE = causal_constrain(self, "x", x_BTE)
+            x_BTE = self.sharding.causal_constrain(self, "x", x_BTE)
         q_BNTH = self.q_proj(x_BTE).reshape(B, T, c.N, c.H).transpose(0, 2, 1, 3)
         k_BKTH = self.k_proj(x_BTE).reshape(B, T, c.K, c.H).transpose(0, 2, 1, 3)
         v_BKTH = self.v_proj(x_BTE).reshape(B, T, c.K, c.H).transpose(0, 2, 1, 3)
         if self.sharding is not None:  # on a mesh: batch on data, heads on model (jax_attn.sharding)
-            from jax_attn.sharding import causal_constrain
-
-            q_BNTH = causal_constrain(self, "q", q_BNTH)
-            k_BKTH, v_BKTH = causal_constrain(self, "kv", k_BKTH), causal_constrain(self, "kv", v_BKTH)
+            shard = self.sharding.causal_constrain
+            q_BNTH = shard(self, "q", q_BNTH)
+            k_BKTH, v_BKTH = shard(self, "kv", k_BKTH), shard(self, "kv", v_BKTH)
 
         if cache is None:
             y_BNTH = self._attend(q_BNTH, k_BKTH, v_BKTH, None, dropout_mask, dropout_rng)

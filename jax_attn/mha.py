@@ -342,7 +342,7 @@ class MultiheadAttention(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.deterministic = False
-        self.sharding = None  # set by jax_attn.sharding.shard_module
+        self.sharding = None  # an AttentionSharding, set by jax_attn.sharding.shard_module
 
         init = _initializer(rngs if _init_weights else None, param_dtype)
         E = embed_dim
@@ -410,10 +410,10 @@ class MultiheadAttention(nnx.Module):
         # else: bad dtypes are left for the shared check, which names them
         params = {k: p[...].astype(dtype) for k, p in self._params().items()}
         separate = not self._qkv_same_embed_dim
-        if self.sharding is not None:  # on a mesh: see jax_attn.sharding
-            from jax_attn.sharding import mha_hook
-
-            query, key, value, params = mha_hook(self, query, key, value, params, self.batch_first)
+        if self.sharding is not None:  # on a mesh: an AttentionSharding (see jax_attn.sharding)
+            query, key, value, params = self.sharding.mha_hook(
+                self, query, key, value, params, self.batch_first
+            )
             separate = "q_proj_weight" in params
         active = self.training and self.dropout > 0.0
         rng = self.rngs() if active and dropout_mask is None else None

@@ -111,6 +111,44 @@ class AttentionSharding:
                 f"sharding: batch {batch} is not divisible by the {self.data_axis!r} axis ({self.data_size})"
             )
 
+    # The hooks a sharded module calls on the ``sharding`` object it was given (:func:`shard_module`), so
+    # that the modules never import this file (it imports them: one direction only).
+
+    def mha_hook(self, module, query, key, value, params: dict, batch_first: bool):
+        """Called by a sharded ``MultiheadAttention`` before its forward: constrains the inputs to batch on
+        ``data`` and hands the head-split ``(3, E, E)`` projection over as three ``(E, E)`` weights, each
+        split by heads (``jnp.split`` of a packed ``(3E, E)`` would cut across the shards)."""
+        batch_axis = 0 if batch_first or query.ndim == 2 else 1
+        if query.ndim == 3:
+            query, key, value = (
+                self.constrain(x, self.batch_spec(3, batch_axis)) for x in (query, key, value)
+            )
+        params = dict(params)
+        w = params.pop("in_proj_weight", None)
+        if w is not None:
+            m = self.heads_axis(module.num_heads)
+            w = self.constrain(w, P(None, m, None))
+            params["q_proj_weight"], params["k_proj_weight"], params["v_proj_weight"] = w[0], w[1], w[2]
+        # in_proj_bias (3, E) splits into three (1, E) rows that broadcast like (E,) in the projections.
+        return query, key, value, params
+
+    def causal_constrain(self, module, name: str, x: jax.Array) -> jax.Array:
+        """Called by a sharded ``CausalSelfAttention``: ``name`` is ``"x"`` (``(B, T, E)``, batch on
+        ``data``), ``"q"`` (``(B, N, T, H)``) or ``"kv"`` (``(B, K, ·, H)``, split like the key/value
+        projections)."""
+        if name == "x":
+            return self.constrain(x, self.batch_spec(x.ndim))
+        if name == "q":
+            return self.constrain(x, self.heads_spec(module.config.N))
+        return self.constrain(x, cache_spec(module, self))
+
+    def shard_cache(self, cache, module):
+        """``cache`` (a ``KVCache``) placed like ``module``'s key/value heads; ``index`` replicated."""
+        kv = self.named(cache_spec(module, self))
+        return type(cache)(
+            k=place(cache.k, kv), v=place(cache.v, kv), index=place(cache.index, self.named(P()))
+        )
+
 
 # --- PartitionSpecs per module -------------------------------------------------------------------------
 
@@ -200,7 +238,9 @@ def _param(module, name: str) -> nnx.Param:
 
 def shard_module(module, config: AttentionSharding):
     """Place ``module``'s parameters on ``config.mesh`` (:func:`param_specs`) and set its ``sharding``
-    hook, so its calls constrain activations to the mesh. Modifies ``module`` in place and returns it.
+    attribute to ``config``, whose hooks (:meth:`AttentionSharding.mha_hook`, ``causal_constrain``,
+    ``shard_cache``) the module's calls use to constrain activations to the mesh. Modifies ``module`` in
+    place and returns it.
 
     A ``MultiheadAttention`` with packed q/k/v stores ``in_proj_weight`` as ``(3, E, E)`` and
     ``in_proj_bias`` as ``(3, E)`` from then on (same numbers, row-major view; see the module docstring);
@@ -217,43 +257,3 @@ def shard_module(module, config: AttentionSharding):
         param.set_value(place(value, config.named(spec)))
     module.sharding = config
     return module
-
-
-def mha_hook(module, query, key, value, params: dict, batch_first: bool):
-    """Called by a sharded ``MultiheadAttention`` before its forward: constrains the inputs to batch on
-    ``data`` and hands the head-split ``(3, E, E)`` projection over as three ``(E, E)`` weights, each split
-    by heads (``jnp.split`` of a packed ``(3E, E)`` would cut across the shards)."""
-    config: AttentionSharding = module.sharding
-    batch_axis = 0 if batch_first or query.ndim == 2 else 1
-    if query.ndim == 3:
-        query, key, value = (
-            config.constrain(x, config.batch_spec(3, batch_axis)) for x in (query, key, value)
-        )
-    params = dict(params)
-    w = params.pop("in_proj_weight", None)
-    if w is not None:
-        m = config.heads_axis(module.num_heads)
-        w = config.constrain(w, P(None, m, None))
-        params["q_proj_weight"], params["k_proj_weight"], params["v_proj_weight"] = w[0], w[1], w[2]
-    # in_proj_bias (3, E) splits into three (1, E) rows that broadcast like (E,) in the projections.
-    return query, key, value, params
-
-
-def causal_constrain(module, name: str, x: jax.Array) -> jax.Array:
-    """Called by a sharded ``CausalSelfAttention``: ``name`` is ``"x"`` (``(B, T, E)``, batch on ``data``),
-    ``"q"`` (``(B, N, T, H)``) or ``"kv"`` (``(B, K, ·, H)``, split like the key/value projections)."""
-    config: AttentionSharding = module.sharding
-    if name == "x":
-        return config.constrain(x, config.batch_spec(x.ndim))
-    if name == "q":
-        return config.constrain(x, config.heads_spec(module.config.N))
-    return config.constrain(x, cache_spec(module, config))
-
-
-def shard_cache(cache, module):
-    """``cache`` (a ``KVCache``) placed like ``module``'s key/value heads; ``index`` replicated."""
-    config: AttentionSharding = module.sharding
-    kv = config.named(cache_spec(module, config))
-    return type(cache)(
-        k=place(cache.k, kv), v=place(cache.v, kv), index=place(cache.index, config.named(P()))
-    )

@@ -2,13 +2,14 @@
 
 import numpy as np
 
-from compare import agree, report, runners_flax, vectors
+from compare import agree, report, vectors
+from compare.kinds import mha
 
 
 def test_flax_nnx_mha_agrees_with_oracle_where_it_applies():
     vec = vectors.load("mha_basic")
-    assert runners_flax.applies(vec)
-    res = runners_flax.run_flax_nnx(vec)
+    assert mha.flax_applies(vec)
+    res = mha.run_flax_nnx(vec)
     bad = [a for a in agree.against_oracle(vec, res) if not a.ok]
     assert not bad, [(a.quantity, a.max_abs, a.tol) for a in bad]
     assert "weights" not in res  # flax returns none
@@ -16,7 +17,7 @@ def test_flax_nnx_mha_agrees_with_oracle_where_it_applies():
 
 def test_flax_is_not_run_where_its_semantics_differ():
     for name in ("mha_attn_mask_additive", "mha_bias_kv", "mha_fully_masked_row", "mha_kdim_vdim"):
-        assert not runners_flax.applies(vectors.load(name)), name
+        assert not mha.flax_applies(vectors.load(name)), name
 
 
 def test_not_applicable_pairs_are_listed_not_counted():

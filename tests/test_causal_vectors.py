@@ -4,8 +4,9 @@ parameter), judged against the float64 oracle and each other; the fused paths on
 import numpy as np
 import pytest
 
-from compare import agree, runners_causal
-from compare.cases_causal import CAUSAL_CASES, param_names
+from compare import agree
+from compare.kinds import causal
+from compare.kinds.causal import CAUSAL_CASES, param_names
 
 CASES = list(CAUSAL_CASES)
 # The fused paths on a spread of cases (each JAX case is one XLA compilation, so not all of them here;
@@ -35,7 +36,7 @@ def results():
 
 def _result(results, all_vectors, impl, name):
     if (impl, name) not in results:
-        results[impl, name] = runners_causal.IMPLEMENTATIONS[impl](all_vectors[name])
+        results[impl, name] = causal.IMPLEMENTATIONS[impl](all_vectors[name])
     return results[impl, name]
 
 
@@ -60,8 +61,8 @@ def test_jax_matches_torch(all_vectors, results, name):
 @pytest.mark.parametrize("name", FUSED_CASES)
 def test_fused_matches_oracle_and_math(all_vectors, results, impl, name):
     vec = all_vectors[name]
-    if not runners_causal.applies(impl, vec):
-        pytest.skip("XLA:CPU has no fp16 dot with fp32 accumulation (see runners_causal.applies)")
+    if not causal.applies(impl, vec):
+        pytest.skip("XLA:CPU has no fp16 dot with fp32 accumulation (see causal.applies)")
     res = _result(results, all_vectors, impl, name)
     _assert_all_ok(agree.against_oracle(vec, res), f"{impl} vs oracle on {name}")
     math = _result(results, all_vectors, impl.removesuffix("_fused"), name)

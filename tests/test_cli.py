@@ -44,16 +44,16 @@ def test_usage_error_exit_2():
 
 def test_broken_implementation_exits_1(monkeypatch, capsys):
     """A deliberately wrong scale in one implementation makes agree fail and name the case and pair."""
-    from compare import runners
+    from compare.kinds import sdpa
 
-    real = runners.run_torch
+    real = sdpa.run_torch
 
     def wrong_scale(vec):
         res = real(vec)
         res["out"] = res["out"] * 1.001
         return res
 
-    monkeypatch.setitem(runners.IMPLEMENTATIONS, "torch_attn", wrong_scale)
+    monkeypatch.setitem(sdpa.IMPLEMENTATIONS, "torch_attn", wrong_scale)
     assert cli.main(["agree", "--case", "basic", "--dtype", "float32"]) == 1
     out = capsys.readouterr().out
     assert "DISAGREE" in out and "basic" in out and "torch_attn vs oracle" in out

@@ -9,8 +9,7 @@ the built-in run on every vector. ``python -m compare agree --case mha_`` runs a
 import pytest
 
 from compare import agree
-from compare.cases_mha import MHA_CASES
-from compare.runners_mha import IMPLEMENTATIONS, builtin_applies
+from compare.kinds.mha import IMPLEMENTATIONS, MHA_CASES, builtin_applies
 
 JAX_CASES = (
     "mha_no_bias",

@@ -13,15 +13,16 @@ from hypothesis import strategies as st
 
 import jax_attn
 import torch_attn
-from compare import agree, runners
-from compare.cases import SDPA_CASES
+from compare import agree
+from compare.kinds import sdpa
+from compare.kinds.sdpa import SDPA_CASES
 
 
 @pytest.mark.parametrize("name", [n for n, c in SDPA_CASES.items() if c.dropout_p == 0])
 def test_torch_twin_matches_builtin_on_vectors(all_vectors, name):
     vec = all_vectors[name]
-    ours = runners.run_torch(vec)
-    theirs = runners.run_torch_builtin(vec)
+    ours = sdpa.run_torch(vec)
+    theirs = sdpa.run_torch_builtin(vec)
     bad = [a for a in agree.between(vec, ours, theirs) if not a.ok]
     assert not bad, [(a.quantity, a.max_abs, a.tol) for a in bad]
 

@@ -4,8 +4,9 @@ against the float64 oracle and against the readable math path of the same framew
 import numpy as np
 import pytest
 
-from compare import agree, runners
-from compare.cases import SDPA_CASES
+from compare import agree
+from compare.kinds import sdpa
+from compare.kinds.sdpa import SDPA_CASES
 
 FAST = ["jax_attn_blocked", "jax_attn_fused", "torch_attn_blocked", "torch_attn_fused"]
 CASES = list(SDPA_CASES)
@@ -40,14 +41,14 @@ def results():
 
 def _result(results, vec, impl):
     if (impl, vec.name) not in results:
-        results[impl, vec.name] = runners.IMPLEMENTATIONS[impl](vec)
+        results[impl, vec.name] = sdpa.IMPLEMENTATIONS[impl](vec)
     return results[impl, vec.name]
 
 
 @pytest.mark.parametrize(("impl", "name"), PAIRS)
 def test_fast_path_matches_oracle_and_math(all_vectors, results, impl, name):
     vec = all_vectors[name]
-    if not runners.applies(impl, vec):
+    if not sdpa.applies(impl, vec):
         pytest.skip(f"{impl} does not apply to {name} (injected dropout)")
     res = _result(results, vec, impl)
     assert set(res) == {"out", "dq", "dk", "dv"}
@@ -90,7 +91,7 @@ def test_blocked_path_with_many_small_blocks(all_vectors, monkeypatch, impl, nam
     vec = all_vectors[name]
     T, S = vec.arrays["q"].shape[-2], vec.arrays["k"].shape[-2]
     assert max(T, S) > 3 and attn_spec.blocks.block_sizes(T, S) == (min(T, 3), min(S, 3))  # several blocks
-    res = runners.IMPLEMENTATIONS[impl](vec)
+    res = sdpa.IMPLEMENTATIONS[impl](vec)
     _assert_all_ok(agree.against_oracle(vec, res), f"{impl} (3-blocks) vs oracle on {name}")
     if "fully_masked" in name:
         assert all(np.all(np.isfinite(x)) for x in res.values())
@@ -107,5 +108,5 @@ def test_causal_blocked_path_with_unequal_query_and_key_blocks(all_vectors, monk
     T, S = vec.arrays["q"].shape[-2], vec.arrays["k"].shape[-2]
     bt, bs = attn_spec.blocks.block_sizes(T, S, causal=True)
     assert bt == 2 and bs == 3  # T = 6 or 7 queries in blocks of 2; S = 6 keys in blocks of 3, or S = 3
-    res = runners.IMPLEMENTATIONS["jax_attn_blocked"](vec)
+    res = sdpa.IMPLEMENTATIONS["jax_attn_blocked"](vec)
     _assert_all_ok(agree.against_oracle(vec, res), f"jax_attn_blocked ({bt}x{bs} blocks) vs oracle on {name}")

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from compare import agree, runners
-from compare.cases import SDPA_CASES
+from compare import agree
+from compare.kinds import sdpa
+from compare.kinds.sdpa import SDPA_CASES
 
 CASES = list(SDPA_CASES)
 
@@ -24,7 +25,7 @@ def results(all_vectors):
 
 def _result(results, all_vectors, impl, name):
     if (impl, name) not in results:
-        results[impl, name] = runners.IMPLEMENTATIONS[impl](all_vectors[name])
+        results[impl, name] = sdpa.IMPLEMENTATIONS[impl](all_vectors[name])
     return results[impl, name]
 
 

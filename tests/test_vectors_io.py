@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from compare import vectors
-from compare.cases import SDPA_CASES
+from compare.kinds.sdpa import SDPA_CASES
 
 
 @pytest.fixture

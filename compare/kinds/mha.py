@@ -1,13 +1,24 @@
-"""The registry of named ``MultiheadAttention`` cases behind the shared vectors (kind ``"mha"``).
+"""Kind ``"mha"``: the named ``MultiheadAttention`` vectors and the implementations run on them.
 
-Mirrors ``compare/cases.py``: a case is a small recipe (sizes, constructor flags, masks and their form,
-layout, dtype, seed); :func:`build_inputs` turns it into NumPy arrays deterministically, in the form
-handed to torch's ``nn.MultiheadAttention`` (its layout, its mask polarity, its parameter names stored
-as ``param.<name>``); :func:`expectations` runs the float64 oracle (``compare.oracle.mha_forward`` /
+A case is a small recipe (sizes, constructor flags, masks and their form, layout, dtype, seed);
+:func:`build_inputs` turns it into NumPy arrays deterministically, in the form handed to torch's
+``nn.MultiheadAttention`` (its layout, its mask polarity, its parameter names stored as
+``param.<name>``); :func:`expectations` runs the float64 oracle (``compare.oracle.mha_forward`` /
 ``mha_backward``).
 
 Quantities: ``out`` and ``weights`` exactly as torch returns them (layout, averaging, unbatched), and the
 gradients of ``sum(out * dout)``: ``dquery``, ``dkey``, ``dvalue`` and ``d<param name>``.
+
+Implementations (each takes a :class:`compare.kinds.base.Vector` and returns those quantities as float64):
+
+- ``jax_attn``: ``jax_attn.MultiheadAttention`` loaded with the vector's ``state_dict``, forward and VJP
+  under ``jax.jit`` (the module split with ``nnx.split`` and merged inside the jitted function).
+- ``torch_attn``: ``torch_attn.MultiheadAttention`` loaded with the ``state_dict``, eager.
+- ``torch_builtin``: ``torch.nn.MultiheadAttention`` itself, where it applies (no injected dropout: it
+  draws its own; no fully-masked rows: it gives NaN there on some paths, see ``docs/porting.md``).
+- ``*_blocked``, ``*_fused``: the twins with a fast SDPA path inside (no weights, no dropout).
+- ``flax_nnx``: flax's own ``nnx.MultiHeadAttention`` with torch's weights ported in (see
+  :func:`run_flax_nnx`).
 
 Sizes are distinct (N=2, L=3, S=5, E=12, Nh=3 so D=4, kdim=7, vdim=10) so a swapped axis cannot pass;
 the rank-3 mask case uses N == Nh so that a per-batch / per-head mix-up shows.
@@ -20,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from compare import oracle
-from compare.cases import NP_DTYPES
+from compare.kinds import base
+from compare.kinds.base import NP_DTYPES, Kind, Vector, oracle_passes, to_float64, to_torch
 
 MASKS = ("random", "causal", "fully_masked_rows")  # attn_mask patterns
 PADDINGS = ("lengths", "fully_padded")  # key_padding_mask patterns
@@ -200,8 +212,7 @@ def expectations(case: MhaCase, inputs: dict[str, np.ndarray]) -> dict[str, np.n
     }
     params = parameters(f64)
     result = {}
-    low = case.dtype in oracle.LOW_PRECISION
-    for prefix, dtype in (("expected", None), ("naive", case.dtype)) if low else (("expected", None),):
+    for prefix, dtype in oracle_passes(case.dtype):
         fwd = oracle.mha_forward(query, key, value, params, case.num_heads, **kwargs, dtype=dtype)
         bwd = oracle.mha_backward(query, key, value, params, case.num_heads, dout, **kwargs, dtype=dtype)
         result[f"{prefix}_out"] = _from_batch_first(case, fwd["out"])
@@ -312,3 +323,266 @@ def _mha_cases() -> list[MhaCase]:
 
 
 MHA_CASES: dict[str, MhaCase] = {case.name: case for case in _mha_cases()}
+
+
+# --- our twins and torch's built-in --------------------------------------------------------------------
+
+
+def _ctor_kwargs(case: MhaCase) -> dict:
+    return {
+        "dropout": case.dropout_p,
+        "bias": case.bias,
+        "add_bias_kv": case.add_bias_kv,
+        "add_zero_attn": case.add_zero_attn,
+        "kdim": case.kdim,
+        "vdim": case.vdim,
+        "batch_first": case.batch_first,
+    }
+
+
+def _forward_kwargs(case: MhaCase, implementation: str = "math") -> dict:
+    # the fast paths return no weights: they run the vector with need_weights=False
+    return {
+        "need_weights": case.need_weights and implementation == "math",
+        "average_attn_weights": case.average_attn_weights,
+        "is_causal": case.is_causal,
+    }
+
+
+def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
+    """``jax_attn.MultiheadAttention`` under ``jax.jit``: outputs and gradients (inputs and parameters)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jax_attn
+
+    c, a = vec.case, vec.arrays
+    dt = jnp.dtype(NP_DTYPES[c.dtype])
+    module = jax_attn.MultiheadAttention.from_state_dict(
+        parameters(a), c.E, c.num_heads, **_ctor_kwargs(c), param_dtype=dt, implementation=implementation
+    )
+    if c.dropout_p == 0:
+        module.eval()
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    masks = {n: None if a.get(n) is None else jnp.asarray(a[n]) for n in ("attn_mask", "key_padding_mask")}
+    drop = None if a.get("dropout_mask") is None else jnp.asarray(a["dropout_mask"])
+
+    @jax.jit
+    def forward_and_grads(params, query, key, value, dout):
+        # Forward and VJP in one compiled program (compiling once is what dominates on CPU).
+        def forward(params, query, key, value):
+            m = nnx.merge(graphdef, params, rest)
+            return m(query, key, value, **masks, **_forward_kwargs(c, implementation), dropout_mask=drop)
+
+        (out, weights), vjp = jax.vjp(forward, params, query, key, value)
+        grads = vjp((dout, None if weights is None else jnp.zeros_like(weights)))
+        return out, weights, grads
+
+    inputs = (jnp.asarray(a[n], dt) for n in ("query", "key", "value", "dout"))
+    out, weights, (dparams, dquery, dkey, dvalue) = forward_and_grads(params, *inputs)
+    result = {"out": out, "dquery": dquery, "dkey": dkey, "dvalue": dvalue}
+    if weights is not None:
+        result["weights"] = weights
+    grads = nnx.merge(graphdef, dparams, rest).torch_state_dict()
+    result.update({f"d{k}": v for k, v in grads.items()})
+    return {k: to_float64(v) for k, v in result.items()}
+
+
+def _torch_run(vec: Vector, module, implementation: str = "math") -> dict[str, np.ndarray]:
+
+    c, a = vec.case, vec.arrays
+
+    def tensor(x):  # on base.TORCH_DEVICE (set by --device)
+        return to_torch(x) if x.dtype == bool else to_torch(x, c.dtype)
+
+    module.to(base.TORCH_DEVICE)
+    module.load_state_dict({k: tensor(v) for k, v in parameters(a).items()}, strict=True)
+    module.train(c.dropout_p > 0)
+    query, key, value = (tensor(a[n]).requires_grad_(True) for n in ("query", "key", "value"))
+    masks = {n: None if a.get(n) is None else tensor(a[n]) for n in ("attn_mask", "key_padding_mask")}
+    extra = {} if a.get("dropout_mask") is None else {"dropout_mask": tensor(a["dropout_mask"])}
+    out, weights = module(query, key, value, **masks, **_forward_kwargs(c, implementation), **extra)
+    out.backward(tensor(a["dout"]))
+    result = {"out": out, "dquery": query.grad, "dkey": key.grad, "dvalue": value.grad}
+    if weights is not None:
+        result["weights"] = weights
+    result.update({f"d{k}": p.grad for k, p in module.named_parameters()})
+    return {k: to_float64(v) for k, v in result.items()}
+
+
+def run_torch(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
+    """``torch_attn.MultiheadAttention`` (eager): outputs and gradients (inputs and parameters)."""
+    import torch
+
+    import torch_attn
+
+    c = vec.case
+    module = torch_attn.MultiheadAttention(
+        c.E, c.num_heads, **_ctor_kwargs(c), dtype=getattr(torch, c.dtype), implementation=implementation
+    )
+    return _torch_run(vec, module, implementation)
+
+
+def builtin_applies(vec: Vector) -> bool:
+    """Whether ``torch.nn.MultiheadAttention`` can run this vector: no injected dropout (its dropout draws
+    its own mask) and no fully-masked row (NaN there on the weights path)."""
+    return vec.case.dropout_p == 0.0 and not vec.case.fully_masked
+
+
+def fast_applies(vec: Vector) -> bool:
+    """The fast paths (``*_blocked``, ``*_fused``) take no dropout; they run with need_weights=False."""
+    return vec.case.dropout_p == 0.0
+
+
+def run_torch_builtin(vec: Vector) -> dict[str, np.ndarray]:
+    """``torch.nn.MultiheadAttention`` itself: outputs and gradients (inputs and parameters)."""
+    import torch
+
+    c = vec.case
+    if not builtin_applies(vec):
+        raise ValueError(
+            f"case {vec.name!r}: torch's built-in MHA cannot take an injected dropout mask, and gives NaN "
+            "on fully-masked rows"
+        )
+    module = torch.nn.MultiheadAttention(c.E, c.num_heads, **_ctor_kwargs(c), dtype=getattr(torch, c.dtype))
+    return _torch_run(vec, module)
+
+
+IMPLEMENTATIONS = {
+    "jax_attn": run_jax,
+    "torch_attn": run_torch,
+    "torch_builtin": run_torch_builtin,
+    # the fast SDPA paths inside the module, judged on every dropout-free vector (without weights)
+    "jax_attn_blocked": lambda vec: run_jax(vec, "blocked"),
+    "jax_attn_fused": lambda vec: run_jax(vec, "fused"),
+    "torch_attn_blocked": lambda vec: run_torch(vec, "blocked"),
+    "torch_attn_fused": lambda vec: run_torch(vec, "fused"),
+}
+
+
+# --- flax's nnx.MultiHeadAttention ---------------------------------------------------------------------
+# flax's own ``nnx.MultiHeadAttention`` on the MHA vectors, with torch's weights ported in.
+#
+# It joins the agreement matrix where its semantics overlap torch's ``nn.MultiheadAttention``: batched input,
+# the same width for query/key/value (one ``in_kv_features``), no ``add_bias_kv``/``add_zero_attn``, no
+# dropout, a *bool* mask (flax reads a 0/-inf float mask as truthy: polarity silently inverted) and no
+# fully-masked row (flax gives such a row uniform weights, torch NaN, we zeros). It returns no weights, so
+# output and gradients are compared.
+#
+# Weight mapping (REFERENCE.md): ``W (out, in)`` → ``kernel = W.T.reshape(E, heads, head_dim)``;
+# ``b → b.reshape(heads, head_dim)``; ``out_proj.weight`` → ``out.kernel = W.T.reshape(heads, head_dim, E)``;
+# torch's MHA-polarity bool masks are inverted into flax's keep polarity.
+
+
+def flax_applies(vec: Vector) -> bool:
+    """Whether flax's ``nnx.MultiHeadAttention`` can express ``vec`` (see the comment above)."""
+    import jax
+
+    c: MhaCase = vec.case
+    if c.dtype == "float16" and jax.default_backend() == "cpu":
+        return False  # XLA:CPU rejects flax's fp16 dot with fp32 accumulation (F16_F16_F32)
+    bool_masks = all(
+        getattr(c, name) is None or getattr(c, f"{name}_form") == "masked"
+        for name in ("attn_mask", "key_padding_mask")
+    )
+    return (
+        c.batched
+        and c.kdim in (None, c.E)
+        and c.vdim in (None, c.E)
+        and not c.add_bias_kv
+        and not c.add_zero_attn
+        and c.dropout_p == 0.0
+        and not c.fully_masked
+        and bool_masks
+    )
+
+
+def _keep_mask(c: MhaCase, a: dict[str, np.ndarray]) -> np.ndarray:
+    """torch MHA masks (True = ignore) as one flax keep-mask broadcastable to ``(N, heads, L, S)``."""
+    keep = np.ones((c.N, 1, 1, c.S), bool)
+    if a.get("key_padding_mask") is not None:
+        keep = keep & ~a["key_padding_mask"][:, None, None, :]
+    if a.get("attn_mask") is not None:
+        m = ~a["attn_mask"]
+        keep = keep & (m.reshape(c.N, c.num_heads, c.L, c.S) if m.ndim == 3 else m[None, None])
+    return keep
+
+
+def run_flax_nnx(vec: Vector) -> dict[str, np.ndarray]:
+    """flax ``nnx.MultiHeadAttention`` under ``jax.jit``: output and gradients (inputs and parameters),
+    keyed like the torch state dict."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    c, a = vec.case, vec.arrays
+    if not flax_applies(vec):
+        raise ValueError(f"case {vec.name!r}: outside what flax's nnx.MultiHeadAttention can express")
+    dt = jnp.dtype(NP_DTYPES[c.dtype])
+    E, Nh = c.E, c.num_heads
+    D = E // Nh
+    p = {k: np.asarray(v, np.float64) for k, v in parameters(a).items()}
+    module = nnx.MultiHeadAttention(
+        Nh, E, use_bias=c.bias, dtype=dt, param_dtype=dt, decode=False, deterministic=True, rngs=nnx.Rngs(0)
+    )
+    w_q, w_k, w_v = np.split(p["in_proj_weight"], 3)
+    for layer, w in ((module.query, w_q), (module.key, w_k), (module.value, w_v)):
+        layer.kernel[...] = jnp.asarray(w.T.reshape(E, Nh, D), dt)
+    module.out.kernel[...] = jnp.asarray(p["out_proj.weight"].T.reshape(Nh, D, E), dt)
+    if c.bias:
+        for layer, b in zip((module.query, module.key, module.value), np.split(p["in_proj_bias"], 3)):
+            layer.bias[...] = jnp.asarray(b.reshape(Nh, D), dt)
+        module.out.bias[...] = jnp.asarray(p["out_proj.bias"], dt)
+
+    def to_nle(x):  # flax is batch first: (N, L, E)
+        return x if c.batch_first else jnp.swapaxes(x, 0, 1)
+
+    mask = jnp.asarray(_keep_mask(c, a))
+    graphdef, params = nnx.split(module, nnx.Param)
+
+    @jax.jit
+    def forward(params, query, key, value):
+        m = nnx.merge(graphdef, params)
+        return to_nle(m(to_nle(query), to_nle(key), to_nle(value), mask=mask))
+
+    query, key, value, dout = (jnp.asarray(a[n], dt) for n in ("query", "key", "value", "dout"))
+    out, vjp = jax.vjp(forward, params, query, key, value)
+    dparams, dquery, dkey, dvalue = vjp(dout)
+    g = nnx.merge(graphdef, dparams)
+    kernels = [np.asarray(layer.kernel[...], np.float64) for layer in (g.query, g.key, g.value)]
+    result = {
+        "out": out,
+        "dquery": dquery,
+        "dkey": dkey,
+        "dvalue": dvalue,
+        "din_proj_weight": np.concatenate([k.reshape(E, E).T for k in kernels]),
+        "dout_proj.weight": np.asarray(g.out.kernel[...], np.float64).reshape(E, E).T,
+    }
+    if c.bias:
+        result["din_proj_bias"] = np.concatenate(
+            [np.asarray(layer.bias[...], np.float64).reshape(E) for layer in (g.query, g.key, g.value)]
+        )
+        result["dout_proj.bias"] = g.out.bias[...]
+    return {k: to_float64(v) for k, v in result.items()}
+
+
+def applies(impl: str, vec: Vector) -> bool:
+    """Whether ``impl`` can run ``vec``: see :func:`builtin_applies`, :func:`fast_applies` and
+    :func:`flax_applies`."""
+    if impl == "flax_nnx":
+        return flax_applies(vec)
+    if impl.endswith(("_blocked", "_fused")):
+        return fast_applies(vec)
+    return builtin_applies(vec) if impl == "torch_builtin" else True
+
+
+KIND = Kind(
+    name="mha",
+    cases=MHA_CASES,
+    build_inputs=build_inputs,
+    expectations=expectations,
+    magnitude=magnitude,
+    implementations={**IMPLEMENTATIONS, "flax_nnx": run_flax_nnx},
+    applies=applies,
+)

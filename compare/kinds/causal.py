@@ -1,4 +1,4 @@
-"""The registry of named causal-self-attention cases behind the shared vectors (kind ``"causal"``).
+"""Kind ``"causal"``: the named causal-self-attention vectors and the twins run on them.
 
 A case is a small recipe (sizes, heads, bias, dtype, dropout, and optionally the chunks in which the
 sequence is fed through a KV cache); :func:`build_inputs` turns it into NumPy arrays deterministically:
@@ -11,6 +11,11 @@ is expected to give exactly the full pass's output and gradients, which is what 
 Quantities: ``out``, ``grad_x`` and ``grad_<parameter name>`` (e.g. ``grad_q_proj.weight``).
 
 Sizes are distinct (B=2, T=5, E=24, N=4, K=2, H=6 …) so that a swapped axis cannot pass.
+
+Every runner takes a :class:`compare.kinds.base.Vector` of this kind and returns ``{"out", "grad_x",
+"grad_<parameter name>"...}``: the output and the gradients of ``sum(out * dy)`` with respect to ``x``
+and every parameter. A vector with ``chunks`` is fed through a KV cache chunk by chunk (the outputs
+concatenated, gradients flowing through the cache).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from compare import oracle
-from compare.cases import NP_DTYPES
+from compare.kinds import base
+from compare.kinds.base import NP_DTYPES, Kind, Vector, oracle_passes, to_float64, to_torch
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -107,8 +113,7 @@ def expectations(case: CausalCase, inputs: dict[str, np.ndarray]) -> dict[str, n
     """Oracle outputs (float64) and, for low precision, the naive same-dtype baseline."""
     x, params, dy, kwargs = _oracle_args(case, inputs)
     result = {}
-    low = case.dtype in oracle.LOW_PRECISION
-    for prefix, dtype in (("expected", None), ("naive", case.dtype)) if low else (("expected", None),):
+    for prefix, dtype in oracle_passes(case.dtype):
         fwd = oracle.causal_self_attention_forward(x, params, **kwargs, dtype=dtype)
         bwd = oracle.causal_self_attention_backward(x, params, dy, **kwargs, dtype=dtype)
         result[f"{prefix}_out"] = fwd["out"]
@@ -170,3 +175,132 @@ def _causal_cases() -> list[CausalCase]:
 
 
 CAUSAL_CASES: dict[str, CausalCase] = {case.name: case for case in _causal_cases()}
+
+
+# --- runners -------------------------------------------------------------------------------------------
+
+
+def _chunks(case) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each chunk; one chunk (no cache) for a full pass."""
+    sizes = case.chunks or (case.T,)
+    stops = np.cumsum(sizes).tolist()
+    return list(zip([0, *stops[:-1]], stops))
+
+
+def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
+    """``jax_attn.CausalSelfAttention`` under ``jax.jit``: output and gradients w.r.t. x and parameters."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jax_attn
+
+    c, a = vec.case, vec.arrays
+    dt = jnp.dtype(NP_DTYPES[c.dtype])
+    module = jax_attn.CausalSelfAttention(
+        c.E, c.N, c.K, c.bias, c.dropout_p, implementation=implementation, rngs=nnx.Rngs(0), param_dtype=dt
+    )
+    module.load_torch_state_dict({n: a[n] for n in param_names(c)})
+    if c.dropout_p == 0:
+        module.eval()
+    drop = None if "dropout_mask" not in a else jnp.asarray(a["dropout_mask"])
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def forward(params, x):
+        model = nnx.merge(graphdef, params, rest)
+        if c.chunks is None:
+            return model(x, dropout_mask=drop)
+        cache, ys = model.init_cache(c.B, c.max_length), []
+        for start, stop in _chunks(c):
+            y, cache = model(x[:, start:stop], cache=cache)
+            ys.append(y)
+        return jnp.concatenate(ys, axis=1)
+
+    @jax.jit  # forward and backward in one program: one XLA compilation per vector
+    def forward_backward(params, x, dy):
+        out, vjp = jax.vjp(forward, params, x)
+        return out, *vjp(dy)
+
+    x, dy = (jnp.asarray(a[n], dtype=dt) for n in ("x", "dy"))
+    out, dparams, dx = forward_backward(params, x, dy)
+    result = {"out": to_float64(out), "grad_x": to_float64(dx)}
+    for path, value in nnx.to_flat_state(dparams):
+        result["grad_" + ".".join(str(p) for p in path)] = to_float64(value[...])
+    return result
+
+
+def run_jax_fused(vec: Vector) -> dict[str, np.ndarray]:
+    """:func:`run_jax` with ``implementation="fused"`` (``jax.nn.dot_product_attention``, XLA)."""
+    return run_jax(vec, "fused")
+
+
+def run_torch(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
+    """``torch_attn.CausalSelfAttention`` (eager): output and gradients w.r.t. x and parameters."""
+    import torch
+
+    import torch_attn
+
+    c, a = vec.case, vec.arrays
+    dt = getattr(torch, c.dtype)
+    module = torch_attn.CausalSelfAttention(
+        c.E, c.N, c.K, c.bias, c.dropout_p, implementation=implementation, dtype=dt
+    )
+    module.to(base.TORCH_DEVICE)  # set by --device
+    module.load_torch_state_dict({n: a[n] for n in param_names(c)})
+    module.train(c.dropout_p > 0)
+    drop = None if "dropout_mask" not in a else to_torch(a["dropout_mask"])
+    x, dy = (to_torch(a[n], c.dtype) for n in ("x", "dy"))
+    x.requires_grad_(True)
+    if c.chunks is None:
+        out = module(x, dropout_mask=drop)
+    else:
+        cache, ys = module.init_cache(c.B, c.max_length), []
+        for start, stop in _chunks(c):
+            y, cache = module(x[:, start:stop], cache=cache)
+            ys.append(y)
+        out = torch.cat(ys, dim=1)
+    out.backward(dy)
+    result = {"out": to_float64(out), "grad_x": to_float64(x.grad)}
+    for name, p in module.named_parameters():
+        result[f"grad_{name}"] = to_float64(p.grad)
+    return result
+
+
+def run_torch_fused(vec: Vector) -> dict[str, np.ndarray]:
+    """:func:`run_torch` with ``implementation="fused"`` (``F.scaled_dot_product_attention``)."""
+    return run_torch(vec, "fused")
+
+
+def applies(impl: str, vec: Vector) -> bool:
+    """The fused paths have no injectable dropout: they run the dropout-free vectors. XLA:CPU's
+    ``dot_general`` rejects fp16 inputs with fp32 accumulation ("The precision 'F16_F16_F32' is not
+    supported by dot_general on CPU"), which ``jax.nn.dot_product_attention`` asks for: the JAX fused path
+    runs fp16 only on an accelerator."""
+    if impl.endswith(("_fused", "_blocked")) and vec.case.dropout_p > 0.0:
+        return False
+    if impl == "jax_attn_fused" and vec.case.dtype == "float16":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    return True
+
+
+IMPLEMENTATIONS = {
+    "jax_attn": run_jax,
+    "torch_attn": run_torch,
+    "jax_attn_fused": run_jax_fused,
+    "torch_attn_fused": run_torch_fused,
+    "jax_attn_blocked": lambda vec: run_jax(vec, "blocked"),
+    "torch_attn_blocked": lambda vec: run_torch(vec, "blocked"),
+}
+
+
+KIND = Kind(
+    name="causal",
+    cases=CAUSAL_CASES,
+    build_inputs=build_inputs,
+    expectations=expectations,
+    magnitude=magnitude,
+    implementations=IMPLEMENTATIONS,
+    applies=applies,
+)
