@@ -16,7 +16,7 @@ from torch.nn.attention import flex_attention as tflex
 
 import jax_attn.flex as jf
 import torch_attn.flex as tf
-from compare import flex_mods as fm
+from compare.kinds import flex as fm
 from compare.oracle_flex import dense_keep, flex_backward, flex_forward
 
 warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")

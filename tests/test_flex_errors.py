@@ -9,7 +9,7 @@ import torch
 
 import jax_attn.flex as jf
 import torch_attn.flex as tf
-from compare import flex_mods as fm
+from compare.kinds import flex as fm
 
 TWINS = {"jax": (jf, jnp.asarray), "torch": (tf, torch.from_numpy)}
 
