@@ -150,8 +150,10 @@ def _check_lse(lse, ref):
     np.testing.assert_allclose(lse[finite], ref[finite], rtol=0, atol=_atol(ref[finite]))
 
 
+# The catalogue cases run as shared vectors (tests/test_flex_vectors.py); here what they do not cover:
+# per-head tables (a mask that depends on h), per-batch tables with a captured array, no mask at all.
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", ["per_head", "document", "rel_bias"])
 def test_forward_and_gradients_vs_oracle(name, framework):
     T, S, bsz = CASES[name]
     (q, k, v, d_out, d_lse), params, (out_ref, lse_ref), (dq, dk, dv, dparams) = _oracle(name, T, S)
@@ -163,9 +165,7 @@ def test_forward_and_gradients_vs_oracle(name, framework):
         np.testing.assert_allclose(got, ref, rtol=0, atol=_atol(ref))
 
 
-@pytest.mark.parametrize(
-    "name", ["causal", "document", "softcap", "rel_bias", "per_head", "alibi", "no_mask"]
-)
+@pytest.mark.parametrize("name", ["per_head", "no_mask"])
 def test_torch_flex_forward_agrees(name):
     """torch's own flex_attention (eager, CPU) as the reference library: forward and lse."""
     T, S, bsz = CASES[name]
