@@ -113,7 +113,8 @@ def dot_product_attention(
     dropout_mask: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
-    """The readable dense core: ``softmax(cap(scale · q·k) masked, with sinks) · v`` in float32.
+    """The readable dense core: ``softmax(cap(scale · q·k) masked, with sinks) · v`` in float32 (float64
+    inputs: float64).
 
     Args:
       q_BNTH: queries; k_BKSH, v_BKSH: keys and values, key/value head ``n // G`` serving query head n.
@@ -128,15 +129,16 @@ def dot_product_attention(
     B, N, T, H = q_BNTH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
     G = N // K
-    q_BKGTH = q_BNTH.astype(jnp.float32).reshape(B, K, G, T, H)
-    logits = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH.astype(jnp.float32)) * scale
+    acc = jnp.result_type(q_BNTH.dtype, jnp.float32)  # fp32 at least: bf16/fp16 logits never round
+    q_BKGTH = q_BNTH.astype(acc).reshape(B, K, G, T, H)
+    logits = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH.astype(acc)) * scale
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
     keep = keep_BTS[:, None, None]
     logits = jnp.where(keep, logits, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
     if sinks_N is not None:
-        sink = sinks_N.astype(jnp.float32).reshape(1, K, G, 1, 1)
+        sink = sinks_N.astype(acc).reshape(1, K, G, 1, 1)
         m = jnp.maximum(m, sink)
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))  # fully masked row: any shift works
     e = jnp.where(keep, jnp.exp(logits - m), 0.0)
@@ -149,7 +151,7 @@ def dot_product_attention(
             dropout_mask = jax.random.bernoulli(dropout_rng, 1.0 - dropout_p, (B, N, T, S))
         keep_drop = jnp.broadcast_to(dropout_mask, (B, N, T, S)).reshape(B, K, G, T, S)
         p = jnp.where(keep_drop, p / (1.0 - dropout_p), 0.0)
-    out = jnp.einsum("bkgts,bksh->bkgth", p, v_BKSH.astype(jnp.float32))
+    out = jnp.einsum("bkgts,bksh->bkgth", p, v_BKSH.astype(acc))
     return out.reshape(B, N, T, H).astype(q_BNTH.dtype)
 
 

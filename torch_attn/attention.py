@@ -113,7 +113,8 @@ def dot_product_attention(
     dropout_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The readable dense core: ``softmax(cap(scale · q·k) masked, with sinks) · v`` in float32.
+    """The readable dense core: ``softmax(cap(scale · q·k) masked, with sinks) · v`` in float32 (float64
+    inputs: float64).
 
     Args:
       q_BNTH: queries; k_BKSH, v_BKSH: keys and values, key/value head ``n // G`` serving query head n.
@@ -128,15 +129,16 @@ def dot_product_attention(
     B, N, T, H = q_BNTH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
     G = N // K
-    q_BKGTH = q_BNTH.to(torch.float32).reshape(B, K, G, T, H)
-    logits = torch.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH.to(torch.float32)) * scale
+    acc = torch.promote_types(q_BNTH.dtype, torch.float32)  # fp32 at least: bf16/fp16 logits never round
+    q_BKGTH = q_BNTH.to(acc).reshape(B, K, G, T, H)
+    logits = torch.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH.to(acc)) * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     keep = keep_BTS[:, None, None]
     logits = logits.masked_fill(~keep, -torch.inf)
     m = torch.amax(logits, dim=-1, keepdim=True)
     if sinks_N is not None:
-        sink = sinks_N.to(torch.float32).reshape(1, K, G, 1, 1)
+        sink = sinks_N.to(acc).reshape(1, K, G, 1, 1)
         m = torch.maximum(m, sink)
     m = torch.where(torch.isfinite(m), m, 0.0).detach()  # fully masked row: any shift works
     e = torch.where(keep, torch.exp(logits - m), 0.0)
@@ -152,7 +154,7 @@ def dot_product_attention(
             dropout_mask = dropout_mask.bool()
         keep_drop = torch.broadcast_to(dropout_mask, (B, N, T, S)).reshape(B, K, G, T, S)
         p = torch.where(keep_drop, p / (1.0 - dropout_p), 0.0)
-    out = torch.einsum("bkgts,bksh->bkgth", p, v_BKSH.to(torch.float32))
+    out = torch.einsum("bkgts,bksh->bkgth", p, v_BKSH.to(acc))
     return out.reshape(B, N, T, H).to(q_BNTH.dtype)
 
 
