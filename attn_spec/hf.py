@@ -237,7 +237,9 @@ def attention_config(
     if family in ("gemma2", "gemma3_text"):
         kw["qk_norm_offset"] = 1.0 if family == "gemma3_text" else 0.0
         kw["query_pre_attn_scalar"] = cfg.get("query_pre_attn_scalar", 256)
-        kw["softcap"] = cfg.get("attn_logit_softcapping")
+        # transformers' Gemma3Attention never passes attn_logit_softcapping to its attention (the config field
+        # is unused there), so the faithful port has no soft-cap for Gemma 3.
+        kw["softcap"] = cfg.get("attn_logit_softcapping") if family == "gemma2" else None
         if cfg.get("use_bidirectional_attention"):
             raise _unsupported(
                 family,

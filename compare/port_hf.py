@@ -542,3 +542,73 @@ def _config_dict(c) -> dict:
     if d.get("rope"):
         d["rope"] = {k: v for k, v in d["rope"].items() if v is not None}
     return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The docs table (docs/porting.md): every family's tiny module through check_hf_port, fp32 and bf16.
+# ---------------------------------------------------------------------------------------------------------
+
+TABLE_CASES = (
+    ("llama", 0, "llama3 rope, GQA"),
+    ("mistral", 0, "window 3, GQA"),
+    ("qwen2", 1, "q/k/v biases, window 3 from max_window_layers"),
+    ("qwen3", 0, "per-head QK-norm (eps 1e-5), head_dim 8"),
+    ("gemma2", 0, "window 3, soft-cap 2, query_pre_attn_scalar 12, head_dim 16"),
+    ("gemma2", 1, "global layer, soft-cap 2"),
+    ("gemma3_text", 0, "local layer: theta 1e4, window 3, QK-norm 1 + w"),
+    ("gemma3_text", 1, "global layer: theta 1e6"),
+    ("phi3", 0, "fused qkv_proj, longrope (long factors past 4 positions)"),
+    ("olmo2", 0, "full-width QK-norm, MHA"),
+    ("gpt_oss", 0, "sinks, yarn, window 3, biases"),
+    ("gpt_oss", 1, "sinks, yarn, global layer"),
+    ("gpt_neox", 0, "fused per-head qkv, rotary_pct 0.25, biases"),
+    ("gpt2", 1, "Conv1D c_attn, scale / (layer + 1)"),
+    ("bert", 0, "bidirectional, q/k/v/o biases (post-LN outside)"),
+    ("vit", 0, "bidirectional, qkv_bias"),
+)
+
+
+def _worst(record, pairs, kind) -> float:
+    def pick(q):
+        return {"fwd": q == "out", "grad": q.startswith("grad_"), "decode": q == "decode_out"}[kind]
+
+    vals = [a.max_abs for p in pairs for a in record.agreements[p] if pick(a.quantity)]
+    return max(vals) if vals else float("nan")
+
+
+def family_table(dtypes=("float32", "bfloat16")) -> list[dict]:
+    """One row per (case, dtype): the worst error of both ports vs the float64 reference and vs transformers
+    (forward, gradients, decode), and whether the whole record agrees."""
+    rows = []
+    ports = ("jax_attn vs reference", "torch_attn vs reference")
+    vs_hf = ("jax_attn vs transformers", "torch_attn vs transformers")
+    for family, layer, knobs in TABLE_CASES:
+        for dtype in dtypes:
+            module, _ = tiny_module(family, layer, dtype, seed=layer)
+            rec = check_hf_port(module, post_norm_outside=family == "bert", print_table=False)
+            row = {"family": family, "layer": layer, "knobs": knobs, "dtype": dtype, "ok": rec.ok}
+            for kind in ("fwd", "grad", "decode"):
+                row[f"ref_{kind}"] = _worst(rec, ports, kind)
+                row[f"hf_{kind}"] = _worst(rec, vs_hf, kind)
+                row[f"transformers_{kind}"] = _worst(rec, ("transformers vs reference",), kind)
+            rows.append(row)
+    return rows
+
+
+def table_markdown(rows) -> str:
+    def f(v):
+        return "–" if v != v else f"{v:.1e}"
+
+    out = [
+        "| family | layer | knobs covered | dtype | port vs f64 fwd / grad / decode | port vs transformers "
+        "fwd / grad / decode | transformers vs f64 fwd / grad | ok |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['family']} | {r['layer']} | {r['knobs']} | {r['dtype']} | {f(r['ref_fwd'])} / "
+            f"{f(r['ref_grad'])} / {f(r['ref_decode'])} | {f(r['hf_fwd'])} / {f(r['hf_grad'])} / "
+            f"{f(r['hf_decode'])} | {f(r['transformers_fwd'])} / {f(r['transformers_grad'])} | "
+            f"{'yes' if r['ok'] else 'NO'} |"
+        )
+    return "\n".join(out) + "\n"

@@ -72,6 +72,11 @@ def test_layer_index_selects_window_and_rope():
     assert spec.attention_config(cfg, 1)[1].logit_scale == pytest.approx(8**-0.5 / 2)
     _, c = spec.attention_config(port_hf.tiny_config("gemma2"), 0)
     assert (c.softcap, c.logit_scale, c.head_dim) == (2.0, 12**-0.5, 16)
+    # Gemma 3's attention ignores attn_logit_softcapping in transformers; so does the port.
+    assert (
+        spec.attention_config(port_hf.tiny_config("gemma3_text", attn_logit_softcapping=2.0), 0)[1].softcap
+        is None
+    )
 
 
 def _llama_dict(**kw):
