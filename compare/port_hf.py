@@ -587,6 +587,9 @@ def family_table(dtypes=("float32", "bfloat16")) -> list[dict]:
             module, _ = tiny_module(family, layer, dtype, seed=layer)
             rec = check_hf_port(module, post_norm_outside=family == "bert", print_table=False)
             row = {"family": family, "layer": layer, "knobs": knobs, "dtype": dtype, "ok": rec.ok}
+            row["policy_ratio"] = max(
+                a.max_abs / a.tol for p in ports + vs_hf for a in rec.agreements[p] if a.tol > 0
+            )
             for kind in ("fwd", "grad", "decode"):
                 row[f"ref_{kind}"] = _worst(rec, ports, kind)
                 row[f"hf_{kind}"] = _worst(rec, vs_hf, kind)
@@ -601,14 +604,14 @@ def table_markdown(rows) -> str:
 
     out = [
         "| family | layer | knobs covered | dtype | port vs f64 fwd / grad / decode | port vs transformers "
-        "fwd / grad / decode | transformers vs f64 fwd / grad | ok |",
-        "|---|---|---|---|---|---|---|---|",
+        "fwd / grad / decode | transformers vs f64 fwd / grad | worst error / tolerance | ok |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['family']} | {r['layer']} | {r['knobs']} | {r['dtype']} | {f(r['ref_fwd'])} / "
             f"{f(r['ref_grad'])} / {f(r['ref_decode'])} | {f(r['hf_fwd'])} / {f(r['hf_grad'])} / "
             f"{f(r['hf_decode'])} | {f(r['transformers_fwd'])} / {f(r['transformers_grad'])} | "
-            f"{'yes' if r['ok'] else 'NO'} |"
+            f"{r['policy_ratio']:.2f} | {'yes' if r['ok'] else 'NO'} |"
         )
     return "\n".join(out) + "\n"
