@@ -51,7 +51,7 @@ QK_NORMS = ("none", "head", "full")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # implementation=None (auto): the math path up to this many logits per head (T·S), blocked above.
 AUTO_MATH_MAX_LOGITS = 2048 * 2048
-BLOCKED_AVAILABLE = False  # the FlexAttention engine (branch ``flex``) is not merged yet
+BLOCKED_AVAILABLE = True  # the FlexAttention engine of ``jax_attn.flex`` / ``torch_attn.flex``
 
 
 def _is_int(x) -> bool:

@@ -46,6 +46,7 @@ from attn_spec.attention import (
     state_dict_shapes,
 )
 from jax_attn.causal import Linear, _concrete_index, _to_numpy
+from jax_attn.flex import create_block_mask, flex_attention
 from jax_attn.rope import apply_rope, rope_cos_sin
 
 
@@ -167,6 +168,37 @@ def _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, scale) -> jax.Array:
     # XLA averages the values of a fully masked row; our convention (and torch's fused kernel) is zeros.
     any_BT = jnp.any(keep_BTS, axis=-1)
     return jnp.where(any_BT[:, None, :, None], out_BTNH.transpose(0, 2, 1, 3), 0.0).astype(q_BNTH.dtype)
+
+
+def _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, config, sinks_N) -> jax.Array:
+    """The blocked path: FlexAttention over a ``BlockMask`` of causal ∧ window ∧ padding (key blocks
+    outside the window or fully padded are skipped, so prefill cost grows linearly with T at a fixed
+    window), the soft-cap as its ``score_mod``, and sinks applied afterwards as ``out · sigmoid(lse −
+    sink)`` (the sink's share ``e^sink / (Z + e^sink)`` of a row with key mass ``Z = e^lse``)."""
+    c = config
+    B, N, T, _ = q_BNTH.shape
+    S = k_BKSH.shape[2]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q, k = q_pos_T[q_idx], k_pos_S[kv_idx]
+        keep = (k >= 0) & k_valid_BS[b, kv_idx]
+        if c.causal:
+            keep &= k <= q
+        if c.sliding_window is not None:
+            keep &= (q - k if c.causal else jnp.abs(q - k)) < c.sliding_window
+        return keep
+
+    score_mod = None
+    if c.softcap is not None:
+        score_mod = lambda score, b, h, q_idx, kv_idx: c.softcap * jnp.tanh(score / c.softcap)
+    block_mask = create_block_mask(mask_mod, B, None, T, S)
+    out_BNTH, lse_BNT = flex_attention(
+        q_BNTH, k_BKSH, v_BKSH, score_mod, block_mask, c.logit_scale, enable_gqa=c.G > 1, return_lse=True
+    )
+    if sinks_N is None:
+        return out_BNTH
+    share = jax.nn.sigmoid(lse_BNT - sinks_N.astype(lse_BNT.dtype)[None, :, None])
+    return (out_BNTH * share[..., None]).astype(q_BNTH.dtype)
 
 
 class Attention(nnx.Module):
@@ -297,8 +329,14 @@ class Attention(nnx.Module):
             v_BKSH = jnp.concatenate([cache.v.astype(dt), v_BKTH], axis=2)
             k_pos_S = jnp.concatenate([cache.pos, q_pos_T])
             k_valid_BS = jnp.concatenate([cache.valid, valid_BT], axis=1)
-        keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c)
-        y_BNTH = self._attend(q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng)
+        path = select_implementation(self.implementation, c, T, k_BKSH.shape[2])
+        if path == "blocked":
+            check_blocked(c)
+            sinks_N = None if self.sinks is None else self.sinks[...]
+            y_BNTH = _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, sinks_N)
+        else:
+            keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c)
+            y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng)
         y_BTE = self.o_proj(y_BNTH.transpose(0, 2, 1, 3).reshape(B, T, c.N * c.H))
         if cache is None:
             return y_BTE
@@ -319,13 +357,10 @@ class Attention(nnx.Module):
         y_BTE = jnp.where(new_cache.index <= cache.max_length, y_BTE, jnp.nan)
         return y_BTE, new_cache
 
-    def _attend(self, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng) -> jax.Array:
+    def _attend(self, path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng) -> jax.Array:
         c = self.config
-        path = select_implementation(self.implementation, c, q_BNTH.shape[2], k_BKSH.shape[2])
         if path == "fused":
             return _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, c.logit_scale)
-        if path == "blocked":
-            check_blocked(c)
         dropout_p = 0.0 if self.deterministic else c.dropout
         if dropout_p > 0.0 and dropout_mask is None and dropout_rng is None:
             dropout_rng = self.rngs()

@@ -48,15 +48,15 @@ def _setup(name, seed=0):
     return c, sd, x, mask, pos
 
 
-def _jax(c, sd):
-    m = jatt.Attention(c, implementation="math", rngs=nnx.Rngs(0))
+def _jax(c, sd, implementation="math"):
+    m = jatt.Attention(c, implementation=implementation, rngs=nnx.Rngs(0))
     m.load_torch_state_dict(sd)
     m.deterministic = True
     return m
 
 
-def _torch(c, sd):
-    m = tatt.Attention(c, implementation="math").eval()
+def _torch(c, sd, implementation="math"):
+    m = tatt.Attention(c, implementation=implementation).eval()
     m.load_torch_state_dict(sd)
     return m
 
@@ -118,6 +118,38 @@ def test_jax_decode_equals_full_pass_and_compiles_once_per_chunk_length(name):
         assert int(cache.index) == T
     # chunk lengths 1, 3, 4, 5: one compilation each, whatever the cache index
     assert sorted({s[1] for s in traces}) == [1, 3, 4, 5] and len(traces) == 4
+
+
+@pytest.mark.parametrize("twin", ["jax", "torch"])
+def test_blocked_decode_equals_math_full_pass(twin):
+    """The blocked path through the ring cache (its BlockMask built from the slots' positions)."""
+    c, sd, x, mask, pos = _setup("window3_sinks_softcap")
+    full = np.asarray(_jax(c, sd)(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(pos)), np.float64)
+    if twin == "jax":
+        call, traces = _jit_step(_jax(c, sd, "blocked"))
+        a = jnp.asarray
+        got, _ = _decode(
+            lambda x, mk, p, cache: call(a(x), a(mk), a(p), cache),
+            _jax(c, sd).init_cache(B, T),
+            x,
+            mask,
+            pos,
+            (3, 1, 4, 1),
+        )
+        assert len(traces) == 3
+    else:
+        m = _torch(c, sd, "blocked")
+        t = torch.from_numpy
+        with torch.no_grad():
+            got, _ = _decode(
+                lambda x, mk, p, cache: m(t(x), t(mk), t(p), cache=cache),
+                m.init_cache(B, T),
+                x,
+                mask,
+                pos,
+                (3, 1, 4, 1),
+            )
+    assert _close(got, full)
 
 
 def test_ring_buffer_memory_is_bounded_by_the_window():

@@ -161,7 +161,11 @@ def test_bad_call_raises(twin, case):
             "implementation='fused' (torch F.scaled_dot_product_attention / "
             "jax.nn.dot_product_attention) does not support ['softcap', 'sinks']; use implementation='math'",
         ),
-        ({}, "blocked", "implementation='blocked' is not available yet"),
+        (
+            {"dropout": 0.1},
+            "blocked",
+            "implementation='blocked' does not support dropout; use implementation='math'",
+        ),
         (
             {},
             "flash",
@@ -169,7 +173,7 @@ def test_bad_call_raises(twin, case):
             "implementation='flash'",
         ),
     ],
-    ids=["fused_knobs", "blocked", "unknown"],
+    ids=["fused_knobs", "blocked_dropout", "unknown"],
 )
 def test_bad_implementation_raises(twin, kw, implementation, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -190,6 +194,8 @@ def test_cache_errors(twin):
 
 def test_auto_is_math_below_the_size():
     assert select_implementation(None, _config(), 128, 128) == "math"
+    assert select_implementation(None, _config(), 4096, 4096) == "blocked"
+    assert select_implementation(None, _config(dropout=0.1), 4096, 4096) == "math"  # blocked has no dropout
     assert select_implementation("fused", _config(), 128, 128) == "fused"
 
 
@@ -316,3 +322,18 @@ def test_gradients_agree_between_twins():
         want = params[key].grad.numpy()
         got = np.asarray(g._param(key)[...])
         assert np.abs(got - want).max() <= 1e-5 * max(1, np.abs(want).max()), key
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_blocked_equals_math_across_many_blocks(twin):
+    """T = 300 (three 128-blocks, the last partial), window 70, sinks, soft-cap, left padding: the blocked
+    path (BlockMask of causal ∧ window ∧ padding) gives the math path's output."""
+    c = _config(sliding_window=70, sinks=True, softcap=3.0, rope=RopeConfig(rope_theta=1e4))
+    sd = _random_sd(c)
+    x = _x(T=300)
+    mask = np.ones((B, 300), np.int64)
+    mask[1, :150] = 0
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    want = _run(twin, _module(twin, c, sd), x, mask, pos)
+    got = _run(twin, _module(twin, c, sd, implementation="blocked"), x, mask, pos)
+    assert np.abs(got - want).max() <= 1e-5 * max(1, np.abs(want).max())

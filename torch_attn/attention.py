@@ -45,6 +45,7 @@ from attn_spec.attention import (
     select_implementation,
     state_dict_shapes,
 )
+from torch_attn.flex import create_block_mask, flex_attention
 from torch_attn.rope import apply_rope, rope_cos_sin
 
 
@@ -172,6 +173,37 @@ def _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, scale) -> torch.Tensor:
     return torch.where(any_BT[:, None, :, None], out_BNTH, 0.0).to(q_BNTH.dtype)
 
 
+def _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, config, sinks_N) -> torch.Tensor:
+    """The blocked path: FlexAttention over a ``BlockMask`` of causal ∧ window ∧ padding (key blocks
+    outside the window or fully padded are skipped, so prefill cost grows linearly with T at a fixed
+    window), the soft-cap as its ``score_mod``, and sinks applied afterwards as ``out · sigmoid(lse −
+    sink)`` (the sink's share ``e^sink / (Z + e^sink)`` of a row with key mass ``Z = e^lse``)."""
+    c = config
+    B, N, T, _ = q_BNTH.shape
+    S = k_BKSH.shape[2]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q, k = q_pos_T[q_idx], k_pos_S[kv_idx]
+        keep = (k >= 0) & k_valid_BS[b, kv_idx]
+        if c.causal:
+            keep = keep & (k <= q)
+        if c.sliding_window is not None:
+            keep = keep & ((q - k if c.causal else torch.abs(q - k)) < c.sliding_window)
+        return keep
+
+    score_mod = None
+    if c.softcap is not None:
+        score_mod = lambda score, b, h, q_idx, kv_idx: c.softcap * torch.tanh(score / c.softcap)
+    block_mask = create_block_mask(mask_mod, B, None, T, S, device=q_BNTH.device)
+    out_BNTH, lse_BNT = flex_attention(
+        q_BNTH, k_BKSH, v_BKSH, score_mod, block_mask, c.logit_scale, enable_gqa=c.G > 1, return_lse=True
+    )
+    if sinks_N is None:
+        return out_BNTH
+    share = torch.sigmoid(lse_BNT - sinks_N.to(lse_BNT.dtype)[None, :, None])
+    return (out_BNTH * share[..., None]).to(q_BNTH.dtype)
+
+
 class Attention(nn.Module):
     """A decoder attention layer configured by :class:`attn_spec.attention.AttentionConfig`.
 
@@ -297,8 +329,13 @@ class Attention(nn.Module):
             v_BKSH = torch.cat([cache.v.to(dt), v_BKTH], dim=2)
             k_pos_S = torch.cat([cache.pos, q_pos_T])
             k_valid_BS = torch.cat([cache.valid, valid_BT], dim=1)
-        keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c)
-        y_BNTH = self._attend(q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator)
+        path = select_implementation(self.implementation, c, T, k_BKSH.shape[2])
+        if path == "blocked":
+            check_blocked(c)
+            y_BNTH = _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, self.sinks)
+        else:
+            keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c)
+            y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator)
         y_BTE = self.o_proj(y_BNTH.transpose(1, 2).reshape(B, T, c.N * c.H))
         if cache is None:
             return y_BTE
@@ -317,13 +354,10 @@ class Attention(nn.Module):
         )
         return y_BTE, new_cache
 
-    def _attend(self, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator) -> torch.Tensor:
+    def _attend(self, path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator) -> torch.Tensor:
         c = self.config
-        path = select_implementation(self.implementation, c, q_BNTH.shape[2], k_BKSH.shape[2])
         if path == "fused":
             return _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, c.logit_scale)
-        if path == "blocked":
-            check_blocked(c)
         dropout_p = c.dropout if self.training else 0.0
         return dot_product_attention(
             q_BNTH,

@@ -406,8 +406,10 @@ def run_torch(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray
 
 def applies(impl: str, vec: Vector) -> bool:
     """The fused paths run the vectors without soft-cap, sinks and dropout (XLA:CPU: no fp16, see the
-    causal kind); everything else runs everywhere."""
+    causal kind), the blocked paths those without dropout; the math paths run everything."""
     c = vec.case.config()
+    if impl.endswith("_blocked"):
+        return c.dropout == 0
     if impl.endswith("_fused"):
         if c.softcap is not None or c.sinks or c.dropout > 0:
             return False
@@ -423,6 +425,8 @@ IMPLEMENTATIONS = {
     "torch_attn": run_torch,
     "jax_attn_fused": lambda vec: run_jax(vec, "fused"),
     "torch_attn_fused": lambda vec: run_torch(vec, "fused"),
+    "jax_attn_blocked": lambda vec: run_jax(vec, "blocked"),
+    "torch_attn_blocked": lambda vec: run_torch(vec, "blocked"),
 }
 
 
