@@ -9,11 +9,13 @@ For a transformers attention module the record holds:
   reference with the tolerance policy (``compare.tolerance``): the output and the gradients of
   ``sum(y · dy)`` w.r.t. the hidden states and every parameter (transformers' fused gradients are split into
   ours with the same data movement as the weights).
-- **the reference**: the torch twin on the ported config in float64 (weights and inputs widened exactly).
+- **the reference**: the float64 NumPy oracle (``compare.oracle_attention``, rotary in float64) on the ported
+  config (weights and inputs widened exactly).
   transformers' module is judged against it too, so a port that maps a knob wrongly (a window off by one, a
   flipped rotary layout) fails in the ``transformers vs reference`` row even though both twins agree with it.
-- **bf16 / fp16**: the naive same-dtype baseline of the policy is transformers' own module in that dtype: a
-  port may be at most 2× as far from the float64 reference as transformers itself, plus one ulp.
+- **bf16 / fp16**: the policy's naive same-dtype baseline (the oracle with every intermediate rounded to the
+  dtype): each implementation, transformers included, may be at most 2× as far from the float64 reference
+  as the naive one, plus one ulp.
 - **a left-padded batch**: row 1 starts with pads, positions skip them (``cumsum(mask) - 1``). A pad query
   sees no real key: transformers then averages over the masked keys (an arbitrary row), ours gives zeros.
   Pad query rows are therefore *excluded* from every comparison with transformers (their ``dy`` is zero, so
@@ -33,6 +35,7 @@ from dataclasses import asdict
 import numpy as np
 
 from attn_spec import hf as spec
+from attn_spec.rope import SEQ_DEPENDENT
 from compare.port_record import PortRecord
 from compare.tolerance import Agreement, compare_arrays, tolerance
 
@@ -406,6 +409,38 @@ def _judge(name, got, ref, dtype, baseline, rows) -> Agreement:
     return compare_arrays(name, got, ref, dtype, tol=tol)
 
 
+def _reference(ours_t, c, x, mask, pos, dy, decode: bool, dtype: str):
+    """The float64 oracle (``compare.oracle_attention``) on the ported config and weights (widened exactly):
+    ``(reference, naive same-dtype baseline)``; the baseline is empty for fp32. Decoding is expected to give
+    the full pass, except for rope tables that depend on the call's length (dynamic, longrope), where cached
+    keys keep the rotation of the call that wrote them: there the reference is the torch twin decoding in
+    float64 the same way."""
+    import torch
+
+    from attn_spec.rope import SEQ_DEPENDENT
+    from compare import oracle_attention
+
+    params = {k: v.double().numpy() for k, v in ours_t.torch_state_dict().items()}
+    passes = [("ref", None)] + ([("naive", dtype)] if dtype in ("bfloat16", "float16") else [])
+    out = {}
+    for name, rounding in passes:
+        bwd = oracle_attention.attention_backward(
+            x, params, dy, c, attention_mask=mask, position_ids=pos, dtype=rounding
+        )
+        res = {"out": np.asarray(bwd["out"], np.float64), "grad_x": np.asarray(bwd["x"], np.float64)}
+        res.update({f"grad_{k}": np.asarray(bwd[k], np.float64) for k in params})
+        if decode:
+            res["decode_out"] = res["out"]
+        out[name] = res
+    if decode and c.rope is not None and c.rope.rope_type in SEQ_DEPENDENT:
+        ref_twin = type(ours_t)(c, implementation="math", dtype=torch.float64)
+        ref_twin.load_torch_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+        dec = run_torch_twin(ref_twin, x, mask, pos, dy, True, dtype=torch.float64)["decode_out"]
+        for res in out.values():
+            res["decode_out"] = dec
+    return out["ref"], out.get("naive", {})
+
+
 def _dtype_name(module) -> str:
     return str(next(module.parameters()).dtype).removeprefix("torch.")
 
@@ -465,10 +500,11 @@ def check_hf_port(
         "jax_attn": run_jax_port(ours_j, x, mask, pos, dy, decode),
         "torch_attn": run_torch_twin(ours_t, x, mask, pos, dy, decode),
     }
-    ref_module = thf.from_hf(module, post_norm_outside=post_norm_outside, implementation="math")
-    ref = run_torch_twin(ref_module, x, mask, pos, dy, decode, dtype=torch.float64)
-    # The reference decodes too: equal to its full pass, except for rope tables that depend on the call's
-    # length (dynamic, longrope), where cached keys keep the rotation of the call that wrote them.
+    ref, naive = _reference(ours_t, c, x, mask, pos, dy, decode, dtype)
+    if naive and decode and c.rope is not None and c.rope.rope_type in SEQ_DEPENDENT:
+        # The oracle has no cache: for a length-dependent rope decoded in low precision, transformers' own
+        # cached decode is the same-dtype baseline.
+        naive["decode_out"] = results["transformers"]["decode_out"]
 
     sd = module.state_dict()
     back = thf.to_hf_state_dict(ours_t, family)
@@ -498,7 +534,7 @@ def check_hf_port(
                 results[impl][q],
                 ref[q],
                 dtype,
-                hf.get(q) if low else None,
+                naive.get(q) if low else None,
                 real if (only_real and q in ("out", "decode_out")) else None,
             )
             for q in quantities
@@ -516,7 +552,13 @@ def check_hf_port(
             )
             if not low
             else _between_low(
-                q, results[impl][q], hf[q], ref[q], dtype, real if q in ("out", "decode_out") else None
+                q,
+                results[impl][q],
+                hf[q],
+                ref[q],
+                naive[q],
+                dtype,
+                real if q in ("out", "decode_out") else None,
             )
             for q in quantities
             if q in results[impl] and q in hf
@@ -528,12 +570,12 @@ def check_hf_port(
     return record
 
 
-def _between_low(q, got, hf, ref, dtype, rows) -> Agreement:
+def _between_low(q, got, hf, ref, naive, dtype, rows) -> Agreement:
     """bf16/fp16 port vs transformers: the policy's tolerance against the reference plus transformers' own
     distance from it (the triangle inequality: both may sit on either side of the reference)."""
     if rows is not None:
-        got, hf, ref = got[rows], hf[rows], ref[rows]
-    tol = tolerance(dtype, ref, hf) + float(np.max(np.abs(hf - ref), initial=0.0))
+        got, hf, ref, naive = got[rows], hf[rows], ref[rows], naive[rows]
+    tol = tolerance(dtype, ref, naive) + float(np.max(np.abs(hf - ref), initial=0.0))
     return compare_arrays(q, got, hf, dtype, tol=tol)
 
 
