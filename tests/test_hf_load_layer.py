@@ -106,3 +106,17 @@ def test_cli_port_exit_codes(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(jhf, "load_layer", flipped)
     assert cli.main(["port", str(d), "--layer", "1", "--out", str(tmp_path / "bad")]) == 1
     assert json.loads((tmp_path / "bad" / "port.json").read_text())["ok"] is False
+
+
+def test_torch_twin_load_layer(checkpoints):
+    import torch_attn.hf as thf
+
+    for family, (d, model, _) in checkpoints.items():
+        module = port_hf.attention_of(model, 1)
+        attn = thf.load_layer(d, 1)
+        assert not attn.training
+        back = thf.to_hf_state_dict(attn, family)
+        sd = module.state_dict()
+        assert set(back) == set(sd)
+        for k, v in sd.items():
+            assert back[k].dtype == v.dtype and torch.equal(back[k], v), (family, k)
