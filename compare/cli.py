@@ -406,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     from compare.bench import cli as bench_cli
 
     bench_cli.add_parser(sub)
+    from compare import port_cli
+
+    port_cli.add_parser(sub)
     return parser
 
 

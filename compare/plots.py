@@ -196,6 +196,7 @@ def _plot_records(doc: dict) -> list[dict]:
         for r in doc["records"]
         if r.get("status") == "ok"
         and r.get("family") != "ceiling"
+        and not r.get("window")  # sliding-window rows: in the tables only
         and (B is None or r["B"] == B)
         and (N is None or r["N"] == N)
         and (H is None or r["H"] == H)
@@ -330,7 +331,8 @@ def plot_ratio(doc: dict, path: Path) -> None:
     ratios = [
         s
         for s in doc["ratios"]
-        if (B is None or s["B"] == B) and (N is None or s["N"] == N) and (H is None or s["H"] == H)
+        if not s.get("window")
+        and (B is None or s["B"] == B) and (N is None or s["N"] == N) and (H is None or s["H"] == H)
     ]
     fig, axes, modes = _panels(plt, doc)
     families = sorted({s["family"] for s in ratios})

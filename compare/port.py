@@ -11,8 +11,9 @@ This is what a porting user calls::
     assert record.ok
 
 It accepts ``torch.nn.MultiheadAttention``, ``torch_attn.MultiheadAttention`` and
-``torch_attn.CausalSelfAttention``. The module's weights and configuration are read (``from_torch`` /
-``load_torch_state_dict``), the same inputs go through the torch module, through the ported
+``torch_attn.CausalSelfAttention``, and transformers' attention modules of the families in ``attn_spec.hf``
+(``compare.port_hf`` says what is compared for those). The module's weights and configuration are read
+(``from_torch`` / ``load_torch_state_dict``), the same inputs go through the torch module, through the ported
 ``jax_attn`` module under ``jax.jit`` and through the float64 oracle, and the output, the attention
 weights and the gradients (w.r.t. inputs and every parameter, of ``sum(out * dout)`` for a random
 ``dout``) are compared with the project's tolerance policy. Dropout is off (the module is compared in
@@ -21,54 +22,13 @@ eval mode and its mode restored afterwards).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from compare import agree, registry
 from compare.kinds.base import NP_DTYPES, Vector
 from compare.kinds.causal import CausalCase
 from compare.kinds.mha import PARAM_PREFIX, MhaCase
-from compare.tolerance import Agreement
-
-
-@dataclass
-class PortRecord:
-    """The agreement record of one port: every comparison, and whether all agree."""
-
-    module: str
-    kind: str
-    dtype: str
-    config: dict
-    round_trip_bit_exact: bool
-    agreements: dict[str, list[Agreement]] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.round_trip_bit_exact and all(a.ok for rows in self.agreements.values() for a in rows)
-
-    def as_dict(self) -> dict:
-        return {
-            "module": self.module,
-            "kind": self.kind,
-            "dtype": self.dtype,
-            "config": self.config,
-            "round_trip_bit_exact": self.round_trip_bit_exact,
-            "ok": self.ok,
-            "agreements": {pair: [a.as_dict() for a in rows] for pair, rows in self.agreements.items()},
-        }
-
-    def table(self):
-        from rich.table import Table
-
-        t = Table(title=f"port check: {self.module} ({self.dtype}) → jax_attn")
-        for col in ("pair", "quantity", "max abs", "tol", "ok"):
-            t.add_column(col)
-        for pair, rows in self.agreements.items():
-            for a in rows:
-                t.add_row(pair, a.quantity, f"{a.max_abs:.2e}", f"{a.tol:.1e}", "ok" if a.ok else "FAIL")
-        t.caption = f"weights round trip torch → jax → torch bit-exact: {self.round_trip_bit_exact}"
-        return t
+from compare.port_record import PortRecord
 
 
 def _numpy(x) -> np.ndarray | None:
@@ -171,6 +131,7 @@ def check_port(
     is_causal: bool = False,
     seed: int = 0,
     print_table: bool = True,
+    **hf_options,
 ) -> PortRecord:
     """Port ``module`` to ``jax_attn`` and compare torch, JAX and the float64 oracle on the same inputs.
 
@@ -180,7 +141,10 @@ def check_port(
       inputs: ``query, key, value`` for MHA (in the module's layout), ``x (B, T, E)`` for causal; torch
         tensors or NumPy arrays. Omitted: random inputs of a small size (seeded by ``seed``).
       attn_mask, key_padding_mask, need_weights, average_attn_weights, is_causal: MHA forward arguments,
-        with torch's semantics (bool True = masked out, float additive).
+        with torch's semantics (bool True = masked out, float additive). For a transformers module,
+        ``key_padding_mask`` is the ``(B, T)`` 1/0 padding mask (1 = token).
+      hf_options: for a transformers attention module (``LlamaAttention``, ``GPT2Attention``, ...):
+        ``post_norm_outside``, ``decode``, ``jax_port`` of :func:`compare.port_hf.check_hf_port`.
 
     Returns:
       A :class:`PortRecord`; ``record.ok`` is True when everything agrees within the tolerance policy and
@@ -194,6 +158,17 @@ def check_port(
     from compare import env
 
     env.pin_precision()
+    if type(module).__module__.startswith("transformers."):  # a Hugging Face attention layer
+        from compare.port_hf import check_hf_port
+
+        if attn_mask is not None or len(inputs) > 1:
+            raise ValueError(
+                "check_port: a transformers attention takes x (B, T, E) and key_padding_mask= as its (B, T) "
+                "1/0 padding mask (1 = token)"
+            )
+        return check_hf_port(
+            module, *inputs, attention_mask=key_padding_mask, seed=seed, print_table=print_table, **hf_options
+        )
     if isinstance(module, (torch.nn.MultiheadAttention, torch_attn.MultiheadAttention)):
         if len(inputs) not in (0, 3):
             raise ValueError(

@@ -1,6 +1,7 @@
 """JAX/Flax attention with PyTorch's semantics. Twin of ``torch_attn``; imports no torch."""
 
 from jax_attn.causal import CausalSelfAttention, KVCache
+from jax_attn.flex import BlockMask, create_block_mask, flex_attention
 from jax_attn.functional import (
     masked_softmax,
     scaled_dot_product_attention,
@@ -18,10 +19,13 @@ from jax_attn.masks import (
 from jax_attn.mha import MultiheadAttention, multi_head_attention_forward
 
 __all__ = [
+    "BlockMask",
     "CausalSelfAttention",
     "KVCache",
     "additive_to_keep",
     "causal_mask",
+    "create_block_mask",
+    "flex_attention",
     "keep_to_additive",
     "keep_to_masked",
     "masked_softmax",

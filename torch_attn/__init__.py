@@ -1,6 +1,7 @@
 """PyTorch attention, the readable twin of ``jax_attn``; imports no jax."""
 
 from torch_attn.causal import CausalSelfAttention, KVCache
+from torch_attn.flex import BlockMask, create_block_mask, flex_attention
 from torch_attn.functional import (
     masked_softmax,
     scaled_dot_product_attention,
@@ -18,10 +19,13 @@ from torch_attn.masks import (
 from torch_attn.mha import MultiheadAttention, multi_head_attention_forward
 
 __all__ = [
+    "BlockMask",
     "CausalSelfAttention",
     "KVCache",
     "additive_to_keep",
     "causal_mask",
+    "create_block_mask",
+    "flex_attention",
     "keep_to_additive",
     "keep_to_masked",
     "masked_softmax",

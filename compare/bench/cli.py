@@ -40,7 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="the quick preset (< 3 min on a 2-core CPU)")
     p.add_argument(
-        "--preset", choices=sorted(PRESETS), help="quick (default), full, gpu, smoke (harness check)"
+        "--preset",
+        choices=sorted(PRESETS),
+        help="quick (default), full, gpu, perf, flex (FlexAttention rows), smoke (harness check)",
     )
     p.add_argument("--out", type=Path, help="output folder (default reports/<timestamp>/)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -80,7 +82,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _row_line(r: dict) -> str:
     what = escape(r["impl"]) if r.get("family") == "ceiling" else f"{escape(r['impl'])}  {r['mode']} "
     if r.get("family") != "ceiling":
-        what += f"{'causal' if r['causal'] else 'full'} B{r['B']} N{r['N']} T{r['T']} H{r['H']} {r['dtype']}"
+        mask = f"window {r['window']}" if r.get("window") else "causal" if r["causal"] else "full"
+        what += f"{mask} B{r['B']} N{r['N']} T{r['T']} H{r['H']} {r['dtype']}"
     if r["status"] == "ok":
         return (
             f"[green]ok[/green]    {what}: {r['median_s'] * 1e3:.3f} ms (IQR {r['iqr_s'] * 1e3:.3f}, "

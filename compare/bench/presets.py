@@ -23,6 +23,7 @@ class Case:
     causal: bool
     dtype: str  # "float32" | "bfloat16" | "float16"
     mode: str  # FORWARD | FORWARD_BACKWARD
+    window: int | None = None  # causal sliding window of this many keys (flex preset); None: none
 
     @property
     def S(self) -> int:
@@ -34,10 +35,10 @@ class Case:
 
     def key(self) -> tuple:
         """Identity of the case in reports (ratios pair rows with equal keys)."""
-        return (self.mode, self.causal, self.dtype, self.B, self.N, self.T, self.H)
+        return (self.mode, self.causal, self.dtype, self.B, self.N, self.T, self.H, self.window or 0)
 
     def label(self) -> str:
-        c = "causal" if self.causal else "full"
+        c = f"window {self.window}" if self.window else "causal" if self.causal else "full"
         return f"{self.mode} {c} B{self.B} N{self.N} T{self.T} H{self.H} {self.dtype}"
 
     def as_dict(self) -> dict:
@@ -66,6 +67,10 @@ class Preset:
     #: seconds for the whole sweep (start-up included), shared between the workers by job count; jobs
     #: that would start after a worker's share are recorded as skipped. None: no limit.
     wall_budget_s: float | None = None
+    #: only implementations of these families run (None: all)
+    families: frozenset | None = None
+    #: ``module:ATTR`` tables of implementations the preset needs on top of ``impls.IMPLS``
+    extra_impls: tuple[str, ...] = ()
 
     def limit_for(self, impl_name: str, family: str) -> int | None:
         return self.max_T.get(impl_name, self.max_T.get(family))
@@ -187,6 +192,39 @@ def perf(device: str) -> Preset:
     )
 
 
-PRESETS = {"perf": perf, "quick": quick, "full": full, "gpu": gpu, "smoke": smoke}
+def flex(device: str) -> Preset:
+    """FlexAttention (``compare.bench.impls_flex``): causal and sliding window 512, T 1024 → 16384
+    (window also 32768 for the peak-RSS target), B1, 8 heads of 64, fp32, forward and forward+backward."""
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    Ts = [1024, 2048, 4096, 8192, 16384]
+    cases = [
+        Case(B=1, N=8, T=T, H=64, causal=True, dtype=dtype, mode=m, window=w)
+        for m in MODES
+        for w in (None, 512)
+        for T in (Ts + [32768] if w else Ts)
+    ]
+    return Preset(
+        name="flex",
+        device=device,
+        cases=tuple(cases),
+        gemm_n=2048,
+        timing=TimingSettings(
+            warmup_runs=1, warmup_s=0.0, min_runs=5, min_time_s=0.0, budget_s=2.0, floor_runs=2
+        ),
+        # torch's eager flex materialises the (B, N, T, S) scores; the dense-mask SDPA rows compute all of T×S
+        max_T={
+            "flex": 16384,
+            "jax_attn.flex[jit]": 32768,
+            "torch.flex[eager]": 8192,
+            "torch.F.sdpa+mask": 8192,
+            "jax_attn.blocked.sdpa+mask[jit]": 8192,
+        },
+        plot_config=(1, 8, 64),
+        families=frozenset({"flex"}),
+        extra_impls=("compare.bench.impls_flex:FLEX_IMPLS",),
+    )
+
+
+PRESETS = {"perf": perf, "flex": flex, "quick": quick, "full": full, "gpu": gpu, "smoke": smoke}
 
 __all__ = ["Case", "FORWARD", "FORWARD_BACKWARD", "PRESETS", "Preset", "full", "gpu", "quick", "smoke"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from compare.bench.flops import MODES
 
-CASE_FIELDS = ("mode", "causal", "dtype", "B", "N", "T", "H")
+CASE_FIELDS = ("mode", "causal", "dtype", "B", "N", "T", "H", "window")
 
 
 def case_key(r: dict) -> tuple:
@@ -59,6 +59,7 @@ def speedups(records: list[dict]) -> list[dict]:
             s["family"],
             order.get(s["mode"], 9),
             s["causal"],
+            s.get("window") or 0,
             s["dtype"],
             s["B"],
             s["N"],
@@ -70,6 +71,10 @@ def speedups(records: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ tables
+
+
+def _mask_label(r: dict) -> str:
+    return f"window {r['window']}" if r.get("window") else "causal" if r["causal"] else "full"
 
 
 def _fmt(x, spec: str = ".3g") -> str:
@@ -108,6 +113,7 @@ def measurement_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         key=lambda r: (
             order.get(r["mode"], 9),
             r["causal"],
+            r.get("window") or 0,
             *(str(r.get(f)) for f in extra),
             r["T"],
             r["impl"],
@@ -120,7 +126,7 @@ def measurement_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 "GEMM ceiling" if is_ceiling else r["mode"],
-                "" if is_ceiling else ("causal" if r["causal"] else "full"),
+                "" if is_ceiling else _mask_label(r),
                 *(str(r.get(f)) for f in extra),
                 f"n={r.get('gemm_n')}" if is_ceiling else str(r["T"]),
                 r["impl"],
@@ -158,7 +164,7 @@ def speedup_rows(ratios: list[dict]) -> tuple[list[str], list[list[str]]]:
         [
             s["family"],
             s["mode"],
-            "causal" if s["causal"] else "full",
+            _mask_label(s),
             *(str(s.get(f)) for f in extra),
             str(s["T"]),
             _fmt(s["jax_ms"], ".3f"),

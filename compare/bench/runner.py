@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from compare.bench import worker
@@ -71,7 +71,9 @@ def plan_jobs(preset: Preset, impls: list[Impl]) -> dict[str, list[dict]]:
     jobs: dict[str, list[dict]] = {}
     rank = {impl.name: i for i, impl in enumerate(impls)}
     for impl in impls:
-        if impl.name in preset.exclude:
+        if impl.name in preset.exclude or (
+            preset.families is not None and impl.family not in preset.families
+        ):
             continue
         for case in preset.cases:
             limit = preset.limit_for(impl.name, impl.family)
@@ -278,6 +280,8 @@ def run_bench(
         raise ValueError(f"BenchConfig.rounds must be >= 1, got {config.rounds}")
     t0 = time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    if preset.extra_impls:  # the tables the preset needs (e.g. the flex implementations)
+        config = replace(config, extra_impls=tuple(dict.fromkeys(config.extra_impls + preset.extra_impls)))
     impls, not_run = selected_impls(config, _table(config))
     jobs = plan_jobs(preset, impls)
     total = sum(len(v) + len({j["case"]["dtype"] for j in v}) for v in jobs.values())

@@ -1,0 +1,379 @@
+"""Modern decoder attention: one frozen configuration and its checks, written once for both twins
+(``jax_attn.attention`` / ``torch_attn.attention``).
+
+Dimension key (see ``attn_spec``): B batch, T tokens in this call, S keys attended, E model width
+(``hidden_size``), N query heads, K key/value heads, G = N // K, H head width (``head_dim``, may differ from
+E // N), R rotary width, C cache slots (``max_length``, or the window for a sliding-window layer).
+
+One :class:`AttentionConfig` describes the attention layer of each decoder family (transformers' names in
+brackets):
+
+=============  ===============================================================================================
+Llama 3.x      ``rope=RopeConfig(rope_type="llama3", rope_theta=5e5, ...)``, ``num_kv_heads < num_heads``
+Mistral        ``sliding_window=4096``
+Qwen2/2.5      ``q_bias=k_bias=v_bias=True`` (o without)
+Qwen3          ``qk_norm="head"`` (``q_norm``/``k_norm`` of size H) and ``qk_norm_eps`` [rms_norm_eps]
+Gemma 2        ``softcap=50.0`` [attn_logit_softcapping], ``query_pre_attn_scalar``, ``head_dim``,
+               ``sliding_window`` on local layers
+Gemma 3        local/global layers: two configs (``rope_theta`` 1e4 with a window, 1e6 without);
+               ``qk_norm="head"`` with ``qk_norm_offset=1.0`` (Gemma's RMSNorm scales by ``1 + weight``)
+Phi-3          ``rope=RopeConfig(rope_type="longrope", ...)``, ``partial_rotary_factor``
+OLMo 2         ``qk_norm="full"`` (``q_norm`` of size N·H, ``k_norm`` of size K·H, before the head split)
+GPT-NeoX       ``partial_rotary_factor=0.25`` [rotary_pct], all four biases
+gpt-oss        ``rope_type="yarn"``, ``sinks=True``, ``sliding_window`` on alternate layers, biases
+=============  ===============================================================================================
+
+Conventions (both twins, the oracle and the vectors):
+
+- **sliding window** ``w``: a query sees itself and the ``w - 1`` keys before it (transformers' count;
+  FlashAttention's ``window_size=(w - 1, 0)``); bidirectional layers see ``|q - k| < w``.
+- **soft-cap** ``c``: logits become ``c · tanh(logits / c)`` after scaling and before the mask.
+- **sinks**: one learned logit per query head joins each row's softmax denominator and carries no value
+  (the row's weights sum to less than one).
+- **fully masked rows** (a left-pad query sees no valid key) give zeros, never NaN.
+- masking follows the *sequence index* of each token (its slot in the padded batch, like transformers'
+  ``cache_position``); ``position_ids`` only feed the rotary embedding.
+- ``attention_mask (B, T)``: the 1/0 padding mask of this call's tokens (1 = a real token); with a cache,
+  earlier tokens' validity is remembered in the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from attn_spec.checks import FLOAT_DTYPES, INT_DTYPES, fmt_shape
+from attn_spec.rope import RopeConfig, check_head_dim
+
+NAME = "Attention"
+IMPLEMENTATIONS = ("math", "fused", "blocked")
+QK_NORMS = ("none", "head", "full")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# implementation=None (auto): the math path up to this many logits per head (T·S), blocked above.
+AUTO_MATH_MAX_LOGITS = 2048 * 2048
+BLOCKED_AVAILABLE = True  # the FlexAttention engine of ``jax_attn.flex`` / ``torch_attn.flex``
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One decoder attention layer (validated on construction: bad values raise ``ValueError``).
+
+    Attributes:
+      hidden_size: E, the model width (input and output).
+      num_heads: N, query heads.
+      num_kv_heads: K, key/value heads dividing N (None: K = N; 1: multi-query).
+      head_dim: H (None: E // N, which must then divide).
+      q_bias, k_bias, v_bias, o_bias: a bias on each projection.
+      rope: rotary settings (:class:`attn_spec.rope.RopeConfig`) or None for no positions.
+      qk_norm: ``"none"``, ``"head"`` (RMSNorm over each head's H channels, weight (H,)) or ``"full"``
+        (RMSNorm over the projected N·H / K·H width, before the head split).
+      qk_norm_eps: the RMSNorm epsilon.
+      qk_norm_offset: the norm scales by ``offset + weight`` (0: Llama-style ``weight``; 1: Gemma's
+        ``1 + weight``, whose weights start at zero).
+      scale: the logit scale (None: ``query_pre_attn_scalar ** -0.5`` if given, else ``head_dim ** -0.5``).
+      query_pre_attn_scalar: Gemma 2/3's scale denominator; exclusive with ``scale``.
+      softcap: logit soft-cap c > 0, or None.
+      sliding_window: w >= 1 (a query sees itself and w - 1 keys before it), or None.
+      sinks: one learned sink logit per query head (``sinks (N,)``).
+      causal: causal (decoder) or bidirectional.
+      dropout: attention-weight dropout probability, training mode only.
+    """
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    q_bias: bool = False
+    k_bias: bool = False
+    v_bias: bool = False
+    o_bias: bool = False
+    rope: RopeConfig | None = RopeConfig()
+    qk_norm: str = "none"
+    qk_norm_eps: float = 1e-6
+    qk_norm_offset: float = 0.0
+    scale: float | None = None
+    query_pre_attn_scalar: float | None = None
+    softcap: float | None = None
+    sliding_window: int | None = None
+    sinks: bool = False
+    causal: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        check_config(self)
+
+    @property
+    def E(self) -> int:
+        return self.hidden_size
+
+    @property
+    def N(self) -> int:
+        return self.num_heads
+
+    @property
+    def K(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def G(self) -> int:
+        return self.N // self.K
+
+    @property
+    def H(self) -> int:
+        return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def R(self) -> int:
+        """Rotary width (0 without rope)."""
+        return 0 if self.rope is None else self.rope.rotary_dim(self.H)
+
+    @property
+    def logit_scale(self) -> float:
+        if self.scale is not None:
+            return float(self.scale)
+        if self.query_pre_attn_scalar is not None:
+            return float(self.query_pre_attn_scalar) ** -0.5
+        return self.H**-0.5
+
+
+def check_config(c: AttentionConfig, name: str = NAME) -> None:
+    for arg in ("hidden_size", "num_heads"):
+        val = getattr(c, arg)
+        if not _is_int(val) or val < 1:
+            raise ValueError(f"{name}: {arg} must be a positive int; got {arg}={val!r}")
+    if c.num_kv_heads is not None and (not _is_int(c.num_kv_heads) or c.num_kv_heads < 1):
+        raise ValueError(
+            f"{name}: num_kv_heads must be a positive int or None; got num_kv_heads={c.num_kv_heads!r}"
+        )
+    if c.num_heads % c.K:
+        raise ValueError(
+            f"{name}: num_kv_heads must divide num_heads (grouped-query attention); got "
+            f"num_heads={c.num_heads}, num_kv_heads={c.K}"
+        )
+    if c.head_dim is None:
+        if c.hidden_size % c.num_heads:
+            raise ValueError(
+                f"{name}: hidden_size must be divisible by num_heads when head_dim is None; got hidden_size="
+                f"{c.hidden_size}, num_heads={c.num_heads} (or give head_dim)"
+            )
+    elif not _is_int(c.head_dim) or c.head_dim < 1:
+        raise ValueError(f"{name}: head_dim must be a positive int or None; got head_dim={c.head_dim!r}")
+    for arg in ("q_bias", "k_bias", "v_bias", "o_bias", "sinks", "causal"):
+        if not isinstance(getattr(c, arg), bool):
+            raise ValueError(f"{name}: {arg} must be a bool; got {arg}={getattr(c, arg)!r}")
+    if c.rope is not None:
+        if not isinstance(c.rope, RopeConfig):
+            raise ValueError(f"{name}: rope must be a RopeConfig or None; got rope={c.rope!r}")
+        check_head_dim(c.rope, c.H, name)
+    if c.qk_norm not in QK_NORMS:
+        raise ValueError(f"{name}: qk_norm must be one of {QK_NORMS}; got qk_norm={c.qk_norm!r}")
+    if not _is_number(c.qk_norm_eps) or c.qk_norm_eps <= 0:
+        raise ValueError(f"{name}: qk_norm_eps must be a number > 0; got qk_norm_eps={c.qk_norm_eps!r}")
+    if not _is_number(c.qk_norm_offset):
+        raise ValueError(f"{name}: qk_norm_offset must be a number; got qk_norm_offset={c.qk_norm_offset!r}")
+    if c.scale is not None and c.query_pre_attn_scalar is not None:
+        raise ValueError(
+            f"{name}: give scale or query_pre_attn_scalar, not both; got scale={c.scale}, "
+            f"query_pre_attn_scalar={c.query_pre_attn_scalar}"
+        )
+    for arg in ("scale", "query_pre_attn_scalar"):
+        val = getattr(c, arg)
+        if val is not None and (not _is_number(val) or val <= 0):
+            raise ValueError(f"{name}: {arg} must be a number > 0 or None; got {arg}={val!r}")
+    if c.softcap is not None and (not _is_number(c.softcap) or c.softcap <= 0):
+        raise ValueError(f"{name}: softcap must be a number > 0 or None; got softcap={c.softcap!r}")
+    if c.sliding_window is not None and (not _is_int(c.sliding_window) or c.sliding_window < 1):
+        raise ValueError(
+            f"{name}: sliding_window must be an int >= 1 or None (a query sees itself and window - 1 earlier "
+            f"keys); got sliding_window={c.sliding_window!r}"
+        )
+    d = c.dropout
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+        raise ValueError(f"{name}: dropout must be a number in [0, 1); got dropout={d!r}")
+
+
+def check_implementation(implementation, config: AttentionConfig, name: str = NAME) -> str | None:
+    """Validate the constructor's ``implementation`` (None = auto, see :func:`select_implementation`)."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"{name}: implementation must be None (auto) or one of {IMPLEMENTATIONS}; got "
+            f"implementation={implementation!r}"
+        )
+    if implementation == "fused":
+        unsupported = [
+            knob
+            for knob, on in (
+                ("softcap", config.softcap is not None),
+                ("sinks", config.sinks),
+                ("dropout", config.dropout > 0),
+            )
+            if on
+        ]
+        if unsupported:
+            raise ValueError(
+                f"{name}: implementation='fused' (torch F.scaled_dot_product_attention / "
+                f"jax.nn.dot_product_attention) does not support {unsupported}; use implementation='math'"
+            )
+    if implementation == "blocked":
+        check_blocked(config, name)
+    return implementation
+
+
+def check_blocked(config: AttentionConfig, name: str = NAME) -> None:
+    if not BLOCKED_AVAILABLE:
+        raise ValueError(
+            f"{name}: implementation='blocked' is not available yet (it needs the FlexAttention engine, "
+            "not merged); use implementation='math' or 'fused'"
+        )
+    if config.dropout > 0:
+        raise ValueError(
+            f"{name}: implementation='blocked' does not support dropout; use implementation='math'"
+        )
+
+
+def select_implementation(implementation: str | None, config: AttentionConfig, T: int, S: int) -> str:
+    """The path a call takes: the constructor's choice, or for None the math path up to
+    :data:`AUTO_MATH_MAX_LOGITS` logits per head and the blocked path above (math while blocked is not
+    available, or with dropout)."""
+    if implementation is not None:
+        return implementation
+    if T * S > AUTO_MATH_MAX_LOGITS and BLOCKED_AVAILABLE and config.dropout == 0:
+        return "blocked"
+    return "math"
+
+
+def check_input(x: tuple[tuple[int, ...], str], config: AttentionConfig, name: str = NAME) -> tuple[int, int]:
+    """Validate ``x (B, T, E)``; returns ``(B, T)``."""
+    shape, dtype = tuple(x[0]), x[1]
+    if len(shape) != 3:
+        raise ValueError(f"{name}: x must be (B, T, E) with batch first; got x.shape={fmt_shape(shape)}")
+    if shape[2] != config.E:
+        raise ValueError(
+            f"{name}: x's last axis must be hidden_size={config.E}; got x.shape={fmt_shape(shape)}"
+        )
+    if shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"{name}: x has an empty batch or length axis; got x.shape={fmt_shape(shape)}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: x must be floating ({', '.join(FLOAT_DTYPES)}); got x.dtype={dtype}")
+    return shape[0], shape[1]
+
+
+def check_attention_mask(shape: tuple[int, ...], dtype: str, B: int, T: int, name: str = NAME) -> None:
+    """The ``(B, T)`` 1/0 padding mask of this call's tokens (bool or integer; 1/True = a real token)."""
+    if tuple(shape) != (B, T):
+        raise ValueError(
+            f"{name}: attention_mask must be the (B, T) = ({B}, {T}) padding mask of this call's tokens "
+            f"(1 = token, 0 = padding); got attention_mask.shape={fmt_shape(shape)}"
+        )
+    if dtype != "bool" and dtype not in INT_DTYPES:
+        raise ValueError(
+            f"{name}: attention_mask must be bool or integer 1/0; got attention_mask.dtype={dtype}"
+        )
+
+
+def check_position_ids(shape: tuple[int, ...], dtype: str, B: int, T: int, name: str = NAME) -> None:
+    if tuple(shape) != (B, T):
+        raise ValueError(
+            f"{name}: position_ids must be (B, T) = ({B}, {T}); got position_ids.shape={fmt_shape(shape)}"
+        )
+    if dtype not in INT_DTYPES:
+        raise ValueError(f"{name}: position_ids must be integers; got position_ids.dtype={dtype}")
+
+
+def check_dropout_mask(given: bool, training: bool, config: AttentionConfig, name: str = NAME) -> None:
+    if given and not (training and config.dropout > 0.0):
+        raise ValueError(
+            f"{name}: dropout_mask was given, but attention dropout is off (dropout={config.dropout}, "
+            f"training={training}); it applies only with dropout > 0 in training mode"
+        )
+
+
+def cache_slots(config: AttentionConfig, max_length: int) -> int:
+    """C, the cache's slots: ``max_length``, or for a sliding-window layer at most ``window`` (a ring)."""
+    w = config.sliding_window
+    return max_length if w is None else min(w, max_length)
+
+
+def check_init_cache(batch_size, max_length, config: AttentionConfig, name: str = NAME) -> None:
+    for arg, val in (("batch_size", batch_size), ("max_length", max_length)):
+        if not _is_int(val) or val < 1:
+            raise ValueError(f"{name}.init_cache: {arg} must be a positive int; got {arg}={val!r}")
+    if not config.causal:
+        raise ValueError(f"{name}.init_cache: a KV cache needs a causal layer; this one has causal=False")
+
+
+def check_cache(
+    k: tuple[int, ...],
+    v: tuple[int, ...],
+    index: int | None,
+    max_length: int,
+    B: int,
+    T: int,
+    config: AttentionConfig,
+    name: str = NAME,
+) -> None:
+    """Validate a cache ``k, v (B, K, C, H)`` against a chunk of ``T`` tokens for batch ``B``; ``index``
+    None when it is traced (JAX under jit), when overflow cannot raise."""
+    k, v = tuple(k), tuple(v)
+    C = cache_slots(config, max_length)
+    want = f"(B, K, C, H) = ({B}, {config.K}, {C}, {config.H})"
+    if k != v or k != (B, config.K, C, config.H):
+        raise ValueError(
+            f"{name}: cache.k and cache.v must both be {want}; got cache.k.shape={fmt_shape(k)}, "
+            f"cache.v.shape={fmt_shape(v)}"
+        )
+    if index is not None and (index < 0 or index + T > max_length):
+        raise ValueError(
+            f"{name}: KV cache overflow: {index} cached + {T} new tokens > max_length={max_length}; "
+            "allocate a longer cache with init_cache(batch_size, max_length)"
+        )
+
+
+def state_dict_shapes(config: AttentionConfig) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the state dict, torch ``nn.Linear`` layout (out, in), transformers' names."""
+    c = config
+    E, N, K, H = c.E, c.N, c.K, c.H
+    shapes: dict[str, tuple[int, ...]] = {}
+    for proj, out, inp, bias in (
+        ("q_proj", N * H, E, c.q_bias),
+        ("k_proj", K * H, E, c.k_bias),
+        ("v_proj", K * H, E, c.v_bias),
+        ("o_proj", E, N * H, c.o_bias),
+    ):
+        shapes[f"{proj}.weight"] = (out, inp)
+        if bias:
+            shapes[f"{proj}.bias"] = (out,)
+    if c.qk_norm == "head":
+        shapes["q_norm.weight"], shapes["k_norm.weight"] = (H,), (H,)
+    elif c.qk_norm == "full":
+        shapes["q_norm.weight"], shapes["k_norm.weight"] = (N * H,), (K * H,)
+    if c.sinks:
+        shapes["sinks"] = (N,)
+    return shapes
+
+
+def check_state_dict(
+    shapes: dict[str, tuple[int, ...]], config: AttentionConfig, name: str = NAME
+) -> list[str]:
+    want = state_dict_shapes(config)
+    missing = [k for k in want if k not in shapes]
+    unexpected = [k for k in shapes if k not in want]
+    if missing or unexpected:
+        raise ValueError(
+            f"{name}: state dict does not match the config: missing keys {missing}, unexpected keys "
+            f"{unexpected}; expected {list(want)}"
+        )
+    for key, shape in want.items():
+        if tuple(shapes[key]) != shape:
+            raise ValueError(
+                f"{name}: state dict key {key!r} has shape {fmt_shape(shapes[key])}; needs {fmt_shape(shape)}"
+            )
+    return list(want)

@@ -1,0 +1,184 @@
+"""FlexAttention checks and block-table rules, written once for both twins.
+
+``flex_attention`` takes ``query (B, N, T, H)``, ``key (B, K, S, H)``, ``value (B, K, S, V)`` (torch's
+``(B, Hq, L, E)``, ``(B, Hkv, S, E)``, ``(B, Hkv, S, Ev)``), an optional ``score_mod(score, b, h, q_idx,
+kv_idx)`` and an optional ``BlockMask``. A BlockMask cuts the ``(T, S)`` plane into blocks of
+``BLOCK_SIZE = (bq, bkv)`` and lists, per ``(b, h, query block)``, the key blocks that are *partial* (the
+``mask_mod`` is evaluated there) and *full* (every entry kept, the mask_mod is skipped). A block that runs
+past ``T`` or ``S`` is never full. Both twins raise the same ``ValueError`` text from here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from attn_spec.checks import FLOAT_DTYPES, fmt_shape
+
+#: torch's default block size.
+DEFAULT_BLOCK_SIZE = 128
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def check_mod(fn, kind: str) -> None:
+    """A ``score_mod`` must take 5 positional arguments ``(score, b, h, q_idx, kv_idx)``, a ``mask_mod`` 4
+    ``(b, h, q_idx, kv_idx)``: counted as torch does, the parameters without a default."""
+    wanted = {"score_mod": 5, "mask_mod": 4}[kind]
+    if not callable(fn):
+        raise ValueError(f"{kind} must be callable, got {type(fn).__name__}")
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: trust the caller
+        return
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return
+    n = sum(
+        1 for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )
+    if n != wanted:
+        args = "(score, b, h, q_idx, kv_idx)" if kind == "score_mod" else "(b, h, q_idx, kv_idx)"
+        raise ValueError(f"{kind} must take {wanted} arguments {args}; got one taking {n}")
+
+
+def block_size_pair(BLOCK_SIZE) -> tuple[int, int]:
+    """``BLOCK_SIZE`` (an int or a ``(q, kv)`` pair of positive ints) as ``(bq, bkv)``."""
+    pair = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+    if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in pair):
+        raise ValueError(f"BLOCK_SIZE must be a positive int or a (q, kv) pair of them, got {BLOCK_SIZE!r}")
+    return pair
+
+
+def check_block_mask_args(B, H, Q_LEN, KV_LEN, BLOCK_SIZE) -> tuple[int, int, int, int, int, int]:
+    """``create_block_mask``'s sizes: returns ``(B, H, bq, bkv, n_q_blocks, n_kv_blocks)``, B and H
+    None → 1 (broadcast over batch / heads)."""
+    B = 1 if B is None else B
+    H = 1 if H is None else H
+    for name, val in (("B", B), ("H", H), ("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(
+                f"create_block_mask: {name} must be a positive int (or None for B, H), got {val!r}"
+            )
+    bq, bkv = block_size_pair(BLOCK_SIZE)
+    return B, H, bq, bkv, cdiv(Q_LEN, bq), cdiv(KV_LEN, bkv)
+
+
+@dataclass(frozen=True)
+class FlexShapes:
+    """What the checks derived: B batch, N query heads, K key/value heads, G = N / K, T query length,
+    S key length, H q/k head width, V value width."""
+
+    B: int
+    N: int
+    K: int
+    T: int
+    S: int
+    H: int
+    V: int
+
+    @property
+    def G(self) -> int:
+        return self.N // self.K
+
+
+def check_flex(
+    *,
+    query: tuple[tuple[int, ...], str],
+    key: tuple[tuple[int, ...], str],
+    value: tuple[tuple[int, ...], str],
+    enable_gqa: bool,
+    scale,
+    block_mask: tuple[tuple[int, int, int, int], tuple[int, int]] | None,
+) -> FlexShapes:
+    """``flex_attention``'s inputs; ``block_mask`` as ``((B, H, T, S) of its shape, BLOCK_SIZE)``."""
+    (qs, q_dt), (ks, k_dt), (vs, v_dt) = query, key, value
+    name = "flex_attention"
+    if not (len(qs) == len(ks) == len(vs) == 4):
+        raise ValueError(
+            f"{name}: query, key and value must be 4-D (B, H, L, E); got query {fmt_shape(qs)}, "
+            f"key {fmt_shape(ks)}, value {fmt_shape(vs)}"
+        )
+    for arg, dt in (("query", q_dt), ("key", k_dt), ("value", v_dt)):
+        if dt not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{name}: {arg} must be floating ({', '.join(FLOAT_DTYPES)}); got {arg}.dtype={dt}"
+            )
+    if not q_dt == k_dt == v_dt:
+        raise ValueError(f"{name}: query, key and value must share one dtype; got {q_dt}, {k_dt}, {v_dt}")
+    B, N, T, H = qs
+    if ks[0] != B or vs[0] != B:
+        raise ValueError(
+            f"{name}: query, key and value must share the batch size; got query {fmt_shape(qs)}, "
+            f"key {fmt_shape(ks)}, value {fmt_shape(vs)}"
+        )
+    if ks[1] != vs[1] or ks[2] != vs[2]:
+        raise ValueError(
+            f"{name}: key and value must share heads and length; got key {fmt_shape(ks)}, "
+            f"value {fmt_shape(vs)}"
+        )
+    if ks[3] != H:
+        raise ValueError(
+            f"{name}: query and key must share the head width; got query {fmt_shape(qs)}, key {fmt_shape(ks)}"
+        )
+    K, S, V = ks[1], ks[2], vs[3]
+    if min(qs + ks + vs) < 1:
+        raise ValueError(
+            f"{name}: empty input; got query {fmt_shape(qs)}, key {fmt_shape(ks)}, value {fmt_shape(vs)}"
+        )
+    if not enable_gqa and N != K:
+        raise ValueError(
+            f"{name}: query and key/value must have the same number of heads, got Hq={N} and Hkv={K}; "
+            "pass enable_gqa=True for grouped-query attention"
+        )
+    if N % K:
+        raise ValueError(
+            f"{name}: query heads must be a multiple of key/value heads for GQA, got Hq={N} and Hkv={K}"
+        )
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"{name}: scale must be a Python number or None, got {type(scale).__name__}")
+    if block_mask is not None:
+        (mB, mH, mT, mS), _ = block_mask
+        if (mT, mS) != (T, S):
+            raise ValueError(
+                f"{name}: block_mask was created for Q_LEN={mT}, KV_LEN={mS} but got q_len={T} and "
+                f"kv_len={S}; create a block mask for these lengths"
+            )
+        if mB not in (1, B):
+            raise ValueError(
+                f"{name}: block_mask was created for batch {mB} but the query has batch {B} "
+                "(use B=None to broadcast)"
+            )
+        if mH not in (1, N):
+            raise ValueError(
+                f"{name}: block_mask was created for {mH} heads but the query has {N} heads "
+                "(use H=None to broadcast)"
+            )
+    return FlexShapes(B=B, N=N, K=K, T=T, S=S, H=H, V=V)
+
+
+def block_string(dense, grid_size=(20, 20), limit: int = 4) -> str:
+    """``BlockMask.to_string``: one picture per ``(b, h)`` of the block-level mask ``dense`` (nested lists
+    ``[B][H][n_q][n_kv]`` of 0/1), ``█`` all kept, ``░`` some, blank none, each cell of the picture
+    summarising ``ceil(n / grid)`` blocks (torch's drawing)."""
+    if isinstance(grid_size, int):
+        grid_size = (grid_size, grid_size) if grid_size != -1 else (10**9, 10**9)
+    pictures = []
+    for b, per_b in enumerate(dense):
+        for h, rows in enumerate(per_b):
+            if len(pictures) == limit:
+                pictures.append("...")
+                return "\n".join(pictures)
+            n_r, n_c = len(rows), len(rows[0]) if rows else 0
+            rs, cs = max(1, cdiv(n_r, grid_size[0])), max(1, cdiv(n_c, grid_size[1]))
+            lines = [f"({b}, {h})"]
+            for r in range(0, n_r, rs):
+                line = ""
+                for c in range(0, n_c, cs):
+                    cell = [x for row in rows[r : r + rs] for x in row[c : c + cs]]
+                    frac = sum(cell) / len(cell)
+                    line += 2 * ("█" if frac == 1 else " " if frac == 0 else "░")
+                lines.append(line)
+            pictures.append("\n".join(lines) + "\n")
+    return "\n".join(pictures)

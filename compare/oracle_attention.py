@@ -1,0 +1,234 @@
+"""The float64 NumPy oracle of the modern decoder ``Attention`` (``jax_attn.attention`` /
+``torch_attn.attention``): forward and a hand-written backward, rotary embeddings included, independent of
+torch and jax. Given ``dtype=`` a low-precision type, every intermediate is rounded to it, which makes the
+same code the *naive same-dtype baseline* of the tolerance policy (see ``compare.oracle``).
+
+Dimension key (see ``attn_spec``): B batch, T tokens, S keys (= T, a full pass), E model width, N query
+heads, K key/value heads, G = N // K, H head width, R rotary width.
+
+Parameters are keyed like the twins' state dicts (transformers' names, torch's (out, in) layout):
+``q_proj.weight (N·H, E)`` …, ``o_proj.weight (E, N·H)``, ``<proj>.bias``, ``q_norm.weight``,
+``k_norm.weight``, ``sinks (N,)``. The config is ``attn_spec.attention.AttentionConfig``; the rotary table
+is ``attn_spec.rope.inv_freq(..., dtype=np.float64)`` (the frequency formulas in float64).
+
+Every step, forward (backward in reverse):
+
+1. ``q0 = x Wqᵀ + bq`` (and k0, v0); 2. ``qk_norm="full"``: RMSNorm over the projected width;
+3. split heads; 4. ``qk_norm="head"``: RMSNorm per head; 5. rotary on the first R channels;
+6. ``z = scale · q·k`` (key/value head ``n // G`` for query head n); 7. soft-cap ``c·tanh(z/c)``;
+8. masked softmax whose denominator also holds ``exp(sink_n)``; fully masked rows give zeros;
+9. dropout (injected keep-mask); 10. ``o = p v``, merge heads, ``y = o Woᵀ + bo``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attn_spec.attention import AttentionConfig
+from attn_spec.rope import inv_freq
+from compare.oracle import _rounder
+
+
+def keep_mask(config: AttentionConfig, valid_BT: np.ndarray) -> np.ndarray:
+    """bool ``(B, T, T)``: causal, inside the window (a query sees itself and ``w - 1`` keys before it;
+    ``|t - s| < w`` bidirectional), and a real key token."""
+    T = valid_BT.shape[1]
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    keep = np.ones((T, T), bool)
+    if config.causal:
+        keep &= s <= t
+    if config.sliding_window is not None:
+        keep &= (t - s if config.causal else np.abs(t - s)) < config.sliding_window
+    return keep[None] & valid_BT[:, None, :].astype(bool)
+
+
+def rope_tables(config: AttentionConfig, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 cos, sin ``(B, T, R)`` in the config's layout, times the attention factor."""
+    rope = config.rope
+    seq_len = int(np.max(position_ids)) + 1
+    inv, factor = inv_freq(rope, config.H, seq_len=seq_len, dtype=np.float64)
+    freqs = position_ids.astype(np.float64)[..., None] * inv
+    emb = np.concatenate([freqs, freqs], -1) if rope.layout == "half" else np.repeat(freqs, 2, -1)
+    return np.cos(emb) * factor, np.sin(emb) * factor
+
+
+def _rotate(x: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "half":
+        x1, x2 = np.split(x, 2, axis=-1)
+        return np.concatenate([-x2, x1], -1)
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = -x[..., 1::2], x[..., 0::2]
+    return out
+
+
+def _rope(x_BnTH, cos, sin, layout, r):
+    R = cos.shape[-1]
+    rot = r(r(x_BnTH[..., :R] * cos[:, None]) + r(_rotate(x_BnTH[..., :R], layout) * sin[:, None]))
+    return np.concatenate([rot, x_BnTH[..., R:]], -1)
+
+
+def _rope_backward(g_BnTH, cos, sin, layout, r):
+    # The rotation's transpose: rotate() is a 90° turn of each pair, so rotateᵀ = -rotate.
+    R = cos.shape[-1]
+    g = g_BnTH[..., :R]
+    back = r(r(g * cos[:, None]) - r(_rotate(r(g * sin[:, None]), layout)))
+    return np.concatenate([back, g_BnTH[..., R:]], -1)
+
+
+def _rms(x, w, config, r):
+    inv = r(1.0 / np.sqrt(r(np.mean(r(x * x), -1, keepdims=True) + config.qk_norm_eps)))
+    u = r(x * inv)
+    return r(u * (config.qk_norm_offset + w)), u, inv
+
+
+def _rms_backward(dy, u, inv, w, config, r):
+    du = r(dy * (config.qk_norm_offset + w))
+    dx = r(inv * r(du - r(u * np.mean(r(du * u), -1, keepdims=True))))
+    dw = r(dy * u).reshape(-1, w.shape[0]).sum(0)
+    terms = np.abs(dy * u).reshape(-1, w.shape[0]).sum(0)  # the sizes the tolerance policy scales by
+    return dx, r(dw), terms
+
+
+def _linear(x, params, proj, r):
+    y = r(x @ params[f"{proj}.weight"].T)
+    return r(y + params[f"{proj}.bias"]) if f"{proj}.bias" in params else y
+
+
+def attention_forward(
+    x, params, config: AttentionConfig, attention_mask=None, position_ids=None, dropout_mask=None, dtype=None
+) -> dict:
+    """Output of the layer over the whole sequence ``x (B, T, E)``.
+
+    Args:
+      params: ``{name: float64 array}`` as above. attention_mask: ``(B, T)`` 1/0 (None: all real).
+      position_ids: ``(B, T)`` (None: ``0..T-1``). dropout_mask: bool ``(B, N, T, T)`` keep-mask.
+
+    Returns:
+      dict with ``out (B, T, E)`` and the intermediates the backward pass reuses.
+    """
+    c, r = config, _rounder(dtype)
+    x = r(x)
+    params = {k: r(v) for k, v in params.items()}
+    B, T, _ = x.shape
+    N, K, G, H = c.N, c.K, c.G, c.H
+    valid = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    pos = np.broadcast_to(np.arange(T), (B, T)) if position_ids is None else np.asarray(position_ids)
+    f = {"x": x, "params": params}
+    q0, k0, v0 = (_linear(x, params, p, r) for p in ("q_proj", "k_proj", "v_proj"))
+    if c.qk_norm == "full":
+        q0, f["uq"], f["iq"] = _rms(q0, params["q_norm.weight"], c, r)
+        k0, f["uk"], f["ik"] = _rms(k0, params["k_norm.weight"], c, r)
+    q = q0.reshape(B, T, N, H).transpose(0, 2, 1, 3)
+    k = k0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
+    v = v0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
+    if c.qk_norm == "head":
+        q, f["uq"], f["iq"] = _rms(q, params["q_norm.weight"], c, r)
+        k, f["uk"], f["ik"] = _rms(k, params["k_norm.weight"], c, r)
+    if c.rope is not None:
+        cos, sin = (r(a) for a in rope_tables(c, pos))
+        f["cos"], f["sin"] = cos, sin
+        q, k = _rope(q, cos, sin, c.rope.layout, r), _rope(k, cos, sin, c.rope.layout, r)
+    kr, vr = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)  # kv head n // G serves query head n
+    z = r(r(np.einsum("bnth,bnsh->bnts", q, kr)) * c.logit_scale)
+    if c.softcap is not None:
+        th = r(np.tanh(r(z / c.softcap)))
+        f["tanh"] = th
+        z = r(c.softcap * th)
+    keep = keep_mask(c, valid)[:, None]
+    zm = np.where(keep, z, -np.inf)
+    m = np.max(zm, -1, keepdims=True)
+    if c.sinks:
+        sink = params["sinks"].reshape(1, N, 1, 1)
+        m = np.maximum(m, sink)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.where(keep, r(np.exp(r(zm - m))), 0.0)
+    denom = r(e.sum(-1, keepdims=True))
+    if c.sinks:
+        e_sink = r(np.exp(r(sink - m)))
+        denom = r(denom + e_sink)
+        f["p_sink"] = r(e_sink / np.where(denom > 0, denom, 1.0))
+    p = r(e / np.where(denom > 0, denom, 1.0))
+    pd = p
+    if dropout_mask is not None:
+        pd = r(np.where(dropout_mask, p / (1.0 - c.dropout), 0.0))
+    o = r(np.einsum("bnts,bnsh->bnth", pd, vr))
+    o2 = o.transpose(0, 2, 1, 3).reshape(B, T, N * H)
+    out = _linear(o2, params, "o_proj", r)
+    f.update(q=q, k=k, v=v, kr=kr, vr=vr, p=p, pd=pd, o=o2, out=out, keep=keep, dropout_mask=dropout_mask)
+    return f
+
+
+def attention_backward(
+    x,
+    params,
+    dy,
+    config: AttentionConfig,
+    attention_mask=None,
+    position_ids=None,
+    dropout_mask=None,
+    dtype=None,
+) -> dict:
+    """Gradients of ``sum(out * dy)`` w.r.t. ``x`` and every parameter (their names), plus, for the
+    tolerance policy's term sizes, the gradients at the projections' outputs ``dq0, dk0, dv0 (B, T, ·)``,
+    ``o`` and ``terms_<name>`` (sums of |terms|) for the norm weights and sinks."""
+    c, r = config, _rounder(dtype)
+    f = attention_forward(x, params, c, attention_mask, position_ids, dropout_mask, dtype)
+    x, params, dy = f["x"], f["params"], r(dy)
+    B, T, E = x.shape
+    N, K, G, H = c.N, c.K, c.G, c.H
+    g = {}
+    dy2 = dy.reshape(-1, E)
+    g["o_proj.weight"] = r(dy2.T @ f["o"].reshape(-1, N * H))
+    if "o_proj.bias" in params:
+        g["o_proj.bias"] = r(dy2.sum(0))
+    do = r(dy @ params["o_proj.weight"]).reshape(B, T, N, H).transpose(0, 2, 1, 3)
+    dpd = r(np.einsum("bnth,bnsh->bnts", do, f["vr"]))
+    dvr = r(np.einsum("bnts,bnth->bnsh", f["pd"], do))
+    dp = dpd
+    if f["dropout_mask"] is not None:
+        dp = r(np.where(f["dropout_mask"], dpd / (1.0 - c.dropout), 0.0))
+    p = f["p"]
+    row = r((p * dp).sum(-1, keepdims=True))
+    dz = np.where(f["keep"], r(p * r(dp - row)), 0.0)
+    if c.sinks:  # d p_s / d sink = -p_s · p_sink: the sink only takes weight away from the keys
+        g["sinks"] = r(-(f["p_sink"] * row).sum(axis=(0, 2, 3)))
+        g["terms_sinks"] = np.abs(f["p_sink"] * p * dp).sum(axis=(0, 2, 3))
+    if c.softcap is not None:
+        dz = r(dz * r(1.0 - r(f["tanh"] * f["tanh"])))
+    dz = r(dz * c.logit_scale)
+    dq = r(np.einsum("bnts,bnsh->bnth", dz, f["kr"]))
+    dkr = r(np.einsum("bnts,bnth->bnsh", dz, f["q"]))
+    dk = r(dkr.reshape(B, K, G, T, H).sum(2))
+    dv = r(dvr.reshape(B, K, G, T, H).sum(2))
+    if c.rope is not None:
+        dq = _rope_backward(dq, f["cos"], f["sin"], c.rope.layout, r)
+        dk = _rope_backward(dk, f["cos"], f["sin"], c.rope.layout, r)
+    if c.qk_norm == "head":
+        dq, g["q_norm.weight"], g["terms_q_norm.weight"] = _rms_backward(
+            dq, f["uq"], f["iq"], params["q_norm.weight"], c, r
+        )
+        dk, g["k_norm.weight"], g["terms_k_norm.weight"] = _rms_backward(
+            dk, f["uk"], f["ik"], params["k_norm.weight"], c, r
+        )
+    dq0 = dq.transpose(0, 2, 1, 3).reshape(B, T, N * H)
+    dk0 = dk.transpose(0, 2, 1, 3).reshape(B, T, K * H)
+    dv0 = dv.transpose(0, 2, 1, 3).reshape(B, T, K * H)
+    if c.qk_norm == "full":
+        dq0, g["q_norm.weight"], g["terms_q_norm.weight"] = _rms_backward(
+            dq0, f["uq"], f["iq"], params["q_norm.weight"], c, r
+        )
+        dk0, g["k_norm.weight"], g["terms_k_norm.weight"] = _rms_backward(
+            dk0, f["uk"], f["ik"], params["k_norm.weight"], c, r
+        )
+    x2 = x.reshape(-1, E)
+    dx = None
+    for proj, d in (("q_proj", dq0), ("k_proj", dk0), ("v_proj", dv0)):
+        d2 = d.reshape(-1, d.shape[-1])
+        g[f"{proj}.weight"] = r(d2.T @ x2)
+        if f"{proj}.bias" in params:
+            g[f"{proj}.bias"] = r(d2.sum(0))
+        term = r(d @ params[f"{proj}.weight"])
+        dx = term if dx is None else r(dx + term)
+    g["x"] = dx
+    g.update(dq0=dq0, dk0=dk0, dv0=dv0, o=f["o"], out=f["out"])
+    return g

@@ -1,0 +1,95 @@
+"""``python -m compare port DIR [--layer N] [--dtype ...] [--out FOLDER]``: port one attention layer of a
+local Hugging Face checkpoint and record its agreement (``compare.port_hf.check_hf_port``).
+
+The JAX side is ``jax_attn.hf.load_layer(DIR, N)`` (NumPy reads of config.json and the safetensors, no torch)
+when ``--dtype`` is the checkpoint's, else ``jax_attn.hf.from_hf`` of the cast module; transformers' side is
+the layer of ``AutoModel.from_pretrained(DIR)``. Prints the table, writes ``port.json`` and ``port.md``.
+Exit status as ``agree``: 0 all agree, 1 a disagreement, 2 bad arguments (no checkpoint, unsupported knob).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "port", help="port one attention layer of a local Hugging Face checkpoint and check it"
+    )
+    p.add_argument("dir", help="checkpoint folder (config.json + safetensors, e.g. from save_pretrained)")
+    p.add_argument("--layer", type=int, default=0, help="layer index (default 0)")
+    p.add_argument("--dtype", choices=DTYPES, help="cast the layer to this dtype (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--out", help="folder for port.json and port.md (default reports/<timestamp>/)")
+    p.set_defaults(func=cmd_port)
+
+
+def load_hf_layer(checkpoint_dir, layer: int, dtype: str | None = None):
+    """``(attention module, model)`` of layer ``layer`` of ``AutoModel.from_pretrained(checkpoint_dir)``."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(str(checkpoint_dir), attn_implementation="eager")
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    from compare.port_hf import attention_of
+
+    return attention_of(model.eval(), layer), model
+
+
+def markdown(record) -> str:
+    lines = [
+        f"# port check: {record.module} ({record.dtype})",
+        "",
+        f"family `{record.kind.removeprefix('hf:')}`; weights round trip bit-exact: "
+        f"{record.round_trip_bit_exact}; **{'all agree' if record.ok else 'DISAGREEMENT'}**",
+        "",
+        "| pair | quantity | max abs | tol | ok |",
+        "|---|---|---|---|---|",
+    ]
+    for pair, rows in record.agreements.items():
+        lines += [
+            f"| {pair} | {a.quantity} | {a.max_abs:.2e} | {a.tol:.1e} | {'ok' if a.ok else 'FAIL'} |"
+            for a in rows
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_port(args) -> int:
+    from rich.console import Console
+
+    from attn_spec import hf as spec
+    from compare import report
+    from compare.port_hf import check_hf_port
+
+    console = Console()
+    folder = Path(args.dir)
+    try:
+        if not (folder / "config.json").exists():
+            raise ValueError(f"no config.json in {folder}")
+        import jax_attn.hf as jhf
+
+        _, c, _, ck_dtype = spec.read_layer(folder, args.layer)
+        module, _ = load_hf_layer(folder, args.layer, args.dtype)
+        family = spec.family_of(
+            spec.text_config(module.config if hasattr(module, "config") else module.self.config)
+        )
+        same = args.dtype in (None, ck_dtype)
+        jax_port = jhf.load_layer(folder, args.layer, implementation="math") if same else None
+        record = check_hf_port(
+            module, seed=args.seed, post_norm_outside=family == "bert", jax_port=jax_port, print_table=True
+        )
+    except (ValueError, OSError) as err:
+        console.print(f"[red]port: {err}[/red]")
+        return 2
+    out = Path(args.out) if args.out else report.new_report_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"checkpoint": str(folder), "layer": args.layer, "jax_port": "load_layer" if same else "from_hf"}
+    data.update(record.as_dict())
+    report.write_atomic(out / "port.json", json.dumps(data, indent=1, default=str))
+    report.write_atomic(out / "port.md", markdown(record))
+    console.print(f"wrote {out / 'port.json'} and {out / 'port.md'}")
+    return 0 if record.ok else 1

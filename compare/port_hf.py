@@ -1,0 +1,659 @@
+"""Port check for Hugging Face attention modules (``compare.port.check_port`` dispatches here).
+
+For a transformers attention module the record holds:
+
+- **forward and gradients**: transformers' own module (eager attention; its family's rotary-embedding class
+  for ``position_embeddings``; an explicit additive 4-D mask from transformers' mask functions: causal or
+  sliding-window from the *module's own* window, and the padding mask), the JAX port under ``jax.jit``
+  (``jax_attn.hf.from_hf``) and the torch twin (``torch_attn.hf.from_hf``), each judged against a float64
+  reference with the tolerance policy (``compare.tolerance``): the output and the gradients of
+  ``sum(y · dy)`` w.r.t. the hidden states and every parameter (transformers' fused gradients are split into
+  ours with the same data movement as the weights).
+- **the reference**: the float64 NumPy oracle (``compare.oracle_attention``, rotary in float64) on the ported
+  config (weights and inputs widened exactly).
+  transformers' module is judged against it too, so a port that maps a knob wrongly (a window off by one, a
+  flipped rotary layout) fails in the ``transformers vs reference`` row even though both twins agree with it.
+- **bf16 / fp16**: the policy's naive same-dtype baseline (the oracle with every intermediate rounded to the
+  dtype): each implementation, transformers included, may be at most 2× as far from the float64 reference
+  as the naive one, plus one ulp.
+- **a left-padded batch**: row 1 starts with pads, positions skip them (``cumsum(mask) - 1``). A pad query
+  sees no real key: transformers then averages over the masked keys (an arbitrary row), ours gives zeros.
+  Pad query rows are therefore *excluded* from every comparison with transformers (their ``dy`` is zero, so
+  the gradients are comparable everywhere) and compared as our convention gives them against the reference.
+- **decode** (decoders): one token at a time from the first, through transformers'
+  ``DynamicCache`` and through our ``KVCache`` (jitted step in JAX), with the same left padding; the decoded
+  outputs are compared with each other and with the reference decoding the same way (which equals its full
+  pass, except for length-dependent rope tables, dynamic and longrope: cached keys keep the rotation of the
+  call that wrote them, in transformers as in ours).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+
+import numpy as np
+
+from attn_spec import hf as spec
+from attn_spec.rope import SEQ_DEPENDENT
+from compare.port_record import PortRecord
+from compare.tolerance import Agreement, compare_arrays, tolerance
+
+B, T = 2, 7
+PAD = 2  # left pads of batch row 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny random modules of each family (tests, the docs table).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tiny_config(family: str, **overrides):
+    """A transformers config of ``family`` with two layers of width 32 (vocab 64) and the attention knobs of
+    its family switched on (windows shorter than the test sequence, soft-cap, scaled rope)."""
+    import transformers as tf
+
+    common = dict(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, vocab_size=64
+    )
+    dec = dict(common, num_key_value_heads=2, max_position_embeddings=64)
+    llama3 = {
+        "rope_type": "llama3",
+        "rope_theta": 5e5,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 4,
+    }
+    make = {
+        "llama": lambda: tf.LlamaConfig(**dec, rope_parameters=llama3),
+        "mistral": lambda: tf.MistralConfig(**dec, sliding_window=3),
+        "qwen2": lambda: tf.Qwen2Config(
+            **dec, use_sliding_window=True, sliding_window=3, max_window_layers=1
+        ),
+        "qwen3": lambda: tf.Qwen3Config(**dec, head_dim=8, rms_norm_eps=1e-5),
+        "gemma2": lambda: tf.Gemma2Config(
+            **dec, head_dim=16, query_pre_attn_scalar=12, attn_logit_softcapping=2.0, sliding_window=3
+        ),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(
+            **dec,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "phi3": lambda: tf.Phi3Config(
+            **{**dec, "max_position_embeddings": 16},
+            pad_token_id=0,
+            eos_token_id=1,
+            original_max_position_embeddings=4,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "short_factor": [1.0, 1.1, 1.3, 1.7],
+                "long_factor": [1.5, 2.0, 3.0, 4.0],
+                "original_max_position_embeddings": 4,
+            },
+        ),
+        "olmo2": lambda: tf.Olmo2Config(**{**dec, "num_key_value_heads": 4}),
+        "gpt_oss": lambda: tf.GptOssConfig(
+            **dec,
+            head_dim=8,
+            sliding_window=3,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 15e4,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+            },
+        ),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(
+            **common,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25},
+        ),
+        "gpt2": lambda: tf.GPT2Config(
+            n_embd=32, n_head=4, n_layer=2, vocab_size=64, scale_attn_by_inverse_layer_idx=True
+        ),
+        "bert": lambda: tf.BertConfig(**common),
+        "vit": lambda: tf.ViTConfig(
+            **{k: v for k, v in common.items() if k != "vocab_size"}, image_size=8, patch_size=4
+        ),
+    }
+    if family not in make:
+        raise ValueError(f"tiny_config: unknown family {family!r}; known: {sorted(make)}")
+    cfg = make[family]()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def attention_of(model, layer: int):
+    """The attention module of layer ``layer`` of a transformers model (base or with a head)."""
+    base = getattr(model, "base_model", model)
+    for path in ("layers", "h", "encoder.layer"):
+        obj = base
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        block = obj[layer]
+        for name in ("self_attn", "attention", "attn"):
+            if hasattr(block, name):
+                return getattr(block, name)
+    raise ValueError(f"attention_of: no attention layer {layer} in {type(model).__name__}")
+
+
+def randomize_(module, seed: int = 0):
+    """Weights of order one (transformers' 0.02 init makes attention almost uniform, a weak test): projections
+    ``N(0, 1/sqrt(in))``·1.5, biases and sinks ``N(0, 0.5)``, norm weights ``1 + N(0, 0.3)`` (Gemma: ``N(0,
+    0.3)``, its norm scales by 1 + w)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("norm.weight") or "LayerNorm" in name:
+                gemma = type(module).__name__.startswith("Gemma")
+                val = r * 0.3 + (0.0 if gemma else 1.0)
+            elif p.ndim == 2:
+                fan_in = p.shape[0] if type(module).__name__.startswith("GPT2") else p.shape[1]
+                val = r * 1.5 / fan_in**0.5
+            else:
+                val = r * 0.5
+            p.copy_(val.to(p.dtype))
+    return module
+
+
+def tiny_module(family: str, layer: int = 0, dtype: str = "float32", seed: int = 0, **overrides):
+    """Layer ``layer``'s attention of a tiny random ``family`` model (eval mode, ``dtype``)."""
+    import torch
+    import transformers as tf
+
+    cfg = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model_cls = {"gemma3_text": tf.Gemma3ForCausalLM, "bert": tf.BertModel, "vit": tf.ViTModel}.get(family)
+    model = model_cls(cfg) if model_cls else tf.AutoModelForCausalLM.from_config(cfg)
+    model = model.to(getattr(torch, dtype)).eval()
+    return randomize_(attention_of(model, layer), seed), model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running transformers' module.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _rotary(module, family: str):
+    """The family's rotary-embedding module for this layer, and the layer type it takes (Gemma 3)."""
+    if family in ("gpt2", "bert", "vit"):
+        return None, None
+    mod = sys.modules[type(module).__module__]
+    name = type(module).__name__.removesuffix("Attention") + "RotaryEmbedding"
+    rotary = getattr(mod, name)(module.config)
+    layer_type = getattr(module, "layer_type", None) if family == "gemma3_text" else None
+    return rotary, layer_type
+
+
+def _window(module, family: str):
+    """The module's own window (what transformers' model builds the mask from), not our mapping."""
+    if family in ("mistral", "phi3"):
+        return getattr(module.config, "sliding_window", None)
+    return getattr(module, "sliding_window", None)
+
+
+def _keep(module, family: str, mask: np.ndarray, q_idx: np.ndarray, S: int):
+    """bool ``(B, len(q_idx), S)`` from transformers' mask functions."""
+    import torch
+    from transformers import masking_utils as mu
+
+    pad = mu.padding_mask_function(torch.from_numpy(mask[:, :S].astype(bool)))
+    causal = _causal(module, family)
+    if causal:
+        w = _window(module, family)
+        base = mu.causal_mask_function if w is None else mu.sliding_window_causal_mask_function(w)
+        fn = mu.and_masks(base, pad)
+    else:
+        fn = pad
+    b, q, kv = np.meshgrid(np.arange(mask.shape[0]), q_idx, np.arange(S), indexing="ij")
+    return fn(torch.from_numpy(b), 0, torch.from_numpy(q), torch.from_numpy(kv))
+
+
+def _causal(module, family: str) -> bool:
+    if family == "bert":
+        return bool(getattr(module.self, "is_causal", False))
+    return family != "vit"
+
+
+def _hf_call(module, family, x, mask, pos, q_idx, S, cache=None):
+    """transformers' module on ``x (B, t, E)`` (queries at sequence indices ``q_idx``, ``S`` keys)."""
+    import torch
+
+    keep = _keep(module, family, mask, q_idx, S)
+    additive = torch.where(keep, 0.0, torch.finfo(x.dtype).min)[:, None].to(x.dtype)
+    kwargs = {"attention_mask": additive}
+    rotary, layer_type = _rotary(module, family)
+    if rotary is not None:
+        pos_t = torch.from_numpy(pos)
+        kwargs["position_embeddings"] = rotary(x, pos_t, layer_type) if layer_type else rotary(x, pos_t)
+    if cache is not None:
+        kwargs["layer_past" if family == "gpt_neox" else "cache"] = cache
+    if family == "bert":
+        y = module.self(x, **kwargs)[0]
+        return module.output.dense(y)
+    return module(x, **kwargs)[0]
+
+
+def _eager(module):
+    """Run with the eager attention (the readable reference); returns a restore callable."""
+    cfg = module.self.config if hasattr(module, "self") else module.config
+    old = getattr(cfg, "_attn_implementation", None)
+    cfg._attn_implementation = "eager"
+    return lambda: setattr(cfg, "_attn_implementation", old)
+
+
+def run_transformers(module, family, c, x, mask, pos, dy, decode: bool) -> dict[str, np.ndarray]:
+    import torch
+
+    restore = _eager(module)
+    was_training = module.training
+    module.eval()
+    try:
+        dt = next(module.parameters()).dtype
+        xt = torch.tensor(x, dtype=dt, requires_grad=True)
+        params = dict(module.named_parameters())
+        for p in params.values():
+            p.grad = None
+        y = _hf_call(module, family, xt, mask, pos, np.arange(x.shape[1]), x.shape[1])
+        y.backward(torch.tensor(dy, dtype=dt))
+        res = {"out": _f64(y), "grad_x": _f64(xt.grad)}
+        hf_grads = {k: _bits(p.grad) for k, p in params.items() if p.grad is not None}
+        if family == "bert":
+            hf_grads = {k: v for k, v in hf_grads.items() if k not in spec.BERT_IGNORED}
+        for k, g in spec.from_hf(hf_grads, family, c).items():
+            res[f"grad_{k}"] = _unbits(g, dt)
+        for p in params.values():
+            p.grad = None
+        if decode:
+            from transformers import DynamicCache
+
+            cache, ys = DynamicCache(), []
+            with torch.no_grad():
+                xt = torch.tensor(x, dtype=dt)
+                for start, stop in _chunks(x.shape[1]):
+                    ys.append(
+                        _hf_call(
+                            module,
+                            family,
+                            xt[:, start:stop].contiguous(),
+                            mask,
+                            pos[:, start:stop],
+                            np.arange(start, stop),
+                            stop,
+                            cache,
+                        )
+                    )
+            res["decode_out"] = _f64(torch.cat(ys, dim=1))
+    finally:
+        restore()
+        module.train(was_training)
+    return res
+
+
+def _chunks(T_: int) -> list[tuple[int, int]]:
+    return [(t, t + 1) for t in range(T_)]  # token by token from the first (one JAX compile)
+
+
+def _f64(t) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def _bits(t) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _unbits(a: np.ndarray, dt) -> np.ndarray:
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return (t.view(torch.bfloat16) if dt == torch.bfloat16 else t).double().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running the twins.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_torch_twin(attn, x, mask, pos, dy, decode: bool, dtype=None) -> dict[str, np.ndarray]:
+    import torch
+
+    dt = dtype or next(attn.parameters()).dtype
+    attn = attn.to(dt).eval()
+    xt = torch.tensor(x, dtype=dt, requires_grad=True)
+    m, p = torch.from_numpy(mask), torch.from_numpy(pos)
+    y = attn(xt, m, p)
+    y.backward(torch.tensor(dy, dtype=dt))
+    res = {"out": _f64(y), "grad_x": _f64(xt.grad)}
+    for k, prm in attn.named_parameters():
+        res[f"grad_{k}"] = _f64(prm.grad)
+        prm.grad = None
+    if decode:
+        cache, ys = attn.init_cache(x.shape[0], x.shape[1]), []
+        with torch.no_grad():
+            xt = torch.tensor(x, dtype=dt)
+            for start, stop in _chunks(x.shape[1]):
+                y, cache = attn(xt[:, start:stop], m[:, start:stop], p[:, start:stop], cache=cache)
+                ys.append(y)
+        res["decode_out"] = _f64(torch.cat(ys, dim=1))
+    return res
+
+
+def run_jax_port(attn, x, mask, pos, dy, decode: bool) -> dict[str, np.ndarray]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    attn.deterministic = True
+    graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
+    dt = params["q_proj"]["weight"][...].dtype
+
+    def forward(params, x):
+        return nnx.merge(graphdef, params, rest)(x, mask, pos)
+
+    @jax.jit
+    def forward_backward(params, x, dy):
+        out, vjp = jax.vjp(forward, params, x)
+        return out, *vjp(dy)
+
+    out, dparams, dx = forward_backward(params, jnp.asarray(x, dt), jnp.asarray(dy, dt))
+    res = {"out": np.asarray(out, np.float64), "grad_x": np.asarray(dx, np.float64)}
+    for path, value in nnx.to_flat_state(dparams):
+        res["grad_" + ".".join(str(q) for q in path)] = np.asarray(value[...], np.float64)
+    if decode:
+
+        @jax.jit
+        def step(params, x, m, p, cache):
+            return nnx.merge(graphdef, params, rest)(x, m, p, cache=cache)
+
+        cache, ys = attn.init_cache(x.shape[0], x.shape[1]), []
+        for start, stop in _chunks(x.shape[1]):
+            sl = slice(start, stop)
+            y, cache = step(
+                params, jnp.asarray(x[:, sl], dt), jnp.asarray(mask[:, sl]), jnp.asarray(pos[:, sl]), cache
+            )
+            ys.append(np.asarray(y, np.float64))
+        res["decode_out"] = np.concatenate(ys, axis=1)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The record.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _judge(name, got, ref, dtype, baseline, rows) -> Agreement:
+    """``got`` vs ``ref`` (float64) on the selected query rows (``rows`` bool (B, T) for row quantities)."""
+    if rows is not None:
+        got, ref = got[rows], ref[rows]
+        baseline = None if baseline is None else baseline[rows]
+    tol = tolerance(dtype, ref, baseline) if dtype in ("bfloat16", "float16") else None
+    return compare_arrays(name, got, ref, dtype, tol=tol)
+
+
+def _reference(ours_t, c, x, mask, pos, dy, decode: bool, dtype: str):
+    """The float64 oracle (``compare.oracle_attention``) on the ported config and weights (widened exactly):
+    ``(reference, naive same-dtype baseline)``; the baseline is empty for fp32. Decoding is expected to give
+    the full pass, except for rope tables that depend on the call's length (dynamic, longrope), where cached
+    keys keep the rotation of the call that wrote them: there the reference is the torch twin decoding in
+    float64 the same way."""
+    import torch
+
+    from attn_spec.rope import SEQ_DEPENDENT
+    from compare import oracle_attention
+
+    params = {k: v.double().numpy() for k, v in ours_t.torch_state_dict().items()}
+    passes = [("ref", None)] + ([("naive", dtype)] if dtype in ("bfloat16", "float16") else [])
+    out = {}
+    for name, rounding in passes:
+        bwd = oracle_attention.attention_backward(
+            x, params, dy, c, attention_mask=mask, position_ids=pos, dtype=rounding
+        )
+        res = {"out": np.asarray(bwd["out"], np.float64), "grad_x": np.asarray(bwd["x"], np.float64)}
+        res.update({f"grad_{k}": np.asarray(bwd[k], np.float64) for k in params})
+        if decode:
+            res["decode_out"] = res["out"]
+        out[name] = res
+    if decode and c.rope is not None and c.rope.rope_type in SEQ_DEPENDENT:
+        ref_twin = type(ours_t)(c, implementation="math", dtype=torch.float64)
+        ref_twin.load_torch_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
+        dec = run_torch_twin(ref_twin, x, mask, pos, dy, True, dtype=torch.float64)["decode_out"]
+        for res in out.values():
+            res["decode_out"] = dec
+    return out["ref"], out.get("naive", {})
+
+
+def _dtype_name(module) -> str:
+    return str(next(module.parameters()).dtype).removeprefix("torch.")
+
+
+def check_hf_port(
+    module,
+    x=None,
+    attention_mask=None,
+    *,
+    seed: int = 0,
+    post_norm_outside: bool = False,
+    decode: bool | None = None,
+    print_table: bool = True,
+    jax_port=None,
+) -> PortRecord:
+    """Port a transformers attention module to both twins and judge everything against the float64 reference
+    (see the module docstring). ``x (B, T, E)`` and ``attention_mask (B, T)`` default to a random left-padded
+    batch; ``decode`` defaults to True for causal layers. ``jax_port`` replaces
+    ``jax_attn.hf.from_hf(module)`` (to check a port made some other way, e.g. by ``load_layer``)."""
+    import torch
+
+    import jax_attn.hf as jhf
+    import torch_attn.hf as thf
+    from compare import env
+
+    env.pin_precision()
+    family, c = spec.describe_module(module, post_norm_outside)
+    dtype = _dtype_name(module)
+    rng = np.random.default_rng(seed)
+    if x is None:
+        x = rng.standard_normal((B, T, c.E))
+    x = np.asarray(x.detach().cpu().double() if hasattr(x, "detach") else x, np.float64)
+    if attention_mask is None:
+        attention_mask = np.ones(x.shape[:2], np.int64)
+        if x.shape[0] > 1:
+            attention_mask[1, : min(PAD, x.shape[1] - 1)] = 0
+    mask = np.asarray(attention_mask.cpu() if hasattr(attention_mask, "cpu") else attention_mask).astype(
+        np.int64
+    )
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+    real = mask.astype(bool)
+    dy = rng.standard_normal(x.shape) * real[..., None]  # pad rows carry no gradient
+    decode = c.causal if decode is None else decode
+    # Inputs rounded to the module's dtype once, so that every side sees the same numbers.
+    tdt = getattr(torch, dtype)
+    x = torch.tensor(x).to(tdt).double().numpy()
+    dy = torch.tensor(dy).to(tdt).double().numpy()
+
+    ours_t = thf.from_hf(module, post_norm_outside=post_norm_outside, implementation="math")
+    ours_j = (
+        jax_port
+        if jax_port is not None
+        else jhf.from_hf(module, post_norm_outside=post_norm_outside, implementation="math")
+    )
+    results = {
+        "transformers": run_transformers(module, family, c, x, mask, pos, dy, decode),
+        "jax_attn": run_jax_port(ours_j, x, mask, pos, dy, decode),
+        "torch_attn": run_torch_twin(ours_t, x, mask, pos, dy, decode),
+    }
+    ref, naive = _reference(ours_t, c, x, mask, pos, dy, decode, dtype)
+    if naive and decode and c.rope is not None and c.rope.rope_type in SEQ_DEPENDENT:
+        # The oracle has no cache: for a length-dependent rope decoded in low precision, transformers' own
+        # cached decode is the same-dtype baseline.
+        naive["decode_out"] = results["transformers"]["decode_out"]
+
+    sd = module.state_dict()
+    back = thf.to_hf_state_dict(ours_t, family)
+    back_j = jhf.to_hf_state_dict(ours_j, family) if jax_port is None else back
+    round_trip = all(
+        torch.equal(back[k], sd[k])
+        and np.array_equal(np.asarray(back_j[k], np.float64), sd[k].double().numpy())
+        for k in back
+    ) and set(back) == {k for k in sd if not (family == "bert" and k in spec.BERT_IGNORED)}
+
+    low = dtype in ("bfloat16", "float16")
+    hf = results["transformers"]
+    record = PortRecord(
+        module=type(module).__module__ + "." + type(module).__name__,
+        kind=f"hf:{family}",
+        dtype=dtype,
+        config=_config_dict(c),
+        round_trip_bit_exact=bool(round_trip),
+    )
+    quantities = [q for q in ref if ref[q] is not None]
+    for impl in ("transformers", "jax_attn", "torch_attn"):
+        # Pad query rows: excluded against transformers (and wherever it is the bf16 baseline).
+        only_real = impl == "transformers" or low
+        record.agreements[f"{impl} vs reference"] = [
+            _judge(
+                q,
+                results[impl][q],
+                ref[q],
+                dtype,
+                naive.get(q) if low else None,
+                real if (only_real and q in ("out", "decode_out")) else None,
+            )
+            for q in quantities
+            if q in results[impl]
+        ]
+    for impl in ("jax_attn", "torch_attn"):
+        record.agreements[f"{impl} vs transformers"] = [
+            _judge(
+                q,
+                results[impl][q],
+                hf[q],
+                dtype,
+                None,
+                real if q in ("out", "decode_out") else None,
+            )
+            if not low
+            else _between_low(
+                q,
+                results[impl][q],
+                hf[q],
+                ref[q],
+                naive[q],
+                dtype,
+                real if q in ("out", "decode_out") else None,
+            )
+            for q in quantities
+            if q in results[impl] and q in hf
+        ]
+    if print_table:
+        from rich.console import Console
+
+        Console().print(record.table())
+    return record
+
+
+def _between_low(q, got, hf, ref, naive, dtype, rows) -> Agreement:
+    """bf16/fp16 port vs transformers: the policy's tolerance against the reference plus transformers' own
+    distance from it (the triangle inequality: both may sit on either side of the reference)."""
+    if rows is not None:
+        got, hf, ref, naive = got[rows], hf[rows], ref[rows], naive[rows]
+    tol = tolerance(dtype, ref, naive) + float(np.max(np.abs(hf - ref), initial=0.0))
+    return compare_arrays(q, got, hf, dtype, tol=tol)
+
+
+def _config_dict(c) -> dict:
+    d = asdict(c)
+    if d.get("rope"):
+        d["rope"] = {k: v for k, v in d["rope"].items() if v is not None}
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The docs table (docs/porting.md): every family's tiny module through check_hf_port, fp32 and bf16.
+# ---------------------------------------------------------------------------------------------------------
+
+TABLE_CASES = (
+    ("llama", 0, "llama3 rope, GQA"),
+    ("mistral", 0, "window 3, GQA"),
+    ("qwen2", 1, "q/k/v biases, window 3 from max_window_layers"),
+    ("qwen3", 0, "per-head QK-norm (eps 1e-5), head_dim 8"),
+    ("gemma2", 0, "window 3, soft-cap 2, query_pre_attn_scalar 12, head_dim 16"),
+    ("gemma2", 1, "global layer, soft-cap 2"),
+    ("gemma3_text", 0, "local layer: theta 1e4, window 3, QK-norm 1 + w"),
+    ("gemma3_text", 1, "global layer: theta 1e6"),
+    ("phi3", 0, "fused qkv_proj, longrope (long factors past 4 positions)"),
+    ("olmo2", 0, "full-width QK-norm, MHA"),
+    ("gpt_oss", 0, "sinks, yarn, window 3, biases"),
+    ("gpt_oss", 1, "sinks, yarn, global layer"),
+    ("gpt_neox", 0, "fused per-head qkv, rotary_pct 0.25, biases"),
+    ("gpt2", 1, "Conv1D c_attn, scale / (layer + 1)"),
+    ("bert", 0, "bidirectional, q/k/v/o biases (post-LN outside)"),
+    ("vit", 0, "bidirectional, qkv_bias"),
+)
+
+
+def _worst(record, pairs, kind) -> float:
+    def pick(q):
+        return {"fwd": q == "out", "grad": q.startswith("grad_"), "decode": q == "decode_out"}[kind]
+
+    vals = [a.max_abs for p in pairs for a in record.agreements[p] if pick(a.quantity)]
+    return max(vals) if vals else float("nan")
+
+
+def family_table(dtypes=("float32", "bfloat16")) -> list[dict]:
+    """One row per (case, dtype): the worst error of both ports vs the float64 reference and vs transformers
+    (forward, gradients, decode), and whether the whole record agrees."""
+    rows = []
+    ports = ("jax_attn vs reference", "torch_attn vs reference")
+    vs_hf = ("jax_attn vs transformers", "torch_attn vs transformers")
+    for family, layer, knobs in TABLE_CASES:
+        for dtype in dtypes:
+            module, _ = tiny_module(family, layer, dtype, seed=layer)
+            rec = check_hf_port(module, post_norm_outside=family == "bert", print_table=False)
+            row = {"family": family, "layer": layer, "knobs": knobs, "dtype": dtype, "ok": rec.ok}
+            row["policy_ratio"] = max(
+                a.max_abs / a.tol for p in ports + vs_hf for a in rec.agreements[p] if a.tol > 0
+            )
+            for kind in ("fwd", "grad", "decode"):
+                row[f"ref_{kind}"] = _worst(rec, ports, kind)
+                row[f"hf_{kind}"] = _worst(rec, vs_hf, kind)
+                row[f"transformers_{kind}"] = _worst(rec, ("transformers vs reference",), kind)
+            rows.append(row)
+    return rows
+
+
+def table_markdown(rows) -> str:
+    def f(v):
+        return "–" if v != v else f"{v:.1e}"
+
+    out = [
+        "| family | layer | knobs covered | dtype | port vs f64 fwd / grad / decode | port vs transformers "
+        "fwd / grad / decode | transformers vs f64 fwd / grad | worst error / tolerance | ok |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['family']} | {r['layer']} | {r['knobs']} | {r['dtype']} | {f(r['ref_fwd'])} / "
+            f"{f(r['ref_grad'])} / {f(r['ref_decode'])} | {f(r['hf_fwd'])} / {f(r['hf_grad'])} / "
+            f"{f(r['hf_decode'])} | {f(r['transformers_fwd'])} / {f(r['transformers_grad'])} | "
+            f"{r['policy_ratio']:.2f} | {'yes' if r['ok'] else 'NO'} |"
+        )
+    return "\n".join(out) + "\n"

@@ -1,0 +1,397 @@
+"""Modern decoder attention (JAX/Flax nnx twin of ``torch_attn/attention.py``): rotary embeddings, grouped
+query heads, QK-norm, a logit scale and soft-cap, sliding windows, learned sinks, padding masks and a KV cache
+(a ring buffer for sliding-window layers), configured by one ``attn_spec.attention.AttentionConfig``.
+
+Dimension key (see ``attn_spec``):
+
+    B  batch                     E  model width (hidden_size)
+    T  tokens in this call       N  query heads
+    S  keys attended             K  key/value heads, G = N // K
+    C  cache slots               H  head width (head_dim), R rotary width
+
+Order of operations (as transformers' decoder layers): ``q/k/v_proj`` → ``qk_norm="full"`` RMSNorm →
+split heads → ``qk_norm="head"`` RMSNorm → rotary on q and k → (cache) → attention → merge heads → ``o_proj``.
+
+KV cache: ``cache = attn.init_cache(B, max_length)`` holds ``C`` slots: ``max_length``, or ``min(window,
+max_length)`` for a sliding-window layer, used as a ring (slot = position mod C), so the memory of a window
+layer is bounded by its window. Each slot stores its token's sequence index (``pos``, -1 when empty) and
+whether it is a real token (``valid``), so masking is right after the ring wraps and for left-padded rows.
+A call attends over the C cached slots and its own T tokens (S = C + T, static), then writes the last
+``min(T, C)`` of them. Shapes never depend on the index: a jitted call compiles once per chunk length.
+Calls never modify the given cache. Overflow (more than ``max_length`` tokens in all) raises ``ValueError``
+when the index is concrete; under ``jax.jit`` it cannot raise, so that call's output and every later one's
+is NaN (the index stays past ``max_length``), as ``CausalSelfAttention`` does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from attn_spec.attention import (
+    AttentionConfig,
+    cache_slots,
+    check_attention_mask,
+    check_blocked,
+    check_cache,
+    check_dropout_mask,
+    check_implementation,
+    check_init_cache,
+    check_input,
+    check_position_ids,
+    check_state_dict,
+    select_implementation,
+    state_dict_shapes,
+)
+from jax_attn.causal import Linear, _concrete_index, _to_numpy
+from jax_attn.flex import create_block_mask, flex_attention
+from jax_attn.rope import apply_rope, rope_cos_sin
+
+
+def _spec(x) -> tuple[tuple[int, ...], str]:
+    return tuple(x.shape), jnp.dtype(x.dtype).name
+
+
+@struct.dataclass
+class KVCache:
+    """Cached keys and values (a pytree).
+
+    Attributes:
+      k, v: ``(B, K, C, H)``, rotated keys and values.
+      pos: int32 ``(C,)``, the sequence index of the token in each slot, -1 for an empty slot.
+      valid: bool ``(B, C)``, whether each slot holds a real (non-padding) token.
+      index: int32 scalar, the number of tokens seen so far.
+      max_length: the most tokens the cache accepts (static).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    valid: jax.Array
+    index: jax.Array
+    max_length: int = struct.field(pytree_node=False)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis in float32, scaled by ``offset + weight`` and cast back."""
+
+    def __init__(self, size: int, eps: float, offset: float, *, param_dtype):
+        self.eps, self.offset = eps, offset
+        self.weight = nnx.Param(jnp.full((size,), 1.0 - offset, param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+
+
+def attention_keep_mask(
+    q_pos_T: jax.Array, k_pos_S: jax.Array, k_valid_BS: jax.Array, config: AttentionConfig
+) -> jax.Array:
+    """bool ``(B, T, S)``, True = may attend: a filled, valid key slot, causal (key index ≤ query index)
+    and inside the window (distance < w; ``|distance| < w`` when bidirectional)."""
+    q, k = q_pos_T[:, None], k_pos_S[None, :]
+    keep_TS = k >= 0
+    if config.causal:
+        keep_TS &= k <= q
+    if config.sliding_window is not None:
+        dist = q - k if config.causal else jnp.abs(q - k)
+        keep_TS &= dist < config.sliding_window
+    return keep_TS[None] & k_valid_BS[:, None, :]
+
+
+def dot_product_attention(
+    q_BNTH: jax.Array,
+    k_BKSH: jax.Array,
+    v_BKSH: jax.Array,
+    keep_BTS: jax.Array,
+    scale: float,
+    softcap: float | None = None,
+    sinks_N: jax.Array | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """The readable dense core: ``softmax(cap(scale · q·k) masked, with sinks) · v`` in float32 (float64
+    inputs: float64).
+
+    Args:
+      q_BNTH: queries; k_BKSH, v_BKSH: keys and values, key/value head ``n // G`` serving query head n.
+      keep_BTS: bool, True = may attend. Fully masked rows give zeros.
+      scale: the logit scale; softcap: ``c`` in ``c · tanh(x / c)``, applied before the mask.
+      sinks_N: one logit per query head joining every row's softmax denominator, with no value.
+      dropout_p, dropout_mask (bool keep-mask broadcastable to (B, N, T, S)), dropout_rng: weight dropout.
+
+    Returns:
+      ``(B, N, T, H)`` in q's dtype.
+    """
+    B, N, T, H = q_BNTH.shape
+    K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+    G = N // K
+    acc = jnp.result_type(q_BNTH.dtype, jnp.float32)  # fp32 at least: bf16/fp16 logits never round
+    q_BKGTH = q_BNTH.astype(acc).reshape(B, K, G, T, H)
+    logits = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH.astype(acc)) * scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    keep = keep_BTS[:, None, None]
+    logits = jnp.where(keep, logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    if sinks_N is not None:
+        sink = sinks_N.astype(acc).reshape(1, K, G, 1, 1)
+        m = jnp.maximum(m, sink)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))  # fully masked row: any shift works
+    e = jnp.where(keep, jnp.exp(logits - m), 0.0)
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    if sinks_N is not None:
+        denom = denom + jnp.exp(sink - m)
+    p = e / jnp.where(denom > 0, denom, 1.0)  # fully masked without sinks: zeros
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = jax.random.bernoulli(dropout_rng, 1.0 - dropout_p, (B, N, T, S))
+        keep_drop = jnp.broadcast_to(dropout_mask, (B, N, T, S)).reshape(B, K, G, T, S)
+        p = jnp.where(keep_drop, p / (1.0 - dropout_p), 0.0)
+    out = jnp.einsum("bkgts,bksh->bkgth", p, v_BKSH.astype(acc))
+    return out.reshape(B, N, T, H).astype(q_BNTH.dtype)
+
+
+def _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, scale) -> jax.Array:
+    out_BTNH = jax.nn.dot_product_attention(
+        q_BNTH.transpose(0, 2, 1, 3),
+        k_BKSH.transpose(0, 2, 1, 3),
+        v_BKSH.transpose(0, 2, 1, 3),
+        mask=keep_BTS[:, None],
+        scale=scale,
+        implementation="xla",
+    )
+    # XLA averages the values of a fully masked row; our convention (and torch's fused kernel) is zeros.
+    any_BT = jnp.any(keep_BTS, axis=-1)
+    return jnp.where(any_BT[:, None, :, None], out_BTNH.transpose(0, 2, 1, 3), 0.0).astype(q_BNTH.dtype)
+
+
+def _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, config, sinks_N) -> jax.Array:
+    """The blocked path: FlexAttention over a ``BlockMask`` of causal ∧ window ∧ padding (key blocks
+    outside the window or fully padded are skipped, so prefill cost grows linearly with T at a fixed
+    window), the soft-cap as its ``score_mod``, and sinks applied afterwards as ``out · sigmoid(lse −
+    sink)`` (the sink's share ``e^sink / (Z + e^sink)`` of a row with key mass ``Z = e^lse``)."""
+    c = config
+    B, N, T, _ = q_BNTH.shape
+    S = k_BKSH.shape[2]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q, k = q_pos_T[q_idx], k_pos_S[kv_idx]
+        keep = (k >= 0) & k_valid_BS[b, kv_idx]
+        if c.causal:
+            keep &= k <= q
+        if c.sliding_window is not None:
+            keep &= (q - k if c.causal else jnp.abs(q - k)) < c.sliding_window
+        return keep
+
+    score_mod = None
+    if c.softcap is not None:
+        score_mod = lambda score, b, h, q_idx, kv_idx: c.softcap * jnp.tanh(score / c.softcap)
+    block_mask = create_block_mask(mask_mod, B, None, T, S)
+    out_BNTH, lse_BNT = flex_attention(
+        q_BNTH, k_BKSH, v_BKSH, score_mod, block_mask, c.logit_scale, enable_gqa=c.G > 1, return_lse=True
+    )
+    if sinks_N is None:
+        return out_BNTH
+    share = jax.nn.sigmoid(lse_BNT - sinks_N.astype(lse_BNT.dtype)[None, :, None])
+    return (out_BNTH * share[..., None]).astype(q_BNTH.dtype)
+
+
+class Attention(nnx.Module):
+    """A decoder attention layer configured by :class:`attn_spec.attention.AttentionConfig`.
+
+    Args:
+      config: the layer (heads, head width, biases, rope, QK-norm, scale, soft-cap, window, sinks, causal,
+        dropout).
+      implementation: None (auto: math up to ``AUTO_MATH_MAX_LOGITS`` logits per head, blocked above once
+        available), ``"math"`` (the readable dense core, every knob), ``"fused"``
+        (``jax.nn.dot_product_attention``, XLA: no soft-cap, sinks or dropout) or ``"blocked"``.
+      rngs: ``nnx.Rngs`` for the initialization (``params``) and dropout (``dropout``) streams.
+      dtype: computation dtype; None promotes the input's with the parameters'.
+      param_dtype: parameter dtype.
+
+    Parameters (``torch_state_dict()`` keys, transformers' names, ``nn.Linear`` layout):
+    ``q_proj.weight (N·H, E)``, ``k_proj.weight (K·H, E)``, ``v_proj.weight (K·H, E)``,
+    ``o_proj.weight (E, N·H)``, ``<proj>.bias`` where configured, ``q_norm.weight``/``k_norm.weight``
+    ((H,) or (N·H,)/(K·H,)) with QK-norm, ``sinks (N,)`` with sinks.
+    """
+
+    def __init__(
+        self,
+        config: AttentionConfig,
+        *,
+        implementation: str | None = None,
+        rngs: nnx.Rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
+        c = self.config = config
+        self.implementation = check_implementation(implementation, c)
+        self.dtype, self.param_dtype = dtype, param_dtype
+        kw = {"rngs": rngs, "param_dtype": param_dtype}
+        self.q_proj = Linear(c.E, c.N * c.H, c.q_bias, **kw)
+        self.k_proj = Linear(c.E, c.K * c.H, c.k_bias, **kw)
+        self.v_proj = Linear(c.E, c.K * c.H, c.v_bias, **kw)
+        self.o_proj = Linear(c.N * c.H, c.E, c.o_bias, **kw)
+        q_norm = k_norm = None
+        if c.qk_norm != "none":
+            width_q, width_k = (c.H, c.H) if c.qk_norm == "head" else (c.N * c.H, c.K * c.H)
+            q_norm = RMSNorm(width_q, c.qk_norm_eps, c.qk_norm_offset, param_dtype=param_dtype)
+            k_norm = RMSNorm(width_k, c.qk_norm_eps, c.qk_norm_offset, param_dtype=param_dtype)
+        self.q_norm, self.k_norm = nnx.data(q_norm), nnx.data(k_norm)
+        self.sinks = nnx.data(nnx.Param(jnp.zeros((c.N,), param_dtype)) if c.sinks else None)
+        self.deterministic = False  # training mode, as a fresh torch module; eval() sets True
+        self.rngs = rngs["dropout"].fork() if c.dropout > 0.0 else None
+
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens: zeros
+        ``(B, K, C, H)`` in the computation dtype, ``C = max_length`` or ``min(window, max_length)``."""
+        c = self.config
+        check_init_cache(batch_size, max_length, c)
+        C = cache_slots(c, max_length)
+        zeros = jnp.zeros((batch_size, c.K, C, c.H), self.dtype or self.param_dtype)
+        return KVCache(
+            k=zeros,
+            v=zeros,
+            pos=jnp.full((C,), -1, jnp.int32),
+            valid=jnp.zeros((batch_size, C), bool),
+            index=jnp.zeros((), jnp.int32),
+            max_length=max_length,
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        *,
+        dropout_mask: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Attend within ``x`` and, with a cache, to the tokens cached before it.
+
+        Args:
+          x: ``(B, T, E)``.
+          attention_mask: ``(B, T)`` 1/0 (or bool) padding mask of these tokens; None: all real.
+          position_ids: ``(B, T)`` integer positions for the rotary embedding; None: ``index + 0..T-1``.
+            For left padding pass positions that skip the pads (transformers: ``cumsum(mask) - 1``).
+          cache: a :class:`KVCache` from :meth:`init_cache` or a previous call; None for a full pass.
+          dropout_mask: bool keep-mask broadcastable to ``(B, N, T, S)`` (S = T, or C + T with a cache).
+          dropout_rng: key for the dropout draw; default: the module's ``dropout`` stream.
+
+        Returns:
+          ``y (B, T, E)`` without a cache; ``(y, new_cache)`` with one.
+        """
+        x = jnp.asarray(x)
+        c = self.config
+        B, T = check_input(_spec(x), c)
+        check_dropout_mask(dropout_mask is not None, not self.deterministic, c)
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+            check_attention_mask(*_spec(attention_mask), B, T)
+            valid_BT = attention_mask.astype(bool)
+        else:
+            valid_BT = jnp.ones((B, T), bool)
+        start = 0 if cache is None else cache.index
+        if cache is not None:
+            check_cache(cache.k.shape, cache.v.shape, _concrete_index(cache.index), cache.max_length, B, T, c)
+        q_pos_T = start + jnp.arange(T, dtype=jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(q_pos_T, (B, T))
+        else:
+            position_ids = jnp.asarray(position_ids)
+            check_position_ids(*_spec(position_ids), B, T)
+
+        x_BTE = x.astype(self.dtype or jnp.result_type(x.dtype, self.param_dtype))
+        q, k, v = self.q_proj(x_BTE), self.k_proj(x_BTE), self.v_proj(x_BTE)
+        if c.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BNTH = q.reshape(B, T, c.N, c.H).transpose(0, 2, 1, 3)
+        k_BKTH = k.reshape(B, T, c.K, c.H).transpose(0, 2, 1, 3)
+        v_BKTH = v.reshape(B, T, c.K, c.H).transpose(0, 2, 1, 3)
+        if c.qk_norm == "head":
+            q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
+        if c.rope is not None:
+            cos_BTR, sin_BTR = rope_cos_sin(c.rope, c.H, position_ids)
+            q_BNTH = apply_rope(q_BNTH, cos_BTR, sin_BTR, c.rope.layout)
+            k_BKTH = apply_rope(k_BKTH, cos_BTR, sin_BTR, c.rope.layout)
+
+        if cache is None:
+            k_BKSH, v_BKSH, k_pos_S, k_valid_BS = k_BKTH, v_BKTH, q_pos_T, valid_BT
+        else:
+            dt = q_BNTH.dtype
+            k_BKSH = jnp.concatenate([cache.k.astype(dt), k_BKTH], axis=2)
+            v_BKSH = jnp.concatenate([cache.v.astype(dt), v_BKTH], axis=2)
+            k_pos_S = jnp.concatenate([cache.pos, q_pos_T])
+            k_valid_BS = jnp.concatenate([cache.valid, valid_BT], axis=1)
+        path = select_implementation(self.implementation, c, T, k_BKSH.shape[2])
+        if path == "blocked":
+            check_blocked(c)
+            sinks_N = None if self.sinks is None else self.sinks[...]
+            y_BNTH = _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, sinks_N)
+        else:
+            keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c)
+            y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng)
+        y_BTE = self.o_proj(y_BNTH.transpose(0, 2, 1, 3).reshape(B, T, c.N * c.H))
+        if cache is None:
+            return y_BTE
+
+        # Write the chunk's last min(T, C) tokens into their ring slots (slot = sequence index mod C).
+        C = cache.k.shape[2]
+        M = min(T, C)
+        slots = (start + jnp.arange(T - M, T, dtype=jnp.int32)) % C
+        new_cache = KVCache(
+            k=cache.k.at[:, :, slots].set(k_BKTH[:, :, T - M :].astype(cache.k.dtype)),
+            v=cache.v.at[:, :, slots].set(v_BKTH[:, :, T - M :].astype(cache.v.dtype)),
+            pos=cache.pos.at[slots].set(q_pos_T[T - M :]),
+            valid=cache.valid.at[:, slots].set(valid_BT[:, T - M :]),
+            index=cache.index + T,
+            max_length=cache.max_length,
+        )
+        # A traced index cannot raise: an overflowing call yields NaN, and so does every later call.
+        y_BTE = jnp.where(new_cache.index <= cache.max_length, y_BTE, jnp.nan)
+        return y_BTE, new_cache
+
+    def _attend(self, path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng) -> jax.Array:
+        c = self.config
+        if path == "fused":
+            return _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, c.logit_scale)
+        dropout_p = 0.0 if self.deterministic else c.dropout
+        if dropout_p > 0.0 and dropout_mask is None and dropout_rng is None:
+            dropout_rng = self.rngs()
+        return dot_product_attention(
+            q_BNTH,
+            k_BKSH,
+            v_BKSH,
+            keep_BTS,
+            c.logit_scale,
+            softcap=c.softcap,
+            sinks_N=None if self.sinks is None else self.sinks[...],
+            dropout_p=dropout_p,
+            dropout_mask=dropout_mask,
+            dropout_rng=dropout_rng,
+        )
+
+    def torch_state_dict(self) -> dict[str, np.ndarray]:
+        """The parameters under transformers' names (see the class docstring), as NumPy arrays in the
+        parameter dtype (``ml_dtypes.bfloat16`` for bf16)."""
+        return {key: np.array(self._param(key)[...]) for key in state_dict_shapes(self.config)}
+
+    def load_torch_state_dict(self, state_dict) -> None:
+        """Load a state dict (torch tensors or NumPy arrays) with exactly the config's keys and shapes,
+        casting to the parameter dtype; bit-exact when the dtypes agree."""
+        arrays = {key: _to_numpy(value) for key, value in state_dict.items()}
+        for key in check_state_dict({key: a.shape for key, a in arrays.items()}, self.config):
+            param = self._param(key)
+            param[...] = jnp.asarray(arrays[key], dtype=param.dtype)
+
+    def _param(self, key: str) -> nnx.Param:
+        obj = self
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj

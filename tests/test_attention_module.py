@@ -1,0 +1,339 @@
+"""The ``Attention`` twins as modules: the sliding-window boundary, the checks (same ValueError text in
+both twins), bit-exact state-dict round trips, fused == math, injected dropout, the interleaved ↔ half-split
+weight permutation, and JAX gradients == torch gradients."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import jax_attn.attention as jatt
+import torch_attn.attention as tatt
+from attn_spec.attention import AttentionConfig, select_implementation
+from attn_spec.rope import RopeConfig, rotary_permutation
+
+TWINS = ["jax", "torch"]
+B, T, E, N, K, H = 2, 7, 20, 4, 2, 6
+
+
+def _config(**kw) -> AttentionConfig:
+    base = dict(hidden_size=E, num_heads=N, num_kv_heads=K, head_dim=H)
+    return AttentionConfig(**{**base, **kw})
+
+
+def _random_sd(c: AttentionConfig, seed=0) -> dict[str, np.ndarray]:
+    from attn_spec.attention import state_dict_shapes
+
+    rng = np.random.default_rng(seed)
+    return {k: (0.4 * rng.standard_normal(s)).astype(np.float32) for k, s in state_dict_shapes(c).items()}
+
+
+def _module(twin, c, sd=None, implementation="math", dtype=None):
+    if twin == "jax":
+        m = jatt.Attention(
+            c, implementation=implementation, rngs=nnx.Rngs(0), param_dtype=dtype or jnp.float32
+        )
+        m.deterministic = True
+    else:
+        m = tatt.Attention(c, implementation=implementation, dtype=dtype).eval()
+    if sd is not None:
+        m.load_torch_state_dict(sd)
+    return m
+
+
+def _run(twin, m, x, mask=None, pos=None, **kw):
+    if twin == "jax":
+        a = lambda v: None if v is None else jnp.asarray(v)
+        return np.asarray(m(a(x), a(mask), a(pos), **kw), np.float64)
+    t = lambda v: None if v is None else torch.from_numpy(v)
+    with torch.no_grad():
+        return m(t(x), t(mask), t(pos), **kw).double().numpy()
+
+
+def _x(seed=1, T=T):
+    return np.random.default_rng(seed).standard_normal((B, T, E)).astype(np.float32)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_sliding_window_boundary(twin, causal):
+    """w = 3: query t sees keys t-2, t-1, t (transformers' count), and |t - s| < 3 when bidirectional."""
+    c = _config(sliding_window=3, causal=causal, rope=None)
+    mod = jatt if twin == "jax" else tatt
+    arr = jnp.asarray if twin == "jax" else torch.from_numpy
+    pos = np.arange(6, dtype=np.int64)
+    keep = np.asarray(mod.attention_keep_mask(arr(pos), arr(pos), arr(np.ones((1, 6), bool)), c))[0]
+    q, s = np.meshgrid(pos, pos, indexing="ij")
+    want = (q - s < 3) & (s <= q) if causal else np.abs(q - s) < 3
+    np.testing.assert_array_equal(keep, want)
+    assert keep[4, 2] and not keep[4, 1]  # the boundary: distance 2 in, distance 3 out
+
+
+BAD_CONFIGS = {
+    "heads_do_not_divide": (
+        {"num_heads": 4, "num_kv_heads": 3},
+        "Attention: num_kv_heads must divide num_heads (grouped-query attention); got num_heads=4, "
+        "num_kv_heads=3",
+    ),
+    "hidden_not_divisible": (
+        {"hidden_size": 10, "num_heads": 4, "head_dim": None, "num_kv_heads": None},
+        "hidden_size must be divisible by num_heads when head_dim is None; got hidden_size=10, num_heads=4",
+    ),
+    "odd_rotary": (
+        {"head_dim": 5},
+        "Attention: the rotary width must be even and >= 2; got rotary_dim=int(head_dim=5 * "
+        "partial_rotary_factor=1.0)=5",
+    ),
+    "window_zero": ({"sliding_window": 0}, "sliding_window must be an int >= 1 or None"),
+    "cap_zero": ({"softcap": 0.0}, "softcap must be a number > 0 or None; got softcap=0.0"),
+    "cap_negative": ({"softcap": -50.0}, "softcap must be a number > 0 or None; got softcap=-50.0"),
+    "qk_norm": ({"qk_norm": "layer"}, "qk_norm must be one of ('none', 'head', 'full'); got qk_norm='layer'"),
+    "scale_and_scalar": (
+        {"scale": 0.1, "query_pre_attn_scalar": 8},
+        "give scale or query_pre_attn_scalar, not both",
+    ),
+    "dropout": ({"dropout": 1.0}, "dropout must be a number in [0, 1); got dropout=1.0"),
+    "bias_type": ({"q_bias": 1}, "q_bias must be a bool; got q_bias=1"),
+    "rope_type": ({"rope": "llama3"}, "rope must be a RopeConfig or None; got rope='llama3'"),
+}
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_raises(twin, case):
+    kwargs, message = BAD_CONFIGS[case]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _module(twin, _config(**kwargs))
+
+
+def _call_error(twin, c, x, mask=None, pos=None, implementation="math"):
+    m = _module(twin, c, implementation=implementation)
+    return _run(twin, m, x, mask, pos)
+
+
+BAD_CALLS = {
+    "mask_shape": (
+        {},
+        {"mask": np.ones((B, T + 1), np.int64)},
+        "Attention: attention_mask must be the (B, T) = (2, 7) padding mask of this call's tokens "
+        "(1 = token, 0 = padding); got attention_mask.shape=(2, 8)",
+    ),
+    "mask_4d": ({}, {"mask": np.ones((B, 1, T, T), bool)}, "got attention_mask.shape=(2, 1, 7, 7)"),
+    "mask_float": (
+        {},
+        {"mask": np.ones((B, T), np.float32)},
+        "must be bool or integer 1/0; got attention_mask.dtype=float32",
+    ),
+    "positions_shape": (
+        {},
+        {"pos": np.zeros((1, T), np.int64)},
+        "position_ids must be (B, T) = (2, 7); got position_ids.shape=(1, 7)",
+    ),
+    "x_width": (
+        {},
+        {"x": np.zeros((B, T, E + 1), np.float32)},
+        "x's last axis must be hidden_size=20; got x.shape=(2, 7, 21)",
+    ),
+}
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_call_raises(twin, case):
+    ckw, args, message = BAD_CALLS[case]
+    x = args.get("x", _x())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _call_error(twin, _config(**ckw), x, args.get("mask"), args.get("pos"))
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize(
+    "kw, implementation, message",
+    [
+        (
+            {"softcap": 30.0, "sinks": True},
+            "fused",
+            "implementation='fused' (torch F.scaled_dot_product_attention / "
+            "jax.nn.dot_product_attention) does not support ['softcap', 'sinks']; use implementation='math'",
+        ),
+        (
+            {"dropout": 0.1},
+            "blocked",
+            "implementation='blocked' does not support dropout; use implementation='math'",
+        ),
+        (
+            {},
+            "flash",
+            "implementation must be None (auto) or one of ('math', 'fused', 'blocked'); got "
+            "implementation='flash'",
+        ),
+    ],
+    ids=["fused_knobs", "blocked_dropout", "unknown"],
+)
+def test_bad_implementation_raises(twin, kw, implementation, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _module(twin, _config(**kw), implementation=implementation)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_cache_errors(twin):
+    m = _module(twin, _config(causal=False))
+    with pytest.raises(ValueError, match=re.escape("Attention.init_cache: a KV cache needs a causal layer")):
+        m.init_cache(B, 8)
+    m = _module(twin, _config())
+    with pytest.raises(
+        ValueError, match=re.escape("init_cache: max_length must be a positive int; got max_length=0")
+    ):
+        m.init_cache(B, 0)
+
+
+def test_auto_is_math_below_the_size():
+    assert select_implementation(None, _config(), 128, 128) == "math"
+    assert select_implementation(None, _config(), 4096, 4096) == "blocked"
+    assert select_implementation(None, _config(dropout=0.1), 4096, 4096) == "math"  # blocked has no dropout
+    assert select_implementation("fused", _config(), 128, 128) == "fused"
+
+
+FULL = dict(
+    q_bias=True,
+    k_bias=True,
+    v_bias=True,
+    o_bias=True,
+    qk_norm="full",
+    sinks=True,
+    rope=RopeConfig(rope_theta=1e4, partial_rotary_factor=2 / 3),
+)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_state_dict_round_trips_are_bit_exact(dtype):
+    c = _config(**FULL)
+    t = tatt.Attention(c, dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        for p in t.parameters():
+            p.normal_()
+    j = jatt.Attention(c, rngs=nnx.Rngs(0), param_dtype=getattr(jnp, dtype))
+    j.load_torch_state_dict(t.state_dict())
+    sd_j = j.torch_state_dict()
+    assert list(sd_j) == list(t.torch_state_dict()) and set(sd_j) == set(t.state_dict())
+    for key, value in t.state_dict().items():
+        want = value.float().numpy()
+        assert sd_j[key].dtype == (ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+        np.testing.assert_array_equal(sd_j[key].astype(np.float32), want)
+    t2 = tatt.Attention(c, dtype=getattr(torch, dtype))
+    t2.load_torch_state_dict(sd_j)
+    for key, value in t.state_dict().items():
+        assert torch.equal(t2.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_state_dict_wrong_keys_raise(twin):
+    c = _config(qk_norm="head")
+    sd = _random_sd(c)
+    del sd["k_norm.weight"]
+    sd["o_proj.bias"] = np.zeros(E, np.float32)
+    with pytest.raises(
+        ValueError, match=re.escape("missing keys ['k_norm.weight'], unexpected keys ['o_proj.bias']")
+    ):
+        _module(twin, c, sd)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("window", [None, 3])
+def test_fused_equals_math(twin, window):
+    c = _config(sliding_window=window, qk_norm="head", rope=RopeConfig(rope_theta=1e4))
+    sd = _random_sd(c)
+    mask = np.ones((B, T), np.int64)
+    mask[1, :2] = 0
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    want = _run(twin, _module(twin, c, sd), _x(), mask, pos)
+    got = _run(twin, _module(twin, c, sd, implementation="fused"), _x(), mask, pos)
+    assert np.abs(got - want).max() <= 1e-5 * max(1, np.abs(want).max())
+
+
+def test_injected_dropout_is_the_same_in_both_twins():
+    c = _config(dropout=0.3, sinks=True, softcap=3.0)
+    sd = _random_sd(c)
+    keep = np.random.default_rng(5).random((B, N, T, T)) > 0.3
+    x = _x()
+    j = jatt.Attention(c, rngs=nnx.Rngs(0))
+    j.load_torch_state_dict(sd)
+    t = tatt.Attention(c)  # training mode
+    t.load_torch_state_dict(sd)
+    got_j = np.asarray(j(jnp.asarray(x), dropout_mask=jnp.asarray(keep)))
+    got_t = t(torch.from_numpy(x), dropout_mask=torch.from_numpy(keep)).detach().numpy()
+    assert np.abs(got_j - got_t).max() <= 1e-5 * max(1, np.abs(got_t).max())
+    t.eval()
+    without = t(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(without - got_t).max() > 1e-3  # dropout did something
+
+
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("prf", [1.0, 2 / 3], ids=["full", "partial"])
+def test_permuted_weights_in_the_other_layout_give_the_same_output(twin, prf):
+    """A Meta-style (interleaved) layer equals the half-split layer with permuted q/k rows (and biases)."""
+    kw = dict(q_bias=True, k_bias=True)
+    c_int = _config(rope=RopeConfig(rope_theta=1e4, partial_rotary_factor=prf, layout="interleaved"), **kw)
+    c_half = _config(rope=RopeConfig(rope_theta=1e4, partial_rotary_factor=prf, layout="half"), **kw)
+    sd = _random_sd(c_int)
+    R = c_int.R
+    sd_half = dict(sd)
+    for proj, heads in (("q_proj", N), ("k_proj", K)):
+        perm = rotary_permutation(heads, H, R, "interleaved", "half")
+        for part in ("weight", "bias"):
+            sd_half[f"{proj}.{part}"] = sd[f"{proj}.{part}"][perm]
+    x = _x()
+    want = _run(twin, _module(twin, c_int, sd), x)
+    got = _run(twin, _module(twin, c_half, sd_half), x)
+    assert np.abs(got - want).max() <= 1e-5 * max(1, np.abs(want).max())
+    unpermuted = _run(twin, _module(twin, c_half, sd), x)
+    assert np.abs(unpermuted - want).max() > 1e-3
+
+
+def test_gradients_agree_between_twins():
+    c = _config(**FULL, softcap=2.0, sliding_window=4)
+    sd = _random_sd(c)
+    x = _x()
+    mask = np.ones((B, T), np.int64)
+    mask[0, :2] = 0
+    dy = np.random.default_rng(7).standard_normal((B, T, E)).astype(np.float32)
+    t = tatt.Attention(c).eval()
+    t.load_torch_state_dict(sd)
+    xt = torch.from_numpy(x).requires_grad_()
+    (t(xt, torch.from_numpy(mask)) * torch.from_numpy(dy)).sum().backward()
+    j = jatt.Attention(c, rngs=nnx.Rngs(0))
+    j.load_torch_state_dict(sd)
+    j.deterministic = True
+    graphdef, state = nnx.split(j)
+
+    def loss(state, x):
+        return jnp.sum(nnx.merge(graphdef, state)(x, jnp.asarray(mask)) * dy)
+
+    g_state, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, jnp.asarray(x))
+    g = nnx.merge(graphdef, g_state)
+    assert np.abs(np.asarray(g_x) - xt.grad.numpy()).max() <= 1e-5 * max(1, np.abs(xt.grad.numpy()).max())
+    params = dict(t.named_parameters())
+    for key in sd:
+        want = params[key].grad.numpy()
+        got = np.asarray(g._param(key)[...])
+        assert np.abs(got - want).max() <= 1e-5 * max(1, np.abs(want).max()), key
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_blocked_equals_math_across_many_blocks(twin):
+    """T = 300 (three 128-blocks, the last partial), window 70, sinks, soft-cap, left padding: the blocked
+    path (BlockMask of causal ∧ window ∧ padding) gives the math path's output."""
+    c = _config(sliding_window=70, sinks=True, softcap=3.0, rope=RopeConfig(rope_theta=1e4))
+    sd = _random_sd(c)
+    x = _x(T=300)
+    mask = np.ones((B, 300), np.int64)
+    mask[1, :150] = 0
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    want = _run(twin, _module(twin, c, sd), x, mask, pos)
+    got = _run(twin, _module(twin, c, sd, implementation="blocked"), x, mask, pos)
+    assert np.abs(got - want).max() <= 1e-5 * max(1, np.abs(want).max())

@@ -1,0 +1,190 @@
+"""``attn_spec.hf`` and the ``from_hf`` / ``to_hf_state_dict`` twins: configs per family and layer, weight
+layouts (bit-exact round trips in fp32, bf16 and fp16), and every unsupported knob raising ``ValueError`` with
+the same text in both twins."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+import jax_attn.hf as jhf  # noqa: E402
+import torch_attn.hf as thf  # noqa: E402
+from attn_spec import hf as spec  # noqa: E402
+from compare import port_hf  # noqa: E402
+
+FAMILIES = spec.FAMILIES
+
+
+def _module(family, layer=0, dtype="float32"):
+    return port_hf.tiny_module(family, layer, dtype, seed=3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_bit_exact(family, dtype):
+    module, _ = _module(family, 0, dtype)
+    kw = {"post_norm_outside": True} if family == "bert" else {}
+    sd = {k: v for k, v in module.state_dict().items() if k not in spec.BERT_IGNORED}
+    back_t = thf.to_hf_state_dict(thf.from_hf(module, **kw), family)
+    back_j = jhf.to_hf_state_dict(jhf.from_hf(module, **kw), family)
+    assert set(back_t) == set(sd) == set(back_j)
+    for k, v in sd.items():
+        assert back_t[k].dtype == v.dtype and torch.equal(back_t[k], v), k
+        assert np.asarray(back_j[k]).dtype.name == dtype
+        assert np.array_equal(np.asarray(back_j[k]).astype(np.float64), v.double().numpy()), k
+
+
+def test_fused_layouts_split_as_transformers_slices():
+    """Phi-3 rows [q | k | v], GPT-NeoX per-head (N, 3, H), GPT-2 Conv1D columns: ours equal the slices
+    transformers' forward takes."""
+    m, _ = _module("phi3")
+    ours = thf.from_hf(m).torch_state_dict()
+    w = m.qkv_proj.weight
+    N, K, H = 4, 2, 8
+    assert torch.equal(ours["k_proj.weight"], w[N * H : N * H + K * H])
+    m, _ = _module("gpt_neox")
+    ours = thf.from_hf(m).torch_state_dict()
+    w = m.query_key_value.weight.view(4, 3, 8, 32)
+    assert torch.equal(ours["v_proj.weight"], w[:, 2].reshape(32, 32))
+    m, _ = _module("gpt2")
+    ours = thf.from_hf(m).torch_state_dict()
+    assert torch.equal(ours["k_proj.weight"], m.c_attn.weight[:, 32:64].T)
+    assert torch.equal(ours["o_proj.weight"], m.c_proj.weight.T)
+
+
+def test_layer_index_selects_window_and_rope():
+    cfg = port_hf.tiny_config("gemma3_text")
+    _, local = spec.attention_config(cfg, 0)
+    _, glob = spec.attention_config(cfg, 1)
+    assert (local.sliding_window, local.rope.rope_theta) == (3, 10000.0)
+    assert (glob.sliding_window, glob.rope.rope_theta) == (None, 1e6)
+    assert local.qk_norm == "head" and local.qk_norm_offset == 1.0 and local.query_pre_attn_scalar == 8
+    for family in ("gemma2", "gpt_oss"):
+        cfg = port_hf.tiny_config(family)
+        assert [spec.attention_config(cfg, i)[1].sliding_window for i in (0, 1)] == [3, None]
+    cfg = port_hf.tiny_config("qwen2")  # max_window_layers=1
+    assert [spec.attention_config(cfg, i)[1].sliding_window for i in (0, 1)] == [None, 3]
+    cfg = port_hf.tiny_config("qwen2", use_sliding_window=False, sliding_window=None, layer_types=None)
+    assert [spec.attention_config(cfg, i)[1].sliding_window for i in (0, 1)] == [None, None]
+    cfg = port_hf.tiny_config("gpt2")
+    assert spec.attention_config(cfg, 1)[1].logit_scale == pytest.approx(8**-0.5 / 2)
+    _, c = spec.attention_config(port_hf.tiny_config("gemma2"), 0)
+    assert (c.softcap, c.logit_scale, c.head_dim) == (2.0, 12**-0.5, 16)
+    # Gemma 3's attention ignores attn_logit_softcapping in transformers; so does the port.
+    assert (
+        spec.attention_config(port_hf.tiny_config("gemma3_text", attn_logit_softcapping=2.0), 0)[1].softcap
+        is None
+    )
+
+
+def _llama_dict(**kw):
+    d = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 64,
+    }
+    d.update(kw)
+    return d
+
+
+def test_legacy_config_json_keys():
+    """config.json dicts of older transformers: rope_theta/rope_scaling, rotary_pct, rope_local_base_freq."""
+    _, c = spec.attention_config(_llama_dict(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0}))
+    assert (c.rope.rope_type, c.rope.rope_theta, c.rope.factor) == ("linear", 5e5, 2.0)
+    neox = {"model_type": "gpt_neox", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2}
+    _, c = spec.attention_config(
+        {**neox, "rotary_pct": 0.5, "rotary_emb_base": 500.0, "attention_bias": True}
+    )
+    assert (c.R, c.rope.rope_theta, c.o_bias) == (4, 500.0, True)
+    g3 = {**_llama_dict(), "model_type": "gemma3_text", "head_dim": 8, "sliding_window": 4}
+    g3.update(rope_theta=1e6, rope_local_base_freq=1e4, sliding_window_pattern=2)
+    assert spec.attention_config(g3, 0)[1].rope.rope_theta == 1e4
+    assert spec.attention_config(g3, 1)[1].rope.rope_theta == 1e6
+    gpt2 = {"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2}
+    assert spec.attention_config(gpt2, 0)[1].hidden_size == 32
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (_llama_dict(model_type="t5"), "unsupported model_type='t5'"),
+        (_llama_dict(rope_parameters={"rope_type": "su2", "rope_theta": 1e4}), "unknown rope_type='su2'"),
+        (
+            _llama_dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1]}),
+            "mrope_section",
+        ),
+        (_llama_dict(model_type="mistral", layer_types=["full_attention"] * 2), "layer_types"),
+        (
+            _llama_dict(model_type="gemma2", sliding_window=4, use_bidirectional_attention=True),
+            "bidirectional",
+        ),
+        (_llama_dict(model_type="qwen2", layer_types=["sliding_attention"] * 2), "sliding_window=None"),
+        (_llama_dict(layer_types=["chunked_attention"] * 2, model_type="qwen3"), "layer_types\\[0\\]"),
+        (
+            {
+                "model_type": "bert",
+                "hidden_size": 8,
+                "num_attention_heads": 2,
+                "position_embedding_type": "relative_key",
+            },
+            "position_embedding_type",
+        ),
+    ],
+    ids=[
+        "model_type",
+        "rope_type",
+        "rope_key",
+        "mistral_layer_types",
+        "bidirectional",
+        "window_none",
+        "layer_type",
+        "bert_relative",
+    ],
+)
+def test_unsupported_knobs_raise(config, match):
+    with pytest.raises(ValueError, match=match):
+        spec.attention_config(config, 0)
+
+
+def test_layer_out_of_range():
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\); got layer=2"):
+        spec.attention_config(_llama_dict(), 2)
+
+
+def _both_raise(module, match, **kw):
+    errors = []
+    for twin in (jhf, thf):
+        with pytest.raises(ValueError, match=match) as info:
+            twin.from_hf(module, **kw)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+
+
+def test_module_knobs_raise_the_same_in_both_twins():
+    module, model = _module("bert")
+    _both_raise(module, "post-LN")
+    _both_raise(module.self, "BERT ports the BertAttention block")
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    cfg = port_hf.tiny_config("gpt2")
+    _both_raise(GPT2Attention(cfg, is_cross_attention=True, layer_idx=0), "is_cross_attention")
+    _both_raise(GPT2Attention(cfg, layer_idx=0).train(), "resid_pdrop")
+    with pytest.raises(ValueError, match="expected a transformers attention module"):
+        jhf.from_hf(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown family='t5'"):
+        jhf.to_hf_state_dict(jhf.from_hf(_module("llama")[0]), "t5")
+
+
+def test_training_mode_and_dropout_follow_the_module():
+    module, _ = _module("gpt2")  # attn_pdrop 0.1, resid_pdrop 0.1
+    module.config.resid_pdrop = 0.0
+    module.train()
+    t, j = thf.from_hf(module), jhf.from_hf(module)
+    assert t.training and not j.deterministic and t.config.dropout == 0.1
+    module.eval()
+    assert not thf.from_hf(module).training and jhf.from_hf(module).deterministic

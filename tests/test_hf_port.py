@@ -1,0 +1,99 @@
+"""``compare.port.check_port`` on transformers' attention modules: every family against transformers itself
+and the float64 reference (forward, gradients, left padding, cached decode), fp32 and bf16, and deliberately
+wrong ports caught."""
+
+import dataclasses
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from attn_spec import hf as spec  # noqa: E402
+from compare import port, port_hf  # noqa: E402
+
+# (family, layer): the layer that switches the family's special knob on (a window shorter than T, the
+# inverse-layer scale of GPT-2, ...).
+CASES = [
+    ("llama", 0),
+    ("mistral", 0),
+    ("qwen2", 1),  # max_window_layers=1: layer 1 slides
+    ("qwen3", 0),
+    ("gemma2", 0),  # sliding, soft-capped
+    ("gemma3_text", 1),  # global layer: theta 1e6, no window
+    ("phi3", 0),  # longrope past original_max_position_embeddings
+    ("olmo2", 0),
+    ("gpt_oss", 0),  # sliding, sinks, yarn
+    ("gpt_neox", 0),
+    ("gpt2", 1),  # scale / (layer + 1)
+    ("bert", 0),
+    ("vit", 0),
+]
+
+
+def _check(family, layer, dtype="float32", **kw):
+    module, _ = port_hf.tiny_module(family, layer, dtype, seed=layer)
+    if family == "bert":
+        kw["post_norm_outside"] = True
+    return module, port.check_port(module, print_table=False, **kw)
+
+
+@pytest.mark.parametrize("family,layer", CASES, ids=[f"{f}-L{i}" for f, i in CASES])
+def test_family_agrees_fp32(family, layer):
+    module, record = _check(family, layer)
+    bad = [
+        (p, a.quantity, a.max_abs, a.tol) for p, rows in record.agreements.items() for a in rows if not a.ok
+    ]
+    assert record.ok and record.round_trip_bit_exact, bad
+    assert record.kind == f"hf:{family}"
+    quantities = {a.quantity for a in record.agreements["jax_attn vs transformers"]}
+    params = {f"grad_{k}" for k in spec.state_dict_shapes(spec.describe_module(module, family == "bert")[1])}
+    assert {"out", "grad_x"} | params <= quantities
+    assert ("decode_out" in quantities) == (family not in ("bert", "vit"))
+    for a in record.agreements["jax_attn vs reference"]:
+        assert a.max_abs <= 1e-5 * max(1.0, abs(a.worst_expected)) or a.max_abs <= a.tol
+
+
+@pytest.mark.parametrize("family,layer", [("llama", 0), ("gemma2", 0), ("gpt_oss", 0), ("gpt2", 0)])
+def test_family_agrees_bf16(family, layer):
+    _, record = _check(family, layer, "bfloat16")
+    bad = [
+        (p, a.quantity, a.max_abs, a.tol) for p, rows in record.agreements.items() for a in rows if not a.ok
+    ]
+    assert record.ok and record.round_trip_bit_exact and record.dtype == "bfloat16", bad
+
+
+def test_rotary_layout_flipped_is_caught():
+    import jax_attn.hf as jhf
+
+    module, _ = port_hf.tiny_module("llama", 0)
+    good = jhf.from_hf(module, implementation="math")
+    c = good.config
+    flipped = dataclasses.replace(c, rope=dataclasses.replace(c.rope, layout="interleaved"))
+    wrong = jhf._build(flipped, good.torch_state_dict(), "math", training=False)
+    record = port.check_port(module, print_table=False, jax_port=wrong)
+    assert not record.ok
+    failed = {a.quantity for a in record.agreements["jax_attn vs transformers"] if not a.ok}
+    assert {"out", "decode_out"} <= failed
+    assert all(a.ok for a in record.agreements["torch_attn vs transformers"])
+
+
+def test_window_off_by_one_in_the_mapping_is_caught(monkeypatch):
+    """A mapping bug moves both twins and the reference together: transformers' own row catches it."""
+    real = spec.attention_config
+
+    def off_by_one(config, layer=0, **kw):
+        family, c = real(config, layer, **kw)
+        return family, dataclasses.replace(c, sliding_window=c.sliding_window + 1)
+
+    monkeypatch.setattr(spec, "attention_config", off_by_one)
+    module, _ = port_hf.tiny_module("mistral", 0)
+    record = port.check_port(module, print_table=False)
+    assert not record.ok
+    assert not all(a.ok for a in record.agreements["transformers vs reference"])
+    assert not all(a.ok for a in record.agreements["jax_attn vs transformers"])
+
+
+def test_check_port_argument_errors():
+    module, _ = port_hf.tiny_module("vit", 0)
+    with pytest.raises(ValueError, match="takes x"):
+        port.check_port(module, attn_mask=object(), print_table=False)

@@ -1,0 +1,397 @@
+"""Modern decoder attention (PyTorch twin of ``jax_attn/attention.py``): rotary embeddings, grouped query
+heads, QK-norm, a logit scale and soft-cap, sliding windows, learned sinks, padding masks and a KV cache
+(a ring buffer for sliding-window layers), configured by one ``attn_spec.attention.AttentionConfig``.
+
+Dimension key (see ``attn_spec``):
+
+    B  batch                     E  model width (hidden_size)
+    T  tokens in this call       N  query heads
+    S  keys attended             K  key/value heads, G = N // K
+    C  cache slots               H  head width (head_dim), R rotary width
+
+Order of operations (as transformers' decoder layers): ``q/k/v_proj`` → ``qk_norm="full"`` RMSNorm →
+split heads → ``qk_norm="head"`` RMSNorm → rotary on q and k → (cache) → attention → merge heads → ``o_proj``.
+
+KV cache: ``cache = attn.init_cache(B, max_length)`` holds ``C`` slots: ``max_length``, or ``min(window,
+max_length)`` for a sliding-window layer, used as a ring (slot = position mod C), so the memory of a window
+layer is bounded by its window. Each slot stores its token's sequence index (``pos``, -1 when empty) and
+whether it is a real token (``valid``), so masking is right after the ring wraps and for left-padded rows.
+A call attends over the C cached slots and its own T tokens (S = C + T), then writes the last ``min(T, C)``
+of them (``index_copy``: calls never modify the given cache, as in the JAX twin). Overflow (more than
+``max_length`` tokens in all) raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attn_spec.attention import (
+    AttentionConfig,
+    cache_slots,
+    check_attention_mask,
+    check_blocked,
+    check_cache,
+    check_dropout_mask,
+    check_implementation,
+    check_init_cache,
+    check_input,
+    check_position_ids,
+    check_state_dict,
+    select_implementation,
+    state_dict_shapes,
+)
+from torch_attn.flex import create_block_mask, flex_attention
+from torch_attn.rope import apply_rope, rope_cos_sin
+
+
+def _spec(x) -> tuple[tuple[int, ...], str]:
+    return tuple(x.shape), str(x.dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Cached keys and values.
+
+    Attributes:
+      k, v: ``(B, K, C, H)``, rotated keys and values.
+      pos: int64 ``(C,)``, the sequence index of the token in each slot, -1 for an empty slot.
+      valid: bool ``(B, C)``, whether each slot holds a real (non-padding) token.
+      index: int, the number of tokens seen so far.
+      max_length: the most tokens the cache accepts.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    valid: torch.Tensor
+    index: int
+    max_length: int
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis in float32, scaled by ``offset + weight`` and cast back."""
+
+    def __init__(self, size: int, eps: float, offset: float, *, device=None, dtype=None):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((size,), 1.0 - offset, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        normed = x32 * torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + self.eps)
+        return (normed * (self.offset + self.weight.to(torch.float32))).to(x.dtype)
+
+
+def attention_keep_mask(
+    q_pos_T: torch.Tensor, k_pos_S: torch.Tensor, k_valid_BS: torch.Tensor, config: AttentionConfig
+) -> torch.Tensor:
+    """bool ``(B, T, S)``, True = may attend: a filled, valid key slot, causal (key index ≤ query index)
+    and inside the window (distance < w; ``|distance| < w`` when bidirectional)."""
+    q, k = q_pos_T[:, None], k_pos_S[None, :]
+    keep_TS = k >= 0
+    if config.causal:
+        keep_TS = keep_TS & (k <= q)
+    if config.sliding_window is not None:
+        dist = q - k if config.causal else torch.abs(q - k)
+        keep_TS = keep_TS & (dist < config.sliding_window)
+    return keep_TS[None] & k_valid_BS[:, None, :]
+
+
+def dot_product_attention(
+    q_BNTH: torch.Tensor,
+    k_BKSH: torch.Tensor,
+    v_BKSH: torch.Tensor,
+    keep_BTS: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
+    sinks_N: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The readable dense core: ``softmax(cap(scale · q·k) masked, with sinks) · v`` in float32 (float64
+    inputs: float64).
+
+    Args:
+      q_BNTH: queries; k_BKSH, v_BKSH: keys and values, key/value head ``n // G`` serving query head n.
+      keep_BTS: bool, True = may attend. Fully masked rows give zeros.
+      scale: the logit scale; softcap: ``c`` in ``c · tanh(x / c)``, applied before the mask.
+      sinks_N: one logit per query head joining every row's softmax denominator, with no value.
+      dropout_p, dropout_mask (bool keep-mask broadcastable to (B, N, T, S)), generator: weight dropout.
+
+    Returns:
+      ``(B, N, T, H)`` in q's dtype.
+    """
+    B, N, T, H = q_BNTH.shape
+    K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+    G = N // K
+    acc = torch.promote_types(q_BNTH.dtype, torch.float32)  # fp32 at least: bf16/fp16 logits never round
+    q_BKGTH = q_BNTH.to(acc).reshape(B, K, G, T, H)
+    logits = torch.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH.to(acc)) * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    keep = keep_BTS[:, None, None]
+    logits = logits.masked_fill(~keep, -torch.inf)
+    m = torch.amax(logits, dim=-1, keepdim=True)
+    if sinks_N is not None:
+        sink = sinks_N.to(acc).reshape(1, K, G, 1, 1)
+        m = torch.maximum(m, sink)
+    m = torch.where(torch.isfinite(m), m, 0.0).detach()  # fully masked row: any shift works
+    e = torch.where(keep, torch.exp(logits - m), 0.0)
+    denom = torch.sum(e, dim=-1, keepdim=True)
+    if sinks_N is not None:
+        denom = denom + torch.exp(sink - m)
+    p = e / torch.where(denom > 0, denom, 1.0)  # fully masked without sinks: zeros
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = torch.empty((B, N, T, S), device=p.device).bernoulli_(
+                1.0 - dropout_p, generator=generator
+            )
+            dropout_mask = dropout_mask.bool()
+        keep_drop = torch.broadcast_to(dropout_mask, (B, N, T, S)).reshape(B, K, G, T, S)
+        p = torch.where(keep_drop, p / (1.0 - dropout_p), 0.0)
+    out = torch.einsum("bkgts,bksh->bkgth", p, v_BKSH.to(acc))
+    return out.reshape(B, N, T, H).to(q_BNTH.dtype)
+
+
+def _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, scale) -> torch.Tensor:
+    out_BNTH = F.scaled_dot_product_attention(
+        q_BNTH,
+        k_BKSH,
+        v_BKSH,
+        attn_mask=keep_BTS[:, None],
+        scale=scale,
+        enable_gqa=q_BNTH.shape[1] != k_BKSH.shape[1],
+    )
+    # Fully masked rows: zeros (our convention), whatever the selected kernel does with them.
+    any_BT = torch.any(keep_BTS, dim=-1)
+    return torch.where(any_BT[:, None, :, None], out_BNTH, 0.0).to(q_BNTH.dtype)
+
+
+def _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, config, sinks_N) -> torch.Tensor:
+    """The blocked path: FlexAttention over a ``BlockMask`` of causal ∧ window ∧ padding (key blocks
+    outside the window or fully padded are skipped, so prefill cost grows linearly with T at a fixed
+    window), the soft-cap as its ``score_mod``, and sinks applied afterwards as ``out · sigmoid(lse −
+    sink)`` (the sink's share ``e^sink / (Z + e^sink)`` of a row with key mass ``Z = e^lse``)."""
+    c = config
+    B, N, T, _ = q_BNTH.shape
+    S = k_BKSH.shape[2]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q, k = q_pos_T[q_idx], k_pos_S[kv_idx]
+        keep = (k >= 0) & k_valid_BS[b, kv_idx]
+        if c.causal:
+            keep = keep & (k <= q)
+        if c.sliding_window is not None:
+            keep = keep & ((q - k if c.causal else torch.abs(q - k)) < c.sliding_window)
+        return keep
+
+    score_mod = None
+    if c.softcap is not None:
+        score_mod = lambda score, b, h, q_idx, kv_idx: c.softcap * torch.tanh(score / c.softcap)
+    block_mask = create_block_mask(mask_mod, B, None, T, S, device=q_BNTH.device)
+    out_BNTH, lse_BNT = flex_attention(
+        q_BNTH, k_BKSH, v_BKSH, score_mod, block_mask, c.logit_scale, enable_gqa=c.G > 1, return_lse=True
+    )
+    if sinks_N is None:
+        return out_BNTH
+    share = torch.sigmoid(lse_BNT - sinks_N.to(lse_BNT.dtype)[None, :, None])
+    return (out_BNTH * share[..., None]).to(q_BNTH.dtype)
+
+
+class Attention(nn.Module):
+    """A decoder attention layer configured by :class:`attn_spec.attention.AttentionConfig`.
+
+    Args:
+      config: the layer (heads, head width, biases, rope, QK-norm, scale, soft-cap, window, sinks, causal,
+        dropout).
+      implementation: None (auto: math up to ``AUTO_MATH_MAX_LOGITS`` logits per head, blocked above once
+        available), ``"math"`` (the readable dense core, every knob), ``"fused"``
+        (``F.scaled_dot_product_attention``: no soft-cap, sinks or dropout) or ``"blocked"``.
+      device, dtype: of the parameters.
+
+    Parameters (``state_dict()`` keys, transformers' names, ``nn.Linear`` layout):
+    ``q_proj.weight (N·H, E)``, ``k_proj.weight (K·H, E)``, ``v_proj.weight (K·H, E)``,
+    ``o_proj.weight (E, N·H)``, ``<proj>.bias`` where configured, ``q_norm.weight``/``k_norm.weight``
+    ((H,) or (N·H,)/(K·H,)) with QK-norm, ``sinks (N,)`` with sinks.
+    """
+
+    def __init__(
+        self,
+        config: AttentionConfig,
+        *,
+        implementation: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        c = self.config = config
+        self.implementation = check_implementation(implementation, c)
+        kw = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(c.E, c.N * c.H, bias=c.q_bias, **kw)
+        self.k_proj = nn.Linear(c.E, c.K * c.H, bias=c.k_bias, **kw)
+        self.v_proj = nn.Linear(c.E, c.K * c.H, bias=c.v_bias, **kw)
+        self.o_proj = nn.Linear(c.N * c.H, c.E, bias=c.o_bias, **kw)
+        self.q_norm = self.k_norm = None
+        if c.qk_norm != "none":
+            width_q, width_k = (c.H, c.H) if c.qk_norm == "head" else (c.N * c.H, c.K * c.H)
+            self.q_norm = RMSNorm(width_q, c.qk_norm_eps, c.qk_norm_offset, **kw)
+            self.k_norm = RMSNorm(width_k, c.qk_norm_eps, c.qk_norm_offset, **kw)
+        self.sinks = nn.Parameter(torch.zeros(c.N, **kw)) if c.sinks else None
+
+    def extra_repr(self) -> str:
+        return f"implementation={self.implementation!r}, config={self.config}"
+
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens: zeros
+        ``(B, K, C, H)`` on the parameters' device and dtype, ``C = max_length`` or ``min(window,
+        max_length)``."""
+        c = self.config
+        check_init_cache(batch_size, max_length, c)
+        C = cache_slots(c, max_length)
+        w = self.k_proj.weight
+        shape = (batch_size, c.K, C, c.H)
+        return KVCache(
+            k=torch.zeros(shape, device=w.device, dtype=w.dtype),
+            v=torch.zeros(shape, device=w.device, dtype=w.dtype),
+            pos=torch.full((C,), -1, device=w.device, dtype=torch.int64),
+            valid=torch.zeros((batch_size, C), device=w.device, dtype=torch.bool),
+            index=0,
+            max_length=max_length,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        dropout_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+        """Attend within ``x`` and, with a cache, to the tokens cached before it.
+
+        Args:
+          x: ``(B, T, E)``.
+          attention_mask: ``(B, T)`` 1/0 (or bool) padding mask of these tokens; None: all real.
+          position_ids: ``(B, T)`` integer positions for the rotary embedding; None: ``index + 0..T-1``.
+            For left padding pass positions that skip the pads (transformers: ``cumsum(mask) - 1``).
+          cache: a :class:`KVCache` from :meth:`init_cache` or a previous call; None for a full pass.
+          dropout_mask: bool keep-mask broadcastable to ``(B, N, T, S)`` (S = T, or C + T with a cache).
+          generator: ``torch.Generator`` for the dropout draw; default: the global one.
+
+        Returns:
+          ``y (B, T, E)`` without a cache; ``(y, new_cache)`` with one.
+        """
+        c = self.config
+        B, T = check_input(_spec(x), c)
+        check_dropout_mask(dropout_mask is not None, self.training, c)
+        device = x.device
+        if attention_mask is not None:
+            check_attention_mask(*_spec(attention_mask), B, T)
+            valid_BT = attention_mask.to(torch.bool)
+        else:
+            valid_BT = torch.ones((B, T), device=device, dtype=torch.bool)
+        start = 0 if cache is None else int(cache.index)
+        if cache is not None:
+            check_cache(tuple(cache.k.shape), tuple(cache.v.shape), start, cache.max_length, B, T, c)
+        q_pos_T = start + torch.arange(T, device=device)
+        if position_ids is None:
+            position_ids = q_pos_T.expand(B, T)
+        else:
+            check_position_ids(*_spec(position_ids), B, T)
+
+        x_BTE = x  # torch's Linear does not promote: x must have the parameters' dtype
+        q, k, v = self.q_proj(x_BTE), self.k_proj(x_BTE), self.v_proj(x_BTE)
+        if c.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BNTH = q.view(B, T, c.N, c.H).transpose(1, 2)
+        k_BKTH = k.view(B, T, c.K, c.H).transpose(1, 2)
+        v_BKTH = v.view(B, T, c.K, c.H).transpose(1, 2)
+        if c.qk_norm == "head":
+            q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
+        if c.rope is not None:
+            cos_BTR, sin_BTR = rope_cos_sin(c.rope, c.H, position_ids)
+            q_BNTH = apply_rope(q_BNTH, cos_BTR, sin_BTR, c.rope.layout)
+            k_BKTH = apply_rope(k_BKTH, cos_BTR, sin_BTR, c.rope.layout)
+
+        if cache is None:
+            k_BKSH, v_BKSH, k_pos_S, k_valid_BS = k_BKTH, v_BKTH, q_pos_T, valid_BT
+        else:
+            dt = q_BNTH.dtype
+            k_BKSH = torch.cat([cache.k.to(dt), k_BKTH], dim=2)
+            v_BKSH = torch.cat([cache.v.to(dt), v_BKTH], dim=2)
+            k_pos_S = torch.cat([cache.pos, q_pos_T])
+            k_valid_BS = torch.cat([cache.valid, valid_BT], dim=1)
+        path = select_implementation(self.implementation, c, T, k_BKSH.shape[2])
+        if path == "blocked":
+            check_blocked(c)
+            y_BNTH = _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, self.sinks)
+        else:
+            keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c)
+            y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator)
+        y_BTE = self.o_proj(y_BNTH.transpose(1, 2).reshape(B, T, c.N * c.H))
+        if cache is None:
+            return y_BTE
+
+        # Write the chunk's last min(T, C) tokens into their ring slots (slot = sequence index mod C).
+        C = cache.k.shape[2]
+        M = min(T, C)
+        slots = (start + torch.arange(T - M, T, device=device)) % C
+        new_cache = KVCache(
+            k=cache.k.index_copy(2, slots, k_BKTH[:, :, T - M :].to(cache.k.dtype)),
+            v=cache.v.index_copy(2, slots, v_BKTH[:, :, T - M :].to(cache.v.dtype)),
+            pos=cache.pos.index_copy(0, slots, q_pos_T[T - M :]),
+            valid=cache.valid.index_copy(1, slots, valid_BT[:, T - M :]),
+            index=start + T,
+            max_length=cache.max_length,
+        )
+        return y_BTE, new_cache
+
+    def _attend(self, path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator) -> torch.Tensor:
+        c = self.config
+        if path == "fused":
+            return _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, c.logit_scale)
+        dropout_p = c.dropout if self.training else 0.0
+        return dot_product_attention(
+            q_BNTH,
+            k_BKSH,
+            v_BKSH,
+            keep_BTS,
+            c.logit_scale,
+            softcap=c.softcap,
+            sinks_N=self.sinks,
+            dropout_p=dropout_p,
+            dropout_mask=dropout_mask,
+            generator=generator,
+        )
+
+    def torch_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters under transformers' names (the same keys as ``state_dict()``), detached."""
+        params = dict(self.named_parameters())
+        return {key: params[key].detach().clone() for key in state_dict_shapes(self.config)}
+
+    def load_torch_state_dict(self, state_dict) -> None:
+        """Load a state dict (torch tensors or NumPy arrays, e.g. ``jax_attn``'s export) with exactly the
+        config's keys and shapes, casting to the parameter dtype; bit-exact when the dtypes agree."""
+        tensors = {key: _to_tensor(value) for key, value in state_dict.items()}
+        keys = check_state_dict({key: tuple(t.shape) for key, t in tensors.items()}, self.config)
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for key in keys:
+                params[key].copy_(tensors[key].to(params[key].dtype))
+
+
+def _to_tensor(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    a = np.asarray(value)
+    if a.dtype.name == "bfloat16":  # ml_dtypes bf16 from the JAX twin: through fp32, exactly
+        return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))

@@ -1,0 +1,333 @@
+"""FlexAttention in eager PyTorch, block-sparse: ``torch.nn.attention.flex_attention``'s API and
+semantics (twin of ``jax_attn/flex.py``), with a backward on CPU (torch's own has none there).
+
+Dimension key (see ``attn_spec``): B batch, N query heads (torch's Hq), K key/value heads (Hkv),
+G = N / K, T query length (L), S key length, H q/k head width (E), V value width (Ev).
+
+- ``score_mod(score, b, h, q_idx, kv_idx)`` rewrites each logit (already scaled) before the mask;
+  ``mask_mod(b, h, q_idx, kv_idx)`` returns True where a query may attend. Both are called with
+  broadcastable index tensors (not scalars under vmap as in torch), so a mod written with Python
+  operators (``q_idx >= kv_idx``, ``score * 2``) or with indexing of captured tensors
+  (``bias[q_idx - kv_idx]``) works unchanged, and a captured tensor that requires grad receives
+  gradients (autograd).
+- :func:`create_block_mask` cuts ``(Q_LEN, KV_LEN)`` into blocks and records, per ``(b, h, query
+  block)``, the partial and the full key blocks, exactly torch's tables. :func:`flex_attention` visits
+  only those blocks (``torch_attn.engine``), evaluating ``mask_mod`` only on the partial ones.
+- A row with nothing kept gives output 0 and lse -inf; lse is in natural log. Computation in float32
+  (float64 for float64 inputs), output in the query's dtype.
+- :class:`BlockMask` holds torch's fields; its tables are int32 tensors on ``device``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from attn_spec.blocks import block_sizes
+from attn_spec.flex import (
+    DEFAULT_BLOCK_SIZE,
+    block_size_pair,
+    block_string,
+    check_block_mask_args,
+    check_flex,
+    check_mod,
+)
+from torch_attn.engine import BlockTables, block_attention, dense_tables, tables_from_dense
+
+logger = logging.getLogger(__name__)
+
+
+def noop_mask(b, h, q_idx, kv_idx):
+    """A mask_mod that keeps everything."""
+    return torch.ones((), dtype=torch.bool, device=b.device)
+
+
+def and_masks(*mask_mods):
+    """A mask_mod that keeps what every one of ``mask_mods`` keeps."""
+    for mod in mask_mods:
+        check_mod(mod, "mask_mod")
+
+    def and_mask(b, h, q_idx, kv_idx):
+        result = torch.ones((), dtype=torch.bool, device=b.device)
+        for mod in mask_mods:
+            result = result & mod(b, h, q_idx, kv_idx)
+        return result
+
+    return and_mask
+
+
+def or_masks(*mask_mods):
+    """A mask_mod that keeps what any one of ``mask_mods`` keeps."""
+    for mod in mask_mods:
+        check_mod(mod, "mask_mod")
+
+    def or_mask(b, h, q_idx, kv_idx):
+        result = torch.zeros((), dtype=torch.bool, device=b.device)
+        for mod in mask_mods:
+            result = result | mod(b, h, q_idx, kv_idx)
+        return result
+
+    return or_mask
+
+
+def _index_grid(B, H, T, S, device=None):
+    """Broadcastable ``b (B,1,1,1)``, ``h (1,H,1,1)``, ``q_idx (1,1,T,1)``, ``kv_idx (1,1,1,S)``."""
+    return (
+        torch.arange(B, device=device).reshape(B, 1, 1, 1),
+        torch.arange(H, device=device).reshape(1, H, 1, 1),
+        torch.arange(T, device=device).reshape(1, 1, T, 1),
+        torch.arange(S, device=device).reshape(1, 1, 1, S),
+    )
+
+
+def create_mask(mod_fn, B, H, Q_LEN, KV_LEN, device=None) -> torch.Tensor:
+    """The dense ``(B, H, Q_LEN, KV_LEN)`` bool mask of a mask_mod (or, for a score_mod, where it leaves
+    the score finite). B or H None → 1. ``device``: where to build it (default CPU)."""
+    B, H, *_ = check_block_mask_args(B, H, Q_LEN, KV_LEN, DEFAULT_BLOCK_SIZE)
+    b, h, q, kv = _index_grid(B, H, Q_LEN, KV_LEN, device)
+    try:
+        check_mod(mod_fn, "mask_mod")
+        keep = mod_fn(b, h, q, kv)
+    except ValueError:
+        check_mod(mod_fn, "score_mod")
+        keep = ~torch.isneginf(mod_fn(torch.zeros((B, H, Q_LEN, KV_LEN), device=device), b, h, q, kv))
+    return torch.as_tensor(keep, device=device).expand(B, H, Q_LEN, KV_LEN).clone()
+
+
+class BlockMask:
+    """torch's ``BlockMask``: per ``(b, h, query block)`` the partial key blocks (``kv_num_blocks``,
+    ``kv_indices``: the first ``kv_num_blocks[b, h, i]`` entries of ``kv_indices[b, h, i]``) and the full
+    ones (``full_kv_*``), the same per key block for the query blocks (``q_*``, ``full_q_*``),
+    ``BLOCK_SIZE = (q, kv)``, ``seq_lengths = (Q_LEN, KV_LEN)`` and the ``mask_mod`` (evaluated on
+    partial blocks only). Tables are int32 ``(B|1, H|1, n_q)`` / ``(B|1, H|1, n_q, n_kv)``."""
+
+    _TABLES = (
+        "kv_num_blocks",
+        "kv_indices",
+        "full_kv_num_blocks",
+        "full_kv_indices",
+        "q_num_blocks",
+        "q_indices",
+        "full_q_num_blocks",
+        "full_q_indices",
+    )
+
+    def __init__(
+        self,
+        seq_lengths,
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        q_num_blocks,
+        q_indices,
+        full_q_num_blocks,
+        full_q_indices,
+        BLOCK_SIZE,
+        mask_mod,
+    ):
+        self.seq_lengths = tuple(seq_lengths)
+        self.kv_num_blocks, self.kv_indices = kv_num_blocks, kv_indices
+        self.full_kv_num_blocks, self.full_kv_indices = full_kv_num_blocks, full_kv_indices
+        self.q_num_blocks, self.q_indices = q_num_blocks, q_indices
+        self.full_q_num_blocks, self.full_q_indices = full_q_num_blocks, full_q_indices
+        self.BLOCK_SIZE = tuple(BLOCK_SIZE)
+        self.mask_mod = noop_mask if mask_mod is None else mask_mod
+
+    @classmethod
+    def from_kv_blocks(
+        cls,
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks=None,
+        full_kv_indices=None,
+        BLOCK_SIZE=DEFAULT_BLOCK_SIZE,
+        mask_mod=None,
+        seq_lengths=None,
+    ) -> BlockMask:
+        """A BlockMask from the kv tables alone (the q tables are their transposes). ``seq_lengths``
+        defaults to the block grid times the block size."""
+        bq, bkv = block_size_pair(BLOCK_SIZE)
+        n_q, n_kv = kv_indices.shape[-2], kv_indices.shape[-1]
+        if seq_lengths is None:
+            seq_lengths = (n_q * bq, n_kv * bkv)
+        partial = _ordered_to_dense(kv_num_blocks, kv_indices, n_kv)
+        q_num, q_idx = _dense_to_ordered(partial.transpose(-1, -2))
+        full_q_num = full_q_idx = None
+        if full_kv_num_blocks is not None:
+            full = _ordered_to_dense(full_kv_num_blocks, full_kv_indices, n_kv)
+            full_q_num, full_q_idx = _dense_to_ordered(full.transpose(-1, -2))
+        return cls(
+            seq_lengths,
+            kv_num_blocks,
+            kv_indices,
+            full_kv_num_blocks,
+            full_kv_indices,
+            q_num,
+            q_idx,
+            full_q_num,
+            full_q_idx,
+            (bq, bkv),
+            mask_mod,
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B|1, H|1, Q_LEN, KV_LEN)``."""
+        return (*self.kv_num_blocks.shape[:2], *self.seq_lengths)
+
+    def numel(self) -> int:
+        B, H, T, S = self.shape
+        return B * H * T * S
+
+    def sparsity(self) -> float:
+        """Percentage of the ``(B, H, Q_LEN, KV_LEN)`` entries in blocks that are not computed (torch's
+        definition: listed blocks count whole, so it can go below 0 with ragged last blocks)."""
+        computed = int(self.kv_num_blocks.sum())
+        if self.full_kv_num_blocks is not None:
+            computed += int(self.full_kv_num_blocks.sum())
+        return 100 * (1 - computed * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1] / self.numel())
+
+    def to_dense(self) -> torch.Tensor:
+        """The block-level mask ``(B|1, H|1, n_q, n_kv)`` int32: 1 where a block is partial or full."""
+        n_kv = self.kv_indices.shape[-1]
+        dense = _ordered_to_dense(self.kv_num_blocks, self.kv_indices, n_kv)
+        if self.full_kv_num_blocks is not None:
+            dense = dense | _ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, n_kv)
+        return dense.to(torch.int32)
+
+    def to_string(self, grid_size=(20, 20), limit: int = 4) -> str:
+        """An ASCII picture of the blocks per ``(b, h)`` (torch's drawing)."""
+        return block_string(self.to_dense().tolist(), grid_size, limit)
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, "
+            f"mask_mod={getattr(self.mask_mod, '__name__', self.mask_mod)})"
+        )
+
+
+def _ordered_to_dense(num, idx, n_cols):
+    """Block-level bool ``(..., n_rows, n_cols)`` from ordered tables."""
+    listed = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]  # (..., n_rows, n_entries)
+    hit = (idx[..., None] == torch.arange(n_cols, device=idx.device)) & listed[..., None]
+    return hit.any(dim=-2)
+
+
+def _dense_to_ordered(dense):
+    tabs = tables_from_dense(dense, dense)
+    return tabs.kv_num, tabs.kv_idx
+
+
+def _block_counts(mask_mod, B, H, T, S, bq, bkv, n_q, n_kv, device=None):
+    """How many entries of each ``(bq, bkv)`` block ``mask_mod`` keeps, ``(B, H, n_q, n_kv)``, one query
+    block of rows at a time (memory ``B·H·bq·S``, never the dense mask). Entries past T or S count as
+    masked, so a block that runs past the lengths is never full."""
+    b, h, _, _ = _index_grid(B, H, 1, 1, device)
+    cols = torch.arange(n_kv * bkv, device=device)
+    kv_idx = cols.clamp(max=S - 1).reshape(1, 1, 1, -1)
+    counts = []
+    for i in range(n_q):
+        rows = i * bq + torch.arange(bq, device=device)
+        q_idx = rows.clamp(max=T - 1).reshape(1, 1, -1, 1)
+        valid = (rows[:, None] < T) & (cols[None, :] < S)
+        keep = (
+            torch.as_tensor(mask_mod(b, h, q_idx, kv_idx), device=device).expand(B, H, bq, n_kv * bkv) & valid
+        )
+        counts.append(keep.reshape(B, H, bq, n_kv, bkv).sum(dim=(2, 4), dtype=torch.int32))
+    return torch.stack(counts, dim=2)
+
+
+def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=DEFAULT_BLOCK_SIZE) -> BlockMask:
+    """torch's ``create_block_mask``: the BlockMask of ``mask_mod(b, h, q_idx, kv_idx)`` for
+    ``(B, H, Q_LEN, KV_LEN)`` (B or H None → 1, broadcast), blocks of ``BLOCK_SIZE`` (an int or a
+    ``(q, kv)`` pair). A block whose entries are all kept is full, one with some kept partial; a block
+    that runs past Q_LEN or KV_LEN is never full. ``kv_indices`` has one entry per key block.
+    ``device``: where the tables live (default CPU)."""
+    check_mod(mask_mod, "mask_mod")
+    B, H, bq, bkv, n_q, n_kv = check_block_mask_args(B, H, Q_LEN, KV_LEN, BLOCK_SIZE)
+    counts = _block_counts(mask_mod, B, H, Q_LEN, KV_LEN, bq, bkv, n_q, n_kv, device)
+    full = counts == bq * bkv
+    partial = (counts > 0) & ~full
+    kv = tables_from_dense(partial, full)
+    q = tables_from_dense(partial.transpose(-1, -2), full.transpose(-1, -2))
+    return BlockMask(
+        (Q_LEN, KV_LEN),
+        kv.kv_num,
+        kv.kv_idx,
+        kv.full_num,
+        kv.full_idx,
+        q.kv_num,
+        q.kv_idx,
+        q.full_num,
+        q.full_idx,
+        (bq, bkv),
+        mask_mod,
+    )
+
+
+def _spec(x):
+    return (tuple(x.shape), str(x.dtype).removeprefix("torch."))
+
+
+def flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod=None,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+):
+    """``torch.nn.attention.flex_attention.flex_attention``, block-sparse in eager torch.
+
+    Args:
+      query: ``(B, N, T, H)``. key: ``(B, K, S, H)``. value: ``(B, K, S, V)``.
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx)`` → new score, applied before the mask.
+      block_mask: a :class:`BlockMask` for ``(T, S)`` (batch and heads 1 or as the query's); None keeps
+        everything.
+      scale: logit scale; default ``1 / sqrt(H)``.
+      enable_gqa: query head n uses key/value head ``n // G``.
+      return_lse: also return the log-sum-exp ``(B, N, T)`` (natural log, -inf for empty rows).
+
+    Returns:
+      ``(B, N, T, V)`` in the query's dtype, and with ``return_lse`` the lse in the compute dtype.
+    """
+    if score_mod is not None:
+        check_mod(score_mod, "score_mod")
+    if block_mask is not None and not isinstance(block_mask, BlockMask):
+        raise ValueError(
+            f"flex_attention: block_mask must be a BlockMask or None, got {type(block_mask).__name__}"
+        )
+    shapes = check_flex(
+        query=_spec(query),
+        key=_spec(key),
+        value=_spec(value),
+        enable_gqa=enable_gqa,
+        scale=scale,
+        block_mask=None if block_mask is None else (block_mask.shape, block_mask.BLOCK_SIZE),
+    )
+    B, N, K, T, S, H = shapes.B, shapes.N, shapes.K, shapes.T, shapes.S, shapes.H
+    ct = torch.promote_types(query.dtype, torch.float32)
+    scale = 1.0 / (H**0.5) if scale is None else scale
+    # the scale folded into q: one multiply of (T, H) instead of one per block of logits
+    q = (query.to(ct) * scale).reshape(B, K, shapes.G, T, H)
+    if block_mask is None:
+        bt, bs = block_sizes(T, S)
+        tables, mask_fn = dense_tables(T, S, bt, bs), None
+    else:
+        bt, bs = block_mask.BLOCK_SIZE
+        tables = BlockTables(
+            block_mask.kv_num_blocks,
+            block_mask.kv_indices,
+            block_mask.full_kv_num_blocks,
+            block_mask.full_kv_indices,
+        )
+        mask_fn = None if block_mask.mask_mod is noop_mask else block_mask.mask_mod
+    out, lse = block_attention(
+        q, key.to(ct), value.to(ct), tables, T=T, S=S, bt=bt, bs=bs, score_fn=score_mod, mask_fn=mask_fn
+    )
+    out = out.reshape(B, N, T, shapes.V).to(query.dtype)
+    return (out, lse.reshape(B, N, T)) if return_lse else out
