@@ -168,7 +168,7 @@ def block_string(dense, grid_size=(20, 20), limit: int = 4) -> str:
     for b, per_b in enumerate(dense):
         for h, rows in enumerate(per_b):
             if len(pictures) == limit:
-                pictures.append("...")
+                pictures += ["...", "To print out more, set BlockMask.to_string(limit=N)"]
                 return "\n".join(pictures)
             n_r, n_c = len(rows), len(rows[0]) if rows else 0
             rs, cs = max(1, cdiv(n_r, grid_size[0])), max(1, cdiv(n_c, grid_size[1]))
