@@ -38,9 +38,13 @@ def test_attention_preset_plans_only_attention_rows():
     jobs = plan_jobs(preset, list(IMPLS) + list(impls_attention.ATTENTION_IMPLS))
     flat = [j for js in jobs.values() for j in js]
     assert {j["impl"] for j in flat} == {i.name for i in impls_attention.ATTENTION_IMPLS}
-    for j in flat:
-        decode = ".decode" in j["impl"]
-        if decode and j["case"]["mode"] == FORWARD_BACKWARD:
-            assert j["skip"]
-        if not decode and not j["case"]["window"] and j["case"]["T"] > 4096:
-            assert j["skip"]
+    for impl in impls_attention.ATTENTION_IMPLS:
+        for case in preset.cases:
+            reason = impl.applies(case, "cpu")
+            decode = impl.family == "attention_decode"
+            if decode and case.mode == FORWARD_BACKWARD:
+                assert reason == "decode rows: forward only"
+            elif not decode and not case.window and case.T > 4096:
+                assert "without a window is a decode-only case" in reason
+            else:
+                assert reason is None
