@@ -6,9 +6,9 @@ head 64, default rope (``Case.N``/``Case.H`` are the query heads and head width;
   (w.r.t. x and the parameters); causal cases use ``implementation=None`` (math up to 2048² logits,
   blocked above), window cases (``Case.window``) the blocked path (BlockMask: key blocks outside the window
   skipped).
-- decode (family ``attention_decode``, forward only): one new token per call against a cache holding
-  ``T - 1`` tokens (``T`` = the cache's ``max_length``; a window layer's ring holds ``window`` slots);
-  tokens/s = B / time.
+- decode (family ``attention_decode``, forward only, ``implementation=None``: the math path for one query
+  row): one new token per call against a cache holding ``T - 1`` tokens (``T`` = the cache's
+  ``max_length``; a window layer's ring holds ``window`` slots); tokens/s = B / time.
 
 Rows: ``jax_attn.attention[jit]`` (the ratios' numerator), ``torch_attn.attention[eager]`` (the twin) and
 ``torch.compile(torch_attn.attention)`` (opt-in with ``--compile``; compile time reported separately as
@@ -76,12 +76,12 @@ def _implementation(case: Case) -> str | None:
 # ------------------------------------------------------------------------------------------------ JAX
 
 
-def _jax_model(case: Case):
+def _jax_model(case: Case, implementation: str | None):
     from flax import nnx
 
     from jax_attn.attention import Attention
 
-    model = Attention(config(case), implementation=_implementation(case), rngs=nnx.Rngs(SEED))
+    model = Attention(config(case), implementation=implementation, rngs=nnx.Rngs(SEED))
     model.deterministic = True
     graphdef, state = nnx.split(model)
     return model, graphdef, _jax_cast_floats(state, case.dtype)
@@ -90,7 +90,7 @@ def _jax_model(case: Case):
 def build_jax_prefill(case: Case, ctx: Context) -> Prepared:
     from flax import nnx
 
-    model, graphdef, state = _jax_model(case)
+    model, graphdef, state = _jax_model(case, _implementation(case))
 
     def f(state, x_BTE):
         return nnx.merge(graphdef, state)(x_BTE)
@@ -121,7 +121,7 @@ def _filled_jax_cache(model, case: Case):
 def build_jax_decode(case: Case, ctx: Context) -> Prepared:
     from flax import nnx
 
-    model, graphdef, state = _jax_model(case)
+    model, graphdef, state = _jax_model(case, None)  # auto: one query row is the math path
     cache = _filled_jax_cache(model, case)
 
     def f(state, x_B1E, cache):
@@ -138,13 +138,13 @@ def build_jax_decode(case: Case, ctx: Context) -> Prepared:
 # ---------------------------------------------------------------------------------------------- torch
 
 
-def _torch_model(case: Case, ctx: Context):
+def _torch_model(case: Case, ctx: Context, implementation: str | None):
     import torch
 
     from torch_attn.attention import Attention
 
     torch.manual_seed(SEED)
-    model = Attention(config(case), implementation=_implementation(case))
+    model = Attention(config(case), implementation=implementation)
     return model.to(device=ctx.device, dtype=getattr(torch, case.dtype)).eval()
 
 
@@ -152,7 +152,7 @@ def _build_torch_prefill(compiled: bool):
     def build(case: Case, ctx: Context) -> Prepared:
         import torch
 
-        model = _torch_model(case, ctx)
+        model = _torch_model(case, ctx, _implementation(case))
         f = model
         if compiled:
             torch._dynamo.reset()
@@ -197,7 +197,7 @@ def _build_torch_decode(compiled: bool):
     def build(case: Case, ctx: Context) -> Prepared:
         import torch
 
-        model = _torch_model(case, ctx)
+        model = _torch_model(case, ctx, None)  # auto: one query row is the math path
         cache = _filled_torch_cache(model, case, ctx)
         x = _torch_random((case.B, 1, case.E), case, ctx, 8)
         f = model
