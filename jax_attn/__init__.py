@@ -1,5 +1,6 @@
 """JAX/Flax attention with PyTorch's semantics. Twin of ``torch_attn``; imports no torch."""
 
+from jax_attn.attention import Attention
 from jax_attn.causal import CausalSelfAttention, KVCache
 from jax_attn.flex import BlockMask, create_block_mask, flex_attention
 from jax_attn.functional import (
@@ -18,6 +19,7 @@ from jax_attn.masks import (
 from jax_attn.mha import MultiheadAttention, multi_head_attention_forward
 
 __all__ = [
+    "Attention",
     "BlockMask",
     "CausalSelfAttention",
     "KVCache",

@@ -1,5 +1,6 @@
 """PyTorch attention, the readable twin of ``jax_attn``; imports no jax."""
 
+from torch_attn.attention import Attention
 from torch_attn.causal import CausalSelfAttention, KVCache
 from torch_attn.flex import BlockMask, create_block_mask, flex_attention
 from torch_attn.functional import (
@@ -18,6 +19,7 @@ from torch_attn.masks import (
 from torch_attn.mha import MultiheadAttention, multi_head_attention_forward
 
 __all__ = [
+    "Attention",
     "BlockMask",
     "CausalSelfAttention",
     "KVCache",

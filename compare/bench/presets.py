@@ -223,6 +223,38 @@ def flex(device: str) -> Preset:
     )
 
 
-PRESETS = {"perf": perf, "flex": flex, "quick": quick, "full": full, "gpu": gpu, "smoke": smoke}
+def attention(device: str) -> Preset:
+    """The decoder ``Attention`` twins (``compare.bench.impls_attention``), a Llama-like layer (hidden
+    1024, 16 heads, 4 kv heads, head 64), B1: causal prefill T 2048 forward and forward+backward; window
+    512 prefill T 4096 and 16384 (forward); per-token decode against caches of 2048 and 8192 tokens and a
+    window-512 ring."""
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    c = lambda T, mode, window=None: Case(
+        B=1, N=16, T=T, H=64, causal=True, dtype=dtype, mode=mode, window=window
+    )
+    cases = [c(2048, m) for m in MODES] + [c(8192, FORWARD)] + [c(T, FORWARD, 512) for T in (4096, 16384)]
+    return Preset(
+        name="attention",
+        device=device,
+        cases=tuple(cases),
+        gemm_n=1024,
+        timing=TimingSettings(
+            warmup_runs=1, warmup_s=0.0, min_runs=5, min_time_s=0.0, budget_s=2.0, floor_runs=2
+        ),
+        plot_config=(1, 16, 64),
+        families=frozenset({"attention", "attention_decode"}),
+        extra_impls=("compare.bench.impls_attention:ATTENTION_IMPLS",),
+    )
+
+
+PRESETS = {
+    "perf": perf,
+    "flex": flex,
+    "attention": attention,
+    "quick": quick,
+    "full": full,
+    "gpu": gpu,
+    "smoke": smoke,
+}
 
 __all__ = ["Case", "FORWARD", "FORWARD_BACKWARD", "PRESETS", "Preset", "full", "gpu", "quick", "smoke"]
