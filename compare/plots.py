@@ -4,7 +4,7 @@ and ``bench_ratio.png`` (speedups).
 
 An implementation has the same colour in every figure (:func:`impl_color`: a fixed table, and a hash of
 the name for implementations the table does not know yet). Files are written through
-:func:`compare.bench.report.atomic_write`.
+:func:`compare.fileio.atomic_write`. This module imports no report module (they import it).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 from compare.bench.flops import MODES
+from compare.fileio import atomic_write
 
 # ------------------------------------------------------------------------------------------ colours
 
@@ -73,8 +74,6 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    from compare.bench.report import atomic_write
-
     atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
     return Path(path)
 
@@ -84,6 +83,19 @@ def _save(fig, path: Path) -> Path:
 #: the colour scale of the heatmap: log10(error / tolerance) from 1e-4 (deep blue) through 1 (white, the
 #: tolerance line) to 1e2 (deep red)
 LOG_RANGE = (-4.0, 2.0)
+
+
+def fmt_ratio(x: float | None) -> str:
+    """A worst error / tolerance for a table cell."""
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    if x == 0:
+        return "0"
+    if x >= 10:
+        return f"{x:.0f}"
+    return f"{x:.2f}" if x >= 0.01 else f"{x:.0e}"
 
 
 def agreement_grid(m: dict, dtype: str) -> tuple[list[str], list[str], list[list[float]]]:
@@ -108,17 +120,15 @@ def agreement_grid(m: dict, dtype: str) -> tuple[list[str], list[str], list[list
     return rows, impls, grid
 
 
-def plot_agreement(records: list[dict], path: Path) -> Path:
+def plot_agreement(ms: list[dict], verdict_line: str, path: Path) -> Path:
     """Per kind (a row of panels) and dtype (a panel): worst error / tolerance of every pair over all
     cases and quantities, implementations × implementations with the oracle as the first row; log colour
     scale, diverging at 1 (the tolerance line); cells above it are outlined."""
     import matplotlib.colors as mcolors
     import numpy as np
 
-    from compare import report
-
     plt = _pyplot()
-    ms = report.matrices(records) or [{"kind": "none", "impls": [], "dtypes": [], "pairs": {}, "cases": 0}]
+    ms = ms or [{"kind": "none", "impls": [], "dtypes": [], "pairs": {}, "cases": 0}]
     ncols = max(1, max(len(m["dtypes"]) for m in ms))
     most = max(1, max(len(m["impls"]) for m in ms))
     cell = 0.62
@@ -156,7 +166,7 @@ def plot_agreement(records: list[dict], path: Path) -> Path:
                     ax.text(
                         c,
                         r,
-                        report.fmt_ratio(x),
+                        fmt_ratio(x),
                         ha="center",
                         va="center",
                         fontsize=6.5,
@@ -177,9 +187,9 @@ def plot_agreement(records: list[dict], path: Path) -> Path:
         ticks = list(range(int(LOG_RANGE[0]), int(LOG_RANGE[1]) + 1))
         bar.set_ticks(ticks, labels=[f"{10.0**t:g}" for t in ticks])
         bar.set_label("worst max-abs error / tolerance (1 = tolerance line; > 1 fails, outlined)")
-    ok, line = report.verdict(records)
     fig.suptitle(
-        f"Agreement: worst error / tolerance per pair, over all cases and quantities. {line}", fontsize=10
+        f"Agreement: worst error / tolerance per pair, over all cases and quantities. {verdict_line}",
+        fontsize=10,
     )
     out = _save(fig, path)
     plt.close(fig)
@@ -332,7 +342,9 @@ def plot_ratio(doc: dict, path: Path) -> None:
         s
         for s in doc["ratios"]
         if not s.get("window")
-        and (B is None or s["B"] == B) and (N is None or s["N"] == N) and (H is None or s["H"] == H)
+        and (B is None or s["B"] == B)
+        and (N is None or s["N"] == N)
+        and (H is None or s["H"] == H)
     ]
     fig, axes, modes = _panels(plt, doc)
     families = sorted({s["family"] for s in ratios})

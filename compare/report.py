@@ -19,6 +19,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from compare import plots
+from compare.plots import fmt_ratio
 from compare.tolerance import policy_table
 
 #: version of ``agreement.json``; files without a ``schema`` field are version 1 (a list of record dicts)
@@ -250,19 +252,6 @@ def summarize(records: list[dict]) -> list[dict]:
                 }
         rows.append(row)
     return rows
-
-
-def fmt_ratio(x: float | None) -> str:
-    """A worst error / tolerance for a table cell."""
-    if x is None:
-        return "-"
-    if math.isinf(x):
-        return "inf"
-    if x == 0:
-        return "0"
-    if x >= 10:
-        return f"{x:.0f}"
-    return f"{x:.2f}" if x >= 0.01 else f"{x:.0e}"
 
 
 def failure_line(r: dict) -> str:
@@ -544,9 +533,7 @@ def write_agreement(
         ),
     ]
     if picture:
-        from compare import plots
-
-        paths.append(plots.plot_agreement(records, folder / "agreement.png"))
+        paths.append(plots.plot_agreement(matrices(records), verdict(records)[1], folder / "agreement.png"))
     return paths
 
 
@@ -562,9 +549,7 @@ def rerender(folder: str | Path) -> list[Path]:
             records, loaded["environment"], loaded["precision"], loaded["device"], loaded["generated"]
         )
         written.append(write_atomic(folder / "agreement.md", md))
-        from compare import plots
-
-        written.append(plots.plot_agreement(records, folder / "agreement.png"))
+        written.append(plots.plot_agreement(matrices(records), verdict(records)[1], folder / "agreement.png"))
     if (folder / "bench.json").exists():
         from compare.bench import report as bench_report
 

@@ -75,6 +75,6 @@ def test_agreement_grid_has_the_oracle_row_and_symmetric_pairs(monkeypatch):
             if i != j:
                 assert grid[i + 1][j] == grid[j + 1][i]
     saved = _figures(monkeypatch)
-    plots.plot_agreement(records, "agreement.png")
+    plots.plot_agreement(report.matrices(records), report.verdict(records)[1], "agreement.png")
     (fig,) = saved
     assert len([ax for ax in fig.axes if ax.get_images()]) == 3  # one panel per dtype

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 from compare.bench.flops import MODES
+from compare.fileio import atomic_write  # noqa: F401 (re-exported)
 
 CASE_FIELDS = ("mode", "causal", "dtype", "B", "N", "T", "H", "window")
 
@@ -225,18 +224,6 @@ def skip_summary(records: list[dict]) -> list[tuple[str, str, int]]:
 
 
 # ------------------------------------------------------------------------------------------- files
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then ``os.replace(tmp, path)``: readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
