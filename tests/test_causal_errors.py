@@ -35,8 +35,8 @@ CONSTRUCTOR = {
     "unknown_impl": (
         (24, 4),
         {"implementation": "flash"},
-        "implementation must be None ('auto', see attn_spec.dispatch) or one of ('math', 'fused', 'blocked'); "
-        "got implementation='flash'",
+        "implementation must be None ('auto', see attn_spec.dispatch) or one of "
+        "('math', 'fused', 'blocked'); got implementation='flash'",
     ),
     "fused_dropout": (
         (24, 4, None, True, 0.1),
