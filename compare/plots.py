@@ -21,7 +21,7 @@ from compare.fileio import atomic_write
 #: the lines a reader compares in ``bench.png`` (besides the fastest torch implementation of each panel);
 #: the only place where implementation names are written down for the pictures
 HEADLINE = (
-    "jax_attn.sdpa[jit]",  # jax_attn's default path
+    "jax_attn.auto.sdpa[jit]",  # jax_attn's default path (implementation=None)
     "torch_attn.sdpa[eager]",  # the eager torch twin
     "flax.nnx.MHA[jit]",  # flax nnx
     "jax.nn.dpa[xla]",  # jax.nn.dot_product_attention
@@ -29,7 +29,8 @@ HEADLINE = (
 
 #: fixed colours, so that an implementation looks the same in every figure and every run
 IMPL_COLORS = {
-    "jax_attn.sdpa[jit]": "#1f77b4",
+    "jax_attn.auto.sdpa[jit]": "#1f77b4",
+    "jax_attn.sdpa[jit]": "#aec7e8",
     "torch_attn.sdpa[eager]": "#ff7f0e",
     "flax.nnx.MHA[jit]": "#2ca02c",
     "jax.nn.dpa[xla]": "#9467bd",
@@ -52,6 +53,27 @@ IMPL_COLORS = {
     "torch_attn.MHA[eager,weights]": "#e7969c",
     "jax_attn.CSA[jit]": "#637939",
     "torch_attn.CSA[eager]": "#d6616b",
+    "jax_attn.auto.MHA[jit]": "#2171b5",
+    "jax_attn.auto.CSA[jit]": "#4a6b1f",
+    "jax_attn.blocked.CSA[jit]": "#a1d99b",
+    "torch_attn.fused.sdpa[eager]": "#fd8d3c",
+    "torch_attn.auto.sdpa[eager]": "#e6550d",
+    "torch_attn.fused.MHA[eager]": "#fdd0a2",
+    "torch_attn.auto.MHA[eager]": "#a63603",
+    "torch_attn.fused.CSA[eager]": "#f4a6ad",
+    "torch_attn.auto.CSA[eager]": "#7f2704",
+    "jax_attn.flex[jit]": "#17456e",
+    "jax_attn.blocked.sdpa+mask[jit]": "#5b9bd5",
+    "torch_attn.flex[eager]": "#ffbb78",
+    "torch.flex[eager]": "#98df8a",
+    "torch.compile(flex)": "#ff9896",
+    "torch.F.sdpa+mask": "#c5b0d5",
+    "jax_attn.attention[jit]": "#0b3d91",
+    "torch_attn.attention[eager]": "#f28e2b",
+    "torch.compile(torch_attn.attention)": "#c49c94",
+    "jax_attn.attention.decode[jit]": "#4e79a7",
+    "torch_attn.attention.decode[eager]": "#e15759",
+    "torch.compile(torch_attn.attention.decode)": "#f7b6d2",
 }
 _FALLBACK = (
     "#7f7f7f", "#b5cf6b", "#cedb9c", "#8ca252", "#bd9e39", "#e7ba52", "#ad494a", "#7b4173", "#ce6dbd",

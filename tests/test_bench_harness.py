@@ -237,7 +237,7 @@ def test_end_to_end_writes_json_md_png(tmp_path):
         "--out",
         str(out),
         "--impl",
-        "jax_attn.sdpa",
+        "jax_attn.auto.sdpa",
         "--impl",
         "torch_attn.sdpa",
         "--impl",
@@ -257,7 +257,7 @@ def test_end_to_end_writes_json_md_png(tmp_path):
     assert {r["impl"] for r in recs} == {
         "gemm[jax]",
         "gemm[torch]",
-        "jax_attn.sdpa[jit]",
+        "jax_attn.auto.sdpa[jit]",
         "torch_attn.sdpa[eager]",
         "torch.F.sdpa[flash]",
     }
@@ -286,7 +286,7 @@ def test_end_to_end_writes_json_md_png(tmp_path):
     assert all(r["precision"]["pinned"] for r in recs)
     assert len(doc["ratios"]) == 8 and all(s["speedup_vs_torch_attn"] > 0 for s in doc["ratios"])
     md = (out / "bench.md").read_text()
-    assert "Speed ratios" in md and "jax_attn.sdpa[jit]" in md
+    assert "Speed ratios" in md and "jax_attn.auto.sdpa[jit]" in md
 
 
 def test_time_budget_skips_the_remaining_jobs():

@@ -8,10 +8,13 @@ import report_fixtures
 
 from compare import plots, report
 from compare.bench.impls import IMPLS
+from compare.bench.impls_attention import ATTENTION_IMPLS
+from compare.bench.impls_flex import FLEX_IMPLS
 
 
 def test_every_implementation_has_its_own_fixed_colour():
-    names = [impl.name for impl in IMPLS]
+    names = [impl.name for impl in (*IMPLS, *FLEX_IMPLS, *ATTENTION_IMPLS)]
+    assert all(n in plots.IMPL_COLORS for n in names), [n for n in names if n not in plots.IMPL_COLORS]
     colours = [plots.impl_color(n) for n in names]
     assert len(set(colours)) == len(colours)
     assert plots.impl_color("some.future[impl]") == plots.impl_color("some.future[impl]")

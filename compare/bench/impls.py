@@ -13,7 +13,8 @@ runs it and the vector-Jacobian product with a fixed random cotangent: ``jax.vjp
 Families group what is comparable for the speed ratios: ``sdpa`` (attention on ``(B, N, T, H)``
 tensors), ``mha`` / ``mha+weights`` (a ``MultiheadAttention`` module on ``(B, T, E)``, with and without
 returning the weights), ``csa`` (causal self-attention module). The entry with ``role="jax_attn"`` is
-the numerator of a family's ratios, ``role="torch_attn"`` its eager twin.
+the numerator of a family's ratios (the default call, ``implementation=None``, where the family has
+one), ``role="torch_attn"`` its eager twin (the readable math path).
 
 Entries whose module does not exist yet (``requires``) are recorded as ``skipped`` with the ImportError,
 so they start measuring as soon as the module lands.
@@ -584,7 +585,6 @@ IMPLS: tuple[Impl, ...] = (
         "sdpa",
         build_jax_attn_sdpa,
         "jax_attn SDPA under jax.jit",
-        role="jax_attn",
     ),
     Impl(
         "jax_attn.blocked.sdpa[jit]",
@@ -609,6 +609,7 @@ IMPLS: tuple[Impl, ...] = (
         "sdpa",
         build_jax_attn_sdpa_auto,
         "jax_attn SDPA, the default call (implementation=None: auto) under jax.jit",
+        role="jax_attn",
     ),
     Impl("jax.nn.dpa[xla]", "jax", "sdpa", _build_jax_nn_dpa("xla"), "jax.nn.dot_product_attention, XLA"),
     Impl(
@@ -626,7 +627,6 @@ IMPLS: tuple[Impl, ...] = (
         "mha",
         _build_jax_attn_mha(need_weights=False),
         "jax_attn.MultiheadAttention(need_weights=False) under jax.jit",
-        role="jax_attn",
         requires=("jax_attn", "MultiheadAttention"),
     ),
     Impl(
@@ -643,6 +643,7 @@ IMPLS: tuple[Impl, ...] = (
         "mha",
         _build_jax_attn_mha(need_weights=False, implementation=None),
         "jax_attn.MultiheadAttention(need_weights=False), the default implementation (auto), under jax.jit",
+        role="jax_attn",
         requires=("jax_attn", "MultiheadAttention"),
     ),
     Impl(
@@ -660,7 +661,6 @@ IMPLS: tuple[Impl, ...] = (
         "csa",
         build_jax_attn_csa,
         "jax_attn.CausalSelfAttention under jax.jit",
-        role="jax_attn",
         applies=_causal_only,
         requires=("jax_attn", "CausalSelfAttention"),
     ),
@@ -679,6 +679,7 @@ IMPLS: tuple[Impl, ...] = (
         "csa",
         _build_jax_attn_csa(None),
         "jax_attn.CausalSelfAttention, the default implementation (auto), under jax.jit",
+        role="jax_attn",
         applies=_causal_only,
         requires=("jax_attn", "CausalSelfAttention"),
     ),
