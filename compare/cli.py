@@ -444,7 +444,8 @@ def run_default(args) -> int:
             for bad, what in ((vec_status, "VECTOR CHECK FAILED"), (bench_status, "BENCHMARK FAILED"))
             if bad
         )
-    console.rule()
+    if console.is_terminal:  # in a log the verdict line itself separates the phases from the summary
+        console.rule()
     print_verdict(console, ok, line)
     if records is not None:
         print_agreement(console, records, verbose=args.verbose, verdict=False)

@@ -26,6 +26,7 @@ the rank-3 mask case uses N == Nh so that a per-batch / per-head mix-up shows.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -446,6 +447,10 @@ def run_torch_builtin(vec: Vector) -> dict[str, np.ndarray]:
             "on fully-masked rows"
         )
     module = torch.nn.MultiheadAttention(c.E, c.num_heads, **_ctor_kwargs(c), dtype=getattr(torch, c.dtype))
+    # Some vectors mix a bool key_padding_mask with a float attn_mask on purpose (torch still accepts it);
+    # its deprecation warning would land in the middle of the main job's log on every run. The filter is
+    # process-wide (catch_warnings is not thread-safe and the agreement runs vectors in threads).
+    warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")
     return _torch_run(vec, module)
 
 
