@@ -27,7 +27,7 @@ from attn_spec.attention import AttentionConfig, state_dict_shapes
 from attn_spec.rope import RopeConfig
 from compare import oracle_attention
 from compare.kinds import base
-from compare.kinds.base import NP_DTYPES, Kind, Vector, oracle_passes, to_float64, to_torch
+from compare.kinds.base import NP_DTYPES, Kind, Vector, chunks, oracle_passes, to_float64, to_torch
 
 
 @dataclass(frozen=True)
@@ -326,12 +326,6 @@ ATTENTION_CASES: dict[str, AttentionCase] = {case.name: case for case in _attent
 # --- runners --------------------------------------------------------------------------------------------
 
 
-def _chunks(case) -> list[tuple[int, int]]:
-    sizes = case.chunks or (case.T,)
-    stops = np.cumsum(sizes).tolist()
-    return list(zip([0, *stops[:-1]], stops))
-
-
 def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
     """``jax_attn.attention.Attention`` under ``jax.jit``: output and gradients w.r.t. x and parameters."""
     import jax
@@ -355,7 +349,7 @@ def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
         if case.chunks is None:
             return model(x, mask, pos, dropout_mask=drop)
         cache, ys = model.init_cache(case.B, case.max_length), []
-        for start, stop in _chunks(case):
+        for start, stop in chunks(case):
             y, cache = model(x[:, start:stop], mask[:, start:stop], pos[:, start:stop], cache=cache)
             ys.append(y)
         return jnp.concatenate(ys, axis=1)
@@ -393,7 +387,7 @@ def run_torch(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray
         out = module(x, mask, pos, dropout_mask=drop)
     else:
         cache, ys = module.init_cache(case.B, case.max_length), []
-        for start, stop in _chunks(case):
+        for start, stop in chunks(case):
             y, cache = module(x[:, start:stop], mask[:, start:stop], pos[:, start:stop], cache=cache)
             ys.append(y)
         out = torch.cat(ys, dim=1)

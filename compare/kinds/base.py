@@ -66,6 +66,14 @@ class Kind:
     applies: Callable[[str, Any], bool] = lambda impl, vec: True
 
 
+def chunks(case) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each chunk a cached run feeds (``case.chunks``: chunk lengths); one chunk (no
+    cache) for a full pass of ``case.T`` tokens."""
+    sizes = case.chunks or (case.T,)
+    stops = np.cumsum(sizes).tolist()
+    return list(zip([0, *stops[:-1]], stops))
+
+
 def oracle_passes(dtype: str) -> tuple[tuple[str, str | None], ...]:
     """``(prefix, rounding dtype)`` of each oracle pass a case of ``dtype`` stores: ``expected_`` (float64)
     always, and for bf16/fp16 also ``naive_`` (every intermediate rounded to ``dtype``)."""

@@ -26,7 +26,7 @@ import numpy as np
 
 from compare import oracle
 from compare.kinds import base
-from compare.kinds.base import NP_DTYPES, Kind, Vector, oracle_passes, to_float64, to_torch
+from compare.kinds.base import NP_DTYPES, Kind, Vector, chunks, oracle_passes, to_float64, to_torch
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -180,13 +180,6 @@ CAUSAL_CASES: dict[str, CausalCase] = {case.name: case for case in _causal_cases
 # --- runners -------------------------------------------------------------------------------------------
 
 
-def _chunks(case) -> list[tuple[int, int]]:
-    """``(start, stop)`` of each chunk; one chunk (no cache) for a full pass."""
-    sizes = case.chunks or (case.T,)
-    stops = np.cumsum(sizes).tolist()
-    return list(zip([0, *stops[:-1]], stops))
-
-
 def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
     """``jax_attn.CausalSelfAttention`` under ``jax.jit``: output and gradients w.r.t. x and parameters."""
     import jax
@@ -211,7 +204,7 @@ def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
         if c.chunks is None:
             return model(x, dropout_mask=drop)
         cache, ys = model.init_cache(c.B, c.max_length), []
-        for start, stop in _chunks(c):
+        for start, stop in chunks(c):
             y, cache = model(x[:, start:stop], cache=cache)
             ys.append(y)
         return jnp.concatenate(ys, axis=1)
@@ -255,7 +248,7 @@ def run_torch(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray
         out = module(x, dropout_mask=drop)
     else:
         cache, ys = module.init_cache(c.B, c.max_length), []
-        for start, stop in _chunks(c):
+        for start, stop in chunks(c):
             y, cache = module(x[:, start:stop], cache=cache)
             ys.append(y)
         out = torch.cat(ys, dim=1)
