@@ -3,6 +3,7 @@ of issue 14, KV-cache chunks, bf16/fp16): output and gradients w.r.t. x and ever
 the float64 oracle (``compare.oracle_attention``) and each other; the fused paths on a spread of cases."""
 
 import pytest
+from vector_checks import assert_all_ok
 
 from compare import agree
 from compare.kinds import attention
@@ -20,14 +21,6 @@ BLOCKED_CASES = [
     "fam_llama3_bf16",
 ]
 FUSED_CASES = ["fam_llama3", "fam_qwen3_cache_chunks", "fam_llama3_bf16"]
-
-
-def _assert_all_ok(agreements, label):
-    bad = [a for a in agreements if not a.ok]
-    assert not bad, f"{label}: " + "; ".join(
-        f"{a.quantity} max_abs={a.max_abs:.3e} tol={a.tol:.3e} nonfinite={a.nonfinite} at {a.worst_index}"
-        for a in bad
-    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +41,7 @@ def test_matches_oracle(all_vectors, results, impl, name):
     vec = all_vectors[name]
     res = _result(results, all_vectors, impl, name)
     assert set(res) == {"out", "grad_x", *(f"grad_{p}" for p in param_names(vec.case))}
-    _assert_all_ok(agree.against_oracle(vec, res), f"{impl} vs oracle on {name}")
+    assert_all_ok(agree.against_oracle(vec, res), f"{impl} vs oracle on {name}")
 
 
 @pytest.mark.parametrize("name", JAX_CASES)
@@ -56,7 +49,7 @@ def test_jax_matches_torch(all_vectors, results, name):
     vec = all_vectors[name]
     a = _result(results, all_vectors, "jax_attn", name)
     b = _result(results, all_vectors, "torch_attn", name)
-    _assert_all_ok(agree.between(vec, a, b), f"jax vs torch on {name}")
+    assert_all_ok(agree.between(vec, a, b), f"jax vs torch on {name}")
 
 
 @pytest.mark.parametrize("impl", ["jax_attn_fused", "torch_attn_fused"])
@@ -64,7 +57,7 @@ def test_jax_matches_torch(all_vectors, results, name):
 def test_fused_matches_oracle(all_vectors, impl, name):
     vec = all_vectors[name]
     assert attention.applies(impl, vec)
-    _assert_all_ok(agree.against_oracle(vec, attention.IMPLEMENTATIONS[impl](vec)), f"{impl} on {name}")
+    assert_all_ok(agree.against_oracle(vec, attention.IMPLEMENTATIONS[impl](vec)), f"{impl} on {name}")
 
 
 @pytest.mark.parametrize("impl", ["jax_attn_blocked", "torch_attn_blocked"])
@@ -72,4 +65,4 @@ def test_fused_matches_oracle(all_vectors, impl, name):
 def test_blocked_matches_oracle(all_vectors, impl, name):
     vec = all_vectors[name]
     assert attention.applies(impl, vec)
-    _assert_all_ok(agree.against_oracle(vec, attention.IMPLEMENTATIONS[impl](vec)), f"{impl} on {name}")
+    assert_all_ok(agree.against_oracle(vec, attention.IMPLEMENTATIONS[impl](vec)), f"{impl} on {name}")

@@ -3,6 +3,7 @@ parameter), judged against the float64 oracle and each other; the fused paths on
 
 import numpy as np
 import pytest
+from vector_checks import assert_all_ok
 
 from compare import agree
 from compare.kinds import causal
@@ -19,14 +20,6 @@ FUSED_CASES = [
     "csa_mha_bf16",
     "csa_gqa_K2_fp16",
 ]
-
-
-def _assert_all_ok(agreements, label):
-    bad = [a for a in agreements if not a.ok]
-    assert not bad, f"{label}: " + "; ".join(
-        f"{a.quantity} max_abs={a.max_abs:.3e} tol={a.tol:.3e} nonfinite={a.nonfinite} at {a.worst_index}"
-        for a in bad
-    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,7 @@ def test_matches_oracle(all_vectors, results, impl, name):
     vec = all_vectors[name]
     res = _result(results, all_vectors, impl, name)
     assert set(res) == {"out", "grad_x", *(f"grad_{p}" for p in param_names(vec.case))}
-    _assert_all_ok(agree.against_oracle(vec, res), f"{impl} vs oracle on {name}")
+    assert_all_ok(agree.against_oracle(vec, res), f"{impl} vs oracle on {name}")
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -54,7 +47,7 @@ def test_jax_matches_torch(all_vectors, results, name):
     vec = all_vectors[name]
     a = _result(results, all_vectors, "jax_attn", name)
     b = _result(results, all_vectors, "torch_attn", name)
-    _assert_all_ok(agree.between(vec, a, b), f"jax vs torch on {name}")
+    assert_all_ok(agree.between(vec, a, b), f"jax vs torch on {name}")
 
 
 @pytest.mark.parametrize("impl", ["jax_attn_fused", "torch_attn_fused"])
@@ -64,9 +57,9 @@ def test_fused_matches_oracle_and_math(all_vectors, results, impl, name):
     if not causal.applies(impl, vec):
         pytest.skip("XLA:CPU has no fp16 dot with fp32 accumulation (see causal.applies)")
     res = _result(results, all_vectors, impl, name)
-    _assert_all_ok(agree.against_oracle(vec, res), f"{impl} vs oracle on {name}")
+    assert_all_ok(agree.against_oracle(vec, res), f"{impl} vs oracle on {name}")
     math = _result(results, all_vectors, impl.removesuffix("_fused"), name)
-    _assert_all_ok(agree.between(vec, res, math), f"{impl} vs math on {name}")
+    assert_all_ok(agree.between(vec, res, math), f"{impl} vs math on {name}")
 
 
 def test_fp32_jax_vs_torch_within_1e5(all_vectors, results):

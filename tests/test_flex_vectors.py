@@ -2,21 +2,13 @@
 the float64 oracle and each other; torch's own flex_attention (eager, forward + lse) too."""
 
 import pytest
+from vector_checks import assert_all_ok
 
 from compare import agree
 from compare.kinds import flex
 from compare.kinds.flex import FLEX_CASES
 
 CASES = list(FLEX_CASES)
-
-
-def _assert_all_ok(agreements, label):
-    assert agreements, f"{label}: nothing compared"
-    bad = [a for a in agreements if not a.ok]
-    assert not bad, f"{label}: " + "; ".join(
-        f"{a.quantity} max_abs={a.max_abs:.3e} tol={a.tol:.3e} nonfinite={a.nonfinite} at {a.worst_index}"
-        for a in bad
-    )
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def test_matches_oracle(all_vectors, results, impl, name):
     res = _result(results, all_vectors, impl, name)
     want = {"out", "lse", "dq", "dk", "dv"} | ({"dbias"} if vec.case.score == "rel_bias" else set())
     assert set(res) == want
-    _assert_all_ok(agree.against_oracle(vec, res), f"{impl} vs oracle on {name}")
+    assert_all_ok(agree.against_oracle(vec, res), f"{impl} vs oracle on {name}", nonempty=True)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -45,7 +37,9 @@ def test_twins_agree_and_torch_flex_forward(all_vectors, results, name):
     vec = all_vectors[name]
     a = _result(results, all_vectors, "jax_attn", name)
     b = _result(results, all_vectors, "torch_attn", name)
-    _assert_all_ok(agree.between(vec, a, b), f"jax vs torch on {name}")
+    assert_all_ok(agree.between(vec, a, b), f"jax vs torch on {name}", nonempty=True)
     ref = flex.run_torch_flex(vec)
-    _assert_all_ok(agree.against_oracle(vec, ref), f"torch's flex_attention vs oracle on {name}")
-    _assert_all_ok(agree.between(vec, a, ref), f"jax vs torch's flex_attention on {name}")
+    assert_all_ok(
+        agree.against_oracle(vec, ref), f"torch's flex_attention vs oracle on {name}", nonempty=True
+    )
+    assert_all_ok(agree.between(vec, a, ref), f"jax vs torch's flex_attention on {name}", nonempty=True)

@@ -3,6 +3,7 @@ against the float64 oracle and against the readable math path of the same framew
 
 import numpy as np
 import pytest
+from vector_checks import assert_all_ok
 
 from compare import agree
 from compare.kinds import sdpa
@@ -27,13 +28,6 @@ JAX_CASES = [
 PAIRS = [(impl, n) for impl in FAST for n in (JAX_CASES if impl.startswith("jax") else CASES)]
 
 
-def _assert_all_ok(agreements, label):
-    bad = [a for a in agreements if not a.ok]
-    assert not bad, f"{label}: " + "; ".join(
-        f"{a.quantity} max_abs={a.max_abs:.3e} tol={a.tol:.3e} nonfinite={a.nonfinite}" for a in bad
-    )
-
-
 @pytest.fixture(scope="module")
 def results():
     return {}
@@ -52,9 +46,9 @@ def test_fast_path_matches_oracle_and_math(all_vectors, results, impl, name):
         pytest.skip(f"{impl} does not apply to {name} (injected dropout)")
     res = _result(results, vec, impl)
     assert set(res) == {"out", "dq", "dk", "dv"}
-    _assert_all_ok(agree.against_oracle(vec, res), f"{impl} vs oracle on {name}")
+    assert_all_ok(agree.against_oracle(vec, res), f"{impl} vs oracle on {name}")
     math = _result(results, vec, impl.rsplit("_", 1)[0])
-    _assert_all_ok(agree.between(vec, res, math), f"{impl} vs math on {name}")
+    assert_all_ok(agree.between(vec, res, math), f"{impl} vs math on {name}")
     if "fully_masked" in name:
         assert all(np.all(np.isfinite(x)) for x in res.values())
 
@@ -92,7 +86,7 @@ def test_blocked_path_with_many_small_blocks(all_vectors, monkeypatch, impl, nam
     T, S = vec.arrays["q"].shape[-2], vec.arrays["k"].shape[-2]
     assert max(T, S) > 3 and attn_spec.blocks.block_sizes(T, S) == (min(T, 3), min(S, 3))  # several blocks
     res = sdpa.IMPLEMENTATIONS[impl](vec)
-    _assert_all_ok(agree.against_oracle(vec, res), f"{impl} (3-blocks) vs oracle on {name}")
+    assert_all_ok(agree.against_oracle(vec, res), f"{impl} (3-blocks) vs oracle on {name}")
     if "fully_masked" in name:
         assert all(np.all(np.isfinite(x)) for x in res.values())
 
@@ -109,4 +103,4 @@ def test_causal_blocked_path_with_unequal_query_and_key_blocks(all_vectors, monk
     bt, bs = attn_spec.blocks.block_sizes(T, S, causal=True)
     assert bt == 2 and bs == 3  # T = 6 or 7 queries in blocks of 2; S = 6 keys in blocks of 3, or S = 3
     res = sdpa.IMPLEMENTATIONS["jax_attn_blocked"](vec)
-    _assert_all_ok(agree.against_oracle(vec, res), f"jax_attn_blocked ({bt}x{bs} blocks) vs oracle on {name}")
+    assert_all_ok(agree.against_oracle(vec, res), f"jax_attn_blocked ({bt}x{bs} blocks) vs oracle on {name}")

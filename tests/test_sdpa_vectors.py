@@ -2,20 +2,13 @@
 
 import numpy as np
 import pytest
+from vector_checks import assert_all_ok
 
 from compare import agree
 from compare.kinds import sdpa
 from compare.kinds.sdpa import SDPA_CASES
 
 CASES = list(SDPA_CASES)
-
-
-def _assert_all_ok(agreements, label):
-    bad = [a for a in agreements if not a.ok]
-    assert not bad, f"{label}: " + "; ".join(
-        f"{a.quantity} max_abs={a.max_abs:.3e} tol={a.tol:.3e} nonfinite={a.nonfinite} at {a.worst_index}"
-        for a in bad
-    )
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def _result(results, all_vectors, impl, name):
 def test_matches_oracle(all_vectors, results, impl, name):
     res = _result(results, all_vectors, impl, name)
     assert set(res) == {"out", "weights", "dq", "dk", "dv"}
-    _assert_all_ok(agree.against_oracle(all_vectors[name], res), f"{impl} vs oracle on {name}")
+    assert_all_ok(agree.against_oracle(all_vectors[name], res), f"{impl} vs oracle on {name}")
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -42,7 +35,7 @@ def test_jax_matches_torch(all_vectors, results, name):
     vec = all_vectors[name]
     a = _result(results, all_vectors, "jax_attn", name)
     b = _result(results, all_vectors, "torch_attn", name)
-    _assert_all_ok(agree.between(vec, a, b), f"jax vs torch on {name}")
+    assert_all_ok(agree.between(vec, a, b), f"jax vs torch on {name}")
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if "fully_masked" in n])
