@@ -92,15 +92,75 @@ def run_vector(vec: Vector, implementations=None) -> list[dict]:
     return records
 
 
-def run(vectors: list[Vector], implementations=None, progress=None, threads: int = 1) -> list[dict]:
+def _worker_setup(device: str | None, framework_defaults: bool) -> None:
+    """A worker process of :func:`run`: the parent's device choice and precision pinning, one torch thread
+    (the workers share the CPUs; XLA's compiler, most of the run on CPU, keeps its own threads)."""
+    import torch
+
+    from compare import env
+
+    env.select_device(device)
+    env.pin_precision(framework_defaults=framework_defaults)
+    torch.set_num_threads(1)
+
+
+def _run_in_processes(vectors, progress, workers: int, device, framework_defaults) -> list[dict]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: the parent has JAX's and torch's threads running, which a fork would not carry
+    context = multiprocessing.get_context("spawn")
+    # the expensive kinds first, so that the last vectors to finish are short ones
+    order = sorted(range(len(vectors)), key=lambda i: -_COST.get(vectors[i].kind, 1.0))
+    by_index = {}
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_worker_setup,
+        initargs=(device, framework_defaults),
+    ) as pool:
+        futures = {pool.submit(run_vector, vectors[i]): i for i in order}
+        for done, future in enumerate(as_completed(futures), start=1):
+            i = futures[future]
+            try:
+                by_index[i] = future.result()
+            except Exception as e:  # a worker that died (or an unpicklable result): recorded, not lost
+                by_index[i] = [
+                    _unmeasured(vectors[i], "agreement worker", ok=False, error=f"{type(e).__name__}: {e}")
+                ]
+            if progress:
+                progress(done, len(vectors), vectors[i].name)
+    return [r for i in range(len(vectors)) for r in by_index[i]]
+
+
+# relative cost of one vector per kind on CPU (XLA compiles per vector), for the order of submission
+_COST = {"attention": 4.0, "mha": 3.0, "causal": 2.5, "flex": 2.0, "sdpa": 1.0}
+
+
+def run(
+    vectors: list[Vector],
+    implementations=None,
+    progress=None,
+    threads: int = 1,
+    workers: int = 1,
+    device: str | None = None,
+    framework_defaults: bool = False,
+) -> list[dict]:
     """Run every implementation of each vector's kind (or ``implementations[kind]``) on every vector;
     one record per (case, pair, quantity), in the order of ``vectors``.
 
     A pair is ``"<impl> vs oracle"`` or ``"<impl_a> vs <impl_b>"``. An implementation that raises is
-    recorded with ``ok=False`` and its error, and the run goes on. ``threads > 1`` runs that many vectors
-    at a time: XLA compiles one program on one core with the GIL released, and compiling is most of the
-    run on CPU; the records are the same as with one thread.
+    recorded with ``ok=False`` and its error, and the run goes on.
+
+    ``workers > 1`` runs the vectors in that many worker processes (spawned; each selects ``device`` and
+    pins precision as the parent did, unless ``framework_defaults``): compiling is most of the run on
+    CPU, and one process keeps only about 1.5 cores busy (tracing holds the GIL). A vector whose worker
+    dies is recorded as an error of ``"agreement worker"``. With ``implementations`` given (callables
+    that may not pickle) the run stays in this process. ``threads > 1`` runs that many vectors at a
+    time on threads of this process instead. The records are the same either way.
     """
+    if workers > 1 and implementations is None and len(vectors) > 1:
+        return _run_in_processes(vectors, progress, min(workers, len(vectors)), device, framework_defaults)
     if threads <= 1:
         records = []
         for i, vec in enumerate(vectors):

@@ -131,7 +131,13 @@ def run_agreement(args) -> tuple[int, list[dict] | None, dict]:
         return 1, None, {}
     t0 = time.perf_counter()
     with phase(console, "agreement", len(vecs)) as tick:
-        records = agree.run(vecs, progress=lambda d, t, n: tick(d, n), threads=max(1, args.threads))
+        records = agree.run(
+            vecs,
+            progress=lambda d, t, n: tick(d, n),
+            workers=_workers(args.workers, len(vecs)),
+            device=device["name"],
+            framework_defaults=args.framework_defaults,
+        )
     seconds = time.perf_counter() - t0
     c = report.counts(records)
     console.print(
@@ -304,7 +310,18 @@ def cmd_train(args) -> int:
     return 0 if record["ok"] else 1
 
 
-def _default_threads() -> int:
+def _workers(requested: int | None, n_vectors: int) -> int:
+    """``--workers`` as given; by default the CPUs (at most 4) once there are enough vectors to repay
+    starting the workers (each imports JAX and torch, a few seconds), else this process."""
+    if requested is not None:
+        return max(1, requested)
+    return _default_workers() if n_vectors >= MIN_VECTORS_FOR_WORKERS else 1
+
+
+MIN_VECTORS_FOR_WORKERS = 16
+
+
+def _default_workers() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cpus))
 
@@ -322,11 +339,13 @@ def _add_agree_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default=str(vectors_mod.DEFAULT_DIR), help="vector folder")
     p.add_argument("--verbose", action="store_true", help="also the long table of every pair and dtype")
     p.add_argument(
-        "--threads",
+        "--workers",
         type=int,
-        default=_default_threads(),
-        help="vectors run at a time (JAX compiles on one core each; default: the CPUs available, at most 4)",
+        help="worker processes that run vectors side by side (XLA compiles are most of the run on CPU and "
+        "one process keeps about 1.5 cores busy); default: the CPUs available, at most 4, from "
+        f"{MIN_VECTORS_FOR_WORKERS} vectors on; 1: in this process",
     )
+    p.add_argument("--threads", dest="workers", type=int, help=argparse.SUPPRESS)  # the old name
 
 
 def build_parser() -> argparse.ArgumentParser:

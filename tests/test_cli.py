@@ -74,7 +74,8 @@ def test_broken_implementation_exits_1(monkeypatch, capsys):
         return res
 
     monkeypatch.setitem(sdpa.IMPLEMENTATIONS, "torch_attn", wrong_scale)
-    assert cli.main(["agree", "--case", "basic", "--dtype", "float32"]) == 1
+    # in this process: a worker process would import the registry afresh, without the wrong scale
+    assert cli.main(["agree", "--case", "basic", "--dtype", "float32", "--workers", "1"]) == 1
     out = capsys.readouterr().out
     assert "DISAGREE" in out and "basic" in out and "torch_attn vs oracle" in out
 

@@ -21,7 +21,7 @@ def _fake_phases(monkeypatch, records, doc):
     monkeypatch.setattr(
         vectors, "load_all", lambda d, sel: [SimpleNamespace(name=n, kind=kinds[n]) for n in names]
     )
-    monkeypatch.setattr(agree, "run", lambda vecs, progress=None, threads=1: copy.deepcopy(records))
+    monkeypatch.setattr(agree, "run", lambda vecs, progress=None, **kw: copy.deepcopy(records))
     monkeypatch.setattr(env, "select_device", lambda name=None: {"name": "cpu", "jax": "cpu", "torch": "cpu"})
     monkeypatch.setattr(env, "pin_precision", lambda framework_defaults=False: {"pinned": True})
     monkeypatch.setattr(env, "environment", lambda: {"python": "3", "jax": "0", "torch": "2"})
@@ -109,7 +109,10 @@ def test_a_broken_implementation_fails_the_real_agreement_in_full(monkeypatch, c
         return res
 
     monkeypatch.setitem(impls, "torch_attn", perturbed)
-    assert cli.main(["agree", "--case", "basic", "--dtype", "float32", "--kind", "sdpa"]) == 1
+    # in this process: a worker process would import the registry afresh, without the perturbation
+    assert (
+        cli.main(["agree", "--case", "basic", "--dtype", "float32", "--kind", "sdpa", "--workers", "1"]) == 1
+    )
     lines = capsys.readouterr().out.rstrip("\n").split("\n")
     assert lines[-1].startswith("DISAGREE") and any(line.startswith("DISAGREE") for line in lines[:3])
     fails = [line for line in lines if line.startswith("FAIL ")]
@@ -140,3 +143,37 @@ def test_threaded_agreement_gives_the_same_records_in_the_same_order():
     one = agree.run(vecs, impls)
     two = agree.run(vecs, impls, threads=2)
     assert one == two and any(not r["ok"] for r in one) and any(r["ok"] for r in one)
+
+
+def _approx_equal_records(a: list[dict], b: list[dict]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x.keys() != y.keys():
+            return False
+        for key in x:
+            if isinstance(x[key], float) and isinstance(y[key], float):
+                if not (x[key] == y[key] or abs(x[key] - y[key]) <= 1e-6 * max(abs(x[key]), abs(y[key]))):
+                    return False
+            elif x[key] != y[key]:
+                return False
+    return True
+
+
+def test_worker_processes_give_the_same_records_as_one_process():
+    """agree.run(workers=2) with the real implementations (spawned workers, each selecting the device and
+    pinning precision like the parent) on vectors of three kinds: the records, in the order of the
+    vectors, equal those of the run in this process (errors within 1e-6 relative: the same programs on
+    the same CPU, but thread counts differ)."""
+    cases = vectors.all_cases()
+    names = [n for n, (kind, _) in cases.items() if kind == "sdpa"][:3]
+    names += [n for n, (kind, _) in cases.items() if kind == "causal"][:1]
+    names += [n for n, (kind, _) in cases.items() if kind == "flex"][:1]
+    vecs = vectors.load_all(vectors.DEFAULT_DIR, names)
+    env.pin_precision()
+    device = env.select_device("cpu")["name"]
+    one = agree.run(vecs)
+    two = agree.run(vecs, workers=2, device=device)
+    assert [r["case"] for r in two] == [r["case"] for r in one]
+    assert _approx_equal_records(one, two), [(x, y) for x, y in zip(one, two, strict=False) if x != y][:3]
+    assert all(r["ok"] for r in two) and len(two) > 100
