@@ -88,6 +88,7 @@ class _Cfg(NamedTuple):
     Bt: int  # batch size of the tables (1 = broadcast)
     Nt: int  # heads of the tables (1 = broadcast)
     n_score: int  # how many of the hoisted constants belong to the score function
+    scale: float  # logit scale, applied per query block
 
 
 def _hoist(fn, example_args):
@@ -105,12 +106,14 @@ def _hoist(fn, example_args):
     return pure, list(closed.consts)
 
 
-def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, score_fn=None, mask_fn=None):
+def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, scale=1.0, score_fn=None, mask_fn=None):
     """Attention over the key blocks ``tables`` lists.
 
     Args:
-      q: ``(B, K, G, T, H)``, already multiplied by the logit scale. k: ``(B, K, S, H)``. v: ``(B, K, S,
-        V)``. One floating compute dtype for all three.
+      q: ``(B, K, G, T, H)``. k: ``(B, K, S, H)``. v: ``(B, K, S, V)``. One floating compute dtype for
+        all three.
+      scale: the logit scale, applied to each query block as it is visited (the backward keeps the
+        unscaled ``q`` as its residual: no scaled copy of q in memory).
       tables: :class:`BlockTables` with ``n_q = ceil(T / bt)`` query blocks and key blocks of ``bs``.
       score_fn: ``score_fn(score, b, h, q_idx, kv_idx)`` elementwise on each block's logits, called with
         broadcastable arrays (score ``(G', bt, bs)``, b a scalar, h ``(G', 1, 1)`` query head indices,
@@ -128,7 +131,8 @@ def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, score_fn=None
     Bt, Nt = tables.kv_num.shape[:2]
     Gp = G if Nt > 1 else 1
     Gi = G // Gp
-    q = jnp.pad(q, [(0, 0)] * 3 + [(0, Tp - T), (0, 0)]).reshape(B * K * Gp, Gi, Tp, q.shape[-1])
+    # rows of (Gi·Tp, H): a plain bitcast of (B, K, G, Tp, H); a separate size-1 Gi axis made XLA:CPU copy q
+    q = jnp.pad(q, [(0, 0)] * 3 + [(0, Tp - T), (0, 0)]).reshape(B * K * Gp, Gi * Tp, q.shape[-1])
     k = jnp.pad(k, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)]).reshape(B * K, Sp, k.shape[-1])
     v = jnp.pad(v, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)]).reshape(B * K, Sp, v.shape[-1])
     full_num, full_idx = tables.full_num, tables.full_idx
@@ -140,7 +144,7 @@ def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, score_fn=None
     idx_args += (jnp.zeros((1, 1, bs), jnp.int32),)
     score_pure, s_consts = _hoist(score_fn, (jnp.zeros((Gi, bt, bs), q.dtype), *idx_args))
     mask_pure, m_consts = _hoist(mask_fn, idx_args)
-    cfg = _Cfg(T, S, bt, bs, B, K, G, Gp, Bt, Nt, len(s_consts))
+    cfg = _Cfg(T, S, bt, bs, B, K, G, Gp, Bt, Nt, len(s_consts), float(scale))
     out, lse = _engine(
         cfg,
         score_pure,
@@ -207,17 +211,21 @@ def _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts):
     (0 for rows with nothing kept), the row sum (1 for them) and the lse (-inf for them). Max and sum are
     kept apart for the backward, where ``exp(s - max) / sum`` is exact for every row."""
     kv_num, kv_idx, full_num, full_idx = tabs
-    Gi, Tp = q.shape[1:3]
+    Gi = cfg.G // cfg.Gp
+    Tp = q.shape[1] // Gi
     n_q, Vw = Tp // cfg.bt, v.shape[-1]
 
-    def row(args):
-        r, q_r = args
+    def row(r):
+        # q is indexed here like k and v rather than sliced by lax.map: as a mapped input XLA:CPU copied
+        # it whole (a layout change for the size-1 head axis), a q-sized temporary
+        q_r = jax.lax.dynamic_index_in_dim(q, r, 0, keepdims=False).reshape(Gi, Tp, -1)
         k_r = jax.lax.dynamic_index_in_dim(k, r // cfg.Gp, 0, keepdims=False)
         v_r = jax.lax.dynamic_index_in_dim(v, r // cfg.Gp, 0, keepdims=False)
         b, h, tb, th = _row_ids(cfg, r)
 
         def query_block(args):
             i, q_i = args
+            q_i = q_i * jnp.asarray(cfg.scale, q_i.dtype)
 
             def visit(idx, partial_block):
                 def body(j, carry):
@@ -256,7 +264,7 @@ def _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts):
         out, stats = jax.lax.map(query_block, (jnp.arange(n_q, dtype=jnp.int32), q_blocks))
         return jnp.moveaxis(out, 0, 1).reshape(Gi, Tp, Vw), jnp.moveaxis(stats, 0, 1).reshape(Gi, Tp, 3)
 
-    return jax.lax.map(row, (jnp.arange(q.shape[0], dtype=jnp.int32), q))
+    return jax.lax.map(row, jnp.arange(q.shape[0], dtype=jnp.int32))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -284,7 +292,8 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents):
     q, k, v, tabs, consts, out, stats = residuals
     d_out, d_lse = cotangents
     kv_num, kv_idx, full_num, full_idx = tabs
-    Gi, Tp = q.shape[1:3]
+    Gi = cfg.G // cfg.Gp
+    Tp = q.shape[1] // Gi
     n_q = Tp // cfg.bt
     d_lse = jnp.where(jnp.isfinite(stats[..., 2]), d_lse, 0.0)
     delta = jnp.sum(d_out * out, axis=-1) - d_lse  # (R, G', Tp)
@@ -298,13 +307,15 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents):
         return score_pure(s_raw, b, h3, q_idx, kv_idx, *cs)
 
     def row(d_consts, xs):
-        r, q_r, do_r, st_r, de_r = xs
+        r, do_r, st_r, de_r = xs
+        q_r = jax.lax.dynamic_index_in_dim(q, r, 0, keepdims=False).reshape(Gi, Tp, -1)  # as forward
         k_r = jax.lax.dynamic_index_in_dim(k, r // cfg.Gp, 0, keepdims=False)
         v_r = jax.lax.dynamic_index_in_dim(v, r // cfg.Gp, 0, keepdims=False)
         b, h, tb, th = _row_ids(cfg, r)
 
         def query_block(carry, xs):
             i, q_i, do_i, st_i, de_i = xs
+            q_i = q_i * jnp.asarray(cfg.scale, q_i.dtype)  # dq below is w.r.t. this scaled block
 
             def visit(idx, partial_block):
                 def body(j, inner):
@@ -347,7 +358,7 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents):
             dq_i, dk_r, dv_r, dc = jax.lax.fori_loop(
                 0, full_num[tb, th, i], visit(full_idx[tb, th, i], False), inner
             )
-            return (dk_r, dv_r, dc), dq_i
+            return (dk_r, dv_r, dc), dq_i * jnp.asarray(cfg.scale, dq_i.dtype)
 
         def blocks(x):
             return jnp.moveaxis(x.reshape(Gi, n_q, cfg.bt, *x.shape[2:]), 1, 0)
@@ -355,10 +366,10 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents):
         xs_r = (jnp.arange(n_q, dtype=jnp.int32), blocks(q_r), blocks(do_r), blocks(st_r), blocks(de_r))
         carry = (jnp.zeros_like(k_r), jnp.zeros_like(v_r), d_consts)
         (dk_r, dv_r, d_consts), dq = jax.lax.scan(query_block, carry, xs_r)
-        return d_consts, (jnp.moveaxis(dq, 0, 1).reshape(q_r.shape), dk_r, dv_r)
+        return d_consts, (jnp.moveaxis(dq, 0, 1).reshape(Gi * Tp, -1), dk_r, dv_r)
 
     d_consts0 = tuple(jnp.zeros_like(s_consts[n]) for n in diff_pos)
-    xs = (jnp.arange(q.shape[0], dtype=jnp.int32), q, d_out, stats, delta)
+    xs = (jnp.arange(q.shape[0], dtype=jnp.int32), d_out, stats, delta)
     d_consts, (dq, dk, dv) = jax.lax.scan(row, d_consts0, xs)
     if cfg.Gp > 1:  # rows of one key/value head each hold a share of its dk, dv
         dk = dk.reshape(-1, cfg.Gp, *dk.shape[1:]).sum(axis=1)

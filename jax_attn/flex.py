@@ -330,8 +330,9 @@ def flex_attention(
     B, N, K, T, S, H = shapes.B, shapes.N, shapes.K, shapes.T, shapes.S, shapes.H
     ct = jnp.promote_types(query.dtype, jnp.float32)
     scale = 1.0 / (H**0.5) if scale is None else scale
-    # the scale folded into q: one multiply of (T, H) instead of one per block of logits
-    q = (query.astype(ct) * jnp.asarray(scale, ct)).reshape(B, K, shapes.G, T, H)
+    # the engine scales each query block as it visits it: one multiply of (bt, H) per block instead of one
+    # per block of logits, and no scaled copy of q kept for the backward
+    q = query.astype(ct).reshape(B, K, shapes.G, T, H)
     if block_mask is None:
         bt, bs = block_sizes(T, S)
         tables, mask_fn = dense_tables(T, S, bt, bs), None
@@ -353,6 +354,7 @@ def flex_attention(
         S=S,
         bt=bt,
         bs=bs,
+        scale=scale,
         score_fn=score_mod,
         mask_fn=mask_fn,
     )

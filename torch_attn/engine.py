@@ -59,12 +59,14 @@ def tables_from_dense(partial_blocks, full_blocks) -> BlockTables:
     return BlockTables(kv_num, kv_idx, full_num, full_idx)
 
 
-def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, score_fn=None, mask_fn=None):
+def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, scale=1.0, score_fn=None, mask_fn=None):
     """Attention over the key blocks ``tables`` lists.
 
     Args:
-      q: ``(B, K, G, T, H)``, already multiplied by the logit scale. k: ``(B, K, S, H)``. v: ``(B, K, S,
-        V)``. One floating compute dtype for all three.
+      q: ``(B, K, G, T, H)``. k: ``(B, K, S, H)``. v: ``(B, K, S, V)``. One floating compute dtype for
+        all three.
+      scale: the logit scale, applied to each query block as it is visited (the backward keeps the
+        unscaled ``q`` as its residual: no scaled copy of q in memory).
       tables: :class:`BlockTables` with ``n_q = ceil(T / bt)`` query blocks and key blocks of ``bs``.
       score_fn: ``score_fn(score, b, h, q_idx, kv_idx)`` elementwise on each block's logits, called with
         broadcastable tensors; applied before the mask.
@@ -101,7 +103,7 @@ def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, score_fn=None
     outs, lses = [], []
     for i in range(n_q):
         t0, t1 = i * bt, min(T, (i + 1) * bt)
-        q_i = q_BNTH[:, :, t0:t1]
+        q_i = q_BNTH[:, :, t0:t1] * scale
         q_idx = torch.arange(t0, t1, device=dev).view(1, 1, -1, 1)
         m = torch.full(q_i.shape[:-1], -torch.inf, dtype=ct, device=dev)
         row_sum = torch.zeros_like(m)

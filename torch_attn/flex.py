@@ -312,8 +312,9 @@ def flex_attention(
     B, N, K, T, S, H = shapes.B, shapes.N, shapes.K, shapes.T, shapes.S, shapes.H
     ct = torch.promote_types(query.dtype, torch.float32)
     scale = 1.0 / (H**0.5) if scale is None else scale
-    # the scale folded into q: one multiply of (T, H) instead of one per block of logits
-    q = (query.to(ct) * scale).reshape(B, K, shapes.G, T, H)
+    # the engine scales each query block as it visits it: one multiply of (bt, H) per block instead of one
+    # per block of logits, and no scaled copy of q kept for the backward
+    q = query.to(ct).reshape(B, K, shapes.G, T, H)
     if block_mask is None:
         bt, bs = block_sizes(T, S)
         tables, mask_fn = dense_tables(T, S, bt, bs), None
@@ -327,7 +328,17 @@ def flex_attention(
         )
         mask_fn = None if block_mask.mask_mod is noop_mask else block_mask.mask_mod
     out, lse = block_attention(
-        q, key.to(ct), value.to(ct), tables, T=T, S=S, bt=bt, bs=bs, score_fn=score_mod, mask_fn=mask_fn
+        q,
+        key.to(ct),
+        value.to(ct),
+        tables,
+        T=T,
+        S=S,
+        bt=bt,
+        bs=bs,
+        scale=scale,
+        score_fn=score_mod,
+        mask_fn=mask_fn,
     )
     out = out.reshape(B, N, T, shapes.V).to(query.dtype)
     return (out, lse.reshape(B, N, T)) if return_lse else out
