@@ -134,7 +134,7 @@ def run_agreement(args) -> tuple[int, list[dict] | None, dict]:
         records = agree.run(
             vecs,
             progress=lambda d, t, n: tick(d, n),
-            workers=_workers(args.workers, len(vecs)),
+            workers=_workers(args.workers, len(vecs), device["name"]),
             device=device["name"],
             framework_defaults=args.framework_defaults,
         )
@@ -310,11 +310,14 @@ def cmd_train(args) -> int:
     return 0 if record["ok"] else 1
 
 
-def _workers(requested: int | None, n_vectors: int) -> int:
-    """``--workers`` as given; by default the CPUs (at most 4) once there are enough vectors to repay
-    starting the workers (each imports JAX and torch, a few seconds), else this process."""
+def _workers(requested: int | None, n_vectors: int, device: str = "cpu") -> int:
+    """``--workers`` as given; by default, on CPU, the CPUs (at most 4) once there are enough vectors to
+    repay starting the workers (each imports JAX and torch, a few seconds), else this process. On an
+    accelerator one process: each worker would claim the device's memory (JAX preallocates 75%)."""
     if requested is not None:
         return max(1, requested)
+    if device != "cpu":
+        return 1
     return _default_workers() if n_vectors >= MIN_VECTORS_FOR_WORKERS else 1
 
 
@@ -342,8 +345,8 @@ def _add_agree_arguments(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         help="worker processes that run vectors side by side (XLA compiles are most of the run on CPU and "
-        "one process keeps about 1.5 cores busy); default: the CPUs available, at most 4, from "
-        f"{MIN_VECTORS_FOR_WORKERS} vectors on; 1: in this process",
+        "one process keeps about 1.5 cores busy); default on CPU: the CPUs available, at most 4, from "
+        f"{MIN_VECTORS_FOR_WORKERS} vectors on; on a GPU/TPU and with 1: in this process",
     )
     p.add_argument("--threads", dest="workers", type=int, help=argparse.SUPPRESS)  # the old name
 
