@@ -50,7 +50,7 @@ BOTH_LSE_AND_AUX = (
     "return_lse is deprecated, please use return_aux=AuxRequest(lse=True) instead."
 )
 MAX_SCORES_UNSUPPORTED = (
-    "flex_attention: return_aux=AuxRequest(max_scores=True) is not supported (only lse); "
+    "flex_attention: return_aux=AuxRequest(max_scores=True): max_scores is not supported, only lse; "
     "use return_aux=AuxRequest(lse=True)"
 )
 
