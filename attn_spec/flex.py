@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from attn_spec.checks import FLOAT_DTYPES, fmt_shape
 
@@ -21,6 +22,88 @@ DEFAULT_BLOCK_SIZE = 128
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+class AuxRequest(NamedTuple):
+    """Which auxiliary outputs ``flex_attention(..., return_aux=...)`` returns (torch's ``AuxRequest``).
+    Only ``lse`` is supported; ``max_scores=True`` raises."""
+
+    lse: bool = False
+    max_scores: bool = False
+
+
+class AuxOutput(NamedTuple):
+    """The auxiliary outputs of ``flex_attention(..., return_aux=...)`` (torch's ``AuxOutput``): ``lse``
+    ``(B, N, T)`` when requested, else None; ``max_scores`` always None (not supported)."""
+
+    lse: Any = None
+    max_scores: Any = None
+
+
+SLICED_MASK_MOD = (
+    "Cannot use mask_mod from a sliced BlockMask: slicing a BlockMask with [] resets its mask_mod to a "
+    "marker that raises. Set it from the original BlockMask before use, e.g. "
+    "sliced.mask_mod = block_mask.mask_mod (or a function of block_mask.mask_mod, not of sliced.mask_mod)"
+)
+BOTH_LSE_AND_AUX = (
+    "Cannot specify both return_lse and return_aux. "
+    "return_lse is deprecated, please use return_aux=AuxRequest(lse=True) instead."
+)
+MAX_SCORES_UNSUPPORTED = (
+    "flex_attention: return_aux=AuxRequest(max_scores=True): max_scores is not supported, only lse; "
+    "use return_aux=AuxRequest(lse=True)"
+)
+
+
+def sliced_mask_mod_error(b, h, q_idx, kv_idx):
+    """The ``mask_mod`` of a sliced BlockMask (``BlockMask.__getitem__``): raises ``ValueError`` when
+    called; ``flex_attention`` refuses a BlockMask that still carries it."""
+    raise ValueError(SLICED_MASK_MOD)
+
+
+def check_flex_options(*, block_mask_mod, return_lse, return_aux, kernel_options) -> bool:
+    """``flex_attention``'s options beyond the tensors, checked before them: a sliced BlockMask whose
+    ``mask_mod`` was not set back, ``kernel_options`` (None or a dict, accepted and ignored: it tunes
+    torch's Triton/C++ kernels), ``return_aux`` (anything with boolean ``lse`` / ``max_scores``, such as
+    :class:`AuxRequest`; ``max_scores`` not supported) and not both ``return_lse`` and ``return_aux``.
+    Returns whether the lse is wanted."""
+    name = "flex_attention"
+    if block_mask_mod is sliced_mask_mod_error:
+        raise ValueError(SLICED_MASK_MOD)
+    if kernel_options is not None and not isinstance(kernel_options, dict):
+        raise ValueError(
+            f"{name}: kernel_options must be a dict or None, got {type(kernel_options).__name__} "
+            "(they tune torch's Triton/C++ kernels and are ignored here)"
+        )
+    if return_lse and return_aux is not None:
+        raise ValueError(BOTH_LSE_AND_AUX)
+    if return_aux is None:
+        return bool(return_lse)
+    if not (hasattr(return_aux, "lse") and hasattr(return_aux, "max_scores")):
+        raise ValueError(
+            f"{name}: return_aux must be an AuxRequest (fields lse, max_scores) or None, "
+            f"got {type(return_aux).__name__}"
+        )
+    if return_aux.max_scores:
+        raise ValueError(MAX_SCORES_UNSUPPORTED)
+    return bool(return_aux.lse)
+
+
+def block_mask_index(index, sizes) -> tuple:
+    """``BlockMask.__getitem__``'s index over ``(batch, head, query block)`` of sizes ``sizes``, as
+    torch 2.13 makes it: up to 3 entries (int, slice or integer array), the rest ``:``; an int ``i``
+    becomes the length-1 slice ``i:i+1`` (negative ints counted from the end), so the dims are kept."""
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) > 3:
+        raise ValueError(f"BlockMask index has {len(index)} entries; at most 3 (batch, head, query block)")
+    padded = (*index, slice(None), slice(None), slice(None))[:3]
+    out = []
+    for i, n in zip(padded, sizes):
+        if isinstance(i, int) and not isinstance(i, bool):
+            out.append(slice(i + n, i + n + 1) if -n <= i < 0 else slice(i, i + 1))
+        else:
+            out.append(i)
+    return tuple(out)
 
 
 def check_mod(fn, kind: str) -> None:
@@ -90,9 +173,10 @@ def check_flex(
     value: tuple[tuple[int, ...], str],
     enable_gqa: bool,
     scale,
-    block_mask: tuple[tuple[int, int, int, int], tuple[int, int]] | None,
+    block_mask: tuple | None,
 ) -> FlexShapes:
-    """``flex_attention``'s inputs; ``block_mask`` as ``((B, H, T, S) of its shape, BLOCK_SIZE)``."""
+    """``flex_attention``'s inputs; ``block_mask`` as ``((B, H, T, S) of its shape, BLOCK_SIZE)`` or
+    ``(shape, BLOCK_SIZE, n_q)`` with ``n_q`` the query-block rows of its tables (checked against T)."""
     (qs, q_dt), (ks, k_dt), (vs, v_dt) = query, key, value
     name = "flex_attention"
     if not (len(qs) == len(ks) == len(vs) == 4):
@@ -139,11 +223,18 @@ def check_flex(
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"{name}: scale must be a Python number or None, got {type(scale).__name__}")
     if block_mask is not None:
-        (mB, mH, mT, mS), _ = block_mask
+        (mB, mH, mT, mS), bsz, *rows = block_mask
         if (mT, mS) != (T, S):
             raise ValueError(
                 f"{name}: block_mask was created for Q_LEN={mT}, KV_LEN={mS} but got q_len={T} and "
-                f"kv_len={S}; create a block mask for these lengths"
+                f"kv_len={S}; create a block mask for these lengths (or crop one with "
+                "block_mask._adjust(q_len, kv_len))"
+            )
+        bq = block_size_pair(bsz)[0]
+        if rows and rows[0] != cdiv(T, bq):
+            raise ValueError(
+                f"{name}: block_mask has {rows[0]} query-block rows but q_len={T} needs {cdiv(T, bq)} "
+                f"of {bq} (was it sliced on the query-block dim?)"
             )
         if mB not in (1, B):
             raise ValueError(

@@ -2,7 +2,7 @@
 
 from jax_attn.attention import Attention
 from jax_attn.causal import CausalSelfAttention, KVCache
-from jax_attn.flex import BlockMask, create_block_mask, flex_attention
+from jax_attn.flex import AuxOutput, AuxRequest, BlockMask, create_block_mask, flex_attention
 from jax_attn.functional import (
     masked_softmax,
     scaled_dot_product_attention,
@@ -21,6 +21,8 @@ from jax_attn.mha import MultiheadAttention, multi_head_attention_forward
 
 __all__ = [
     "Attention",
+    "AuxOutput",
+    "AuxRequest",
     "BlockMask",
     "CausalSelfAttention",
     "KVCache",

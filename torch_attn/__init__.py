@@ -2,7 +2,7 @@
 
 from torch_attn.attention import Attention
 from torch_attn.causal import CausalSelfAttention, KVCache
-from torch_attn.flex import BlockMask, create_block_mask, flex_attention
+from torch_attn.flex import AuxOutput, AuxRequest, BlockMask, create_block_mask, flex_attention
 from torch_attn.functional import (
     masked_softmax,
     scaled_dot_product_attention,
@@ -21,6 +21,8 @@ from torch_attn.mha import MultiheadAttention, multi_head_attention_forward
 
 __all__ = [
     "Attention",
+    "AuxOutput",
+    "AuxRequest",
     "BlockMask",
     "CausalSelfAttention",
     "KVCache",

@@ -27,11 +27,17 @@ import torch
 from attn_spec.blocks import block_sizes
 from attn_spec.flex import (
     DEFAULT_BLOCK_SIZE,
+    AuxOutput,
+    AuxRequest,
+    block_mask_index,
     block_size_pair,
     block_string,
+    cdiv,
     check_block_mask_args,
     check_flex,
+    check_flex_options,
     check_mod,
+    sliced_mask_mod_error,
 )
 from torch_attn.engine import BlockTables, block_attention, dense_tables, tables_from_dense
 
@@ -201,11 +207,62 @@ class BlockMask:
         """An ASCII picture of the blocks per ``(b, h)`` (torch's drawing)."""
         return block_string(self.to_dense().tolist(), grid_size, limit)
 
+    def __getitem__(self, index) -> BlockMask:
+        """torch 2.13's ``BlockMask.__getitem__``: ``index`` (an int, slice or integer array, or a tuple of
+        up to 3 of them over ``(batch, head, query block)``) applied to the kv tables; an int keeps its
+        dim (``bm[0].kv_num_blocks.shape == (1, H, n_q)``). The result keeps ``BLOCK_SIZE`` and
+        ``seq_lengths``; its ``mask_mod`` is a marker that raises (``flex_attention`` refuses it) until
+        set back: ``sliced.mask_mod = bm.mask_mod``."""
+        index = block_mask_index(index, tuple(self.kv_num_blocks.shape[:3]))
+        index = tuple(i if isinstance(i, (int, slice)) else torch.as_tensor(i) for i in index)
+
+        def take(table):
+            return None if table is None else table[index]
+
+        return BlockMask.from_kv_blocks(
+            take(self.kv_num_blocks),
+            take(self.kv_indices),
+            take(self.full_kv_num_blocks),
+            take(self.full_kv_indices),
+            BLOCK_SIZE=self.BLOCK_SIZE,
+            mask_mod=sliced_mask_mod_error,
+            seq_lengths=self.seq_lengths,
+        )
+
+    def _adjust(self, new_q_len: int, new_kv_len: int) -> BlockMask:
+        """torch's ``BlockMask._adjust``: the tables cropped to the block rows and columns of
+        ``(new_q_len, new_kv_len)`` and the block counts recounted as torch does (right for masks whose
+        kept blocks start at block 0 in each row, such as causal; not for all mask_mods). Keeps
+        ``mask_mod``; ``seq_lengths = (new_q_len, new_kv_len)``."""
+        n_rows, n_cols = cdiv(new_q_len, self.BLOCK_SIZE[0]), cdiv(new_kv_len, self.BLOCK_SIZE[1])
+        kv_num, kv_idx = _adjust_tables(self.kv_num_blocks, self.kv_indices, n_rows, n_cols)
+        full_num = full_idx = None
+        if self.full_kv_num_blocks is not None:
+            full_num, full_idx = _adjust_tables(self.full_kv_num_blocks, self.full_kv_indices, n_rows, n_cols)
+        return BlockMask.from_kv_blocks(
+            kv_num,
+            kv_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=self.BLOCK_SIZE,
+            mask_mod=self.mask_mod,
+            seq_lengths=(new_q_len, new_kv_len),
+        )
+
     def __repr__(self) -> str:
         return (
             f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, "
             f"mask_mod={getattr(self.mask_mod, '__name__', self.mask_mod)})"
         )
+
+
+def _adjust_tables(num, idx, n_rows, n_cols):
+    """torch's ``_adjust_num_blocks_and_indices``: the first ``n_rows`` rows and ``n_cols`` columns, the
+    count recounted as the listed entries below the (clamped) old count."""
+    idx = idx[:, :, :n_rows, :n_cols]
+    num = num[:, :, :n_rows]
+    num = torch.where(num < n_cols, num, n_cols)
+    return torch.sum(idx < num[..., None], dim=-1).to(torch.int32), idx
 
 
 def _ordered_to_dense(num, idx, n_cols):
@@ -280,6 +337,9 @@ def flex_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     return_lse: bool = False,
+    kernel_options: dict | None = None,
+    *,
+    return_aux: AuxRequest | None = None,
 ):
     """``torch.nn.attention.flex_attention.flex_attention``, block-sparse in eager torch.
 
@@ -290,10 +350,17 @@ def flex_attention(
         everything.
       scale: logit scale; default ``1 / sqrt(H)``.
       enable_gqa: query head n uses key/value head ``n // G``.
-      return_lse: also return the log-sum-exp ``(B, N, T)`` (natural log, -inf for empty rows).
+      return_lse: also return the log-sum-exp ``(B, N, T)`` (natural log, -inf for empty rows);
+        deprecated in torch for ``return_aux``, and not allowed together with it.
+      kernel_options: None or a dict; accepted for torch's signature and ignored (it tunes torch's
+        Triton/C++ kernels).
+      return_aux: an :class:`AuxRequest` (or any object with ``lse`` and ``max_scores``):
+        ``AuxRequest(lse=True)`` returns ``(out, AuxOutput(lse=lse, max_scores=None))``;
+        ``max_scores=True`` is not supported (ValueError).
 
     Returns:
-      ``(B, N, T, V)`` in the query's dtype, and with ``return_lse`` the lse in the compute dtype.
+      ``(B, N, T, V)`` in the query's dtype; with ``return_lse`` also the lse in the compute dtype, with
+      ``return_aux`` also an :class:`AuxOutput` (its ``lse`` None unless requested).
     """
     if score_mod is not None:
         check_mod(score_mod, "score_mod")
@@ -301,13 +368,21 @@ def flex_attention(
         raise ValueError(
             f"flex_attention: block_mask must be a BlockMask or None, got {type(block_mask).__name__}"
         )
+    want_lse = check_flex_options(
+        block_mask_mod=None if block_mask is None else block_mask.mask_mod,
+        return_lse=return_lse,
+        return_aux=return_aux,
+        kernel_options=kernel_options,
+    )
     shapes = check_flex(
         query=_spec(query),
         key=_spec(key),
         value=_spec(value),
         enable_gqa=enable_gqa,
         scale=scale,
-        block_mask=None if block_mask is None else (block_mask.shape, block_mask.BLOCK_SIZE),
+        block_mask=None
+        if block_mask is None
+        else (block_mask.shape, block_mask.BLOCK_SIZE, block_mask.kv_num_blocks.shape[-1]),
     )
     B, N, K, T, S, H = shapes.B, shapes.N, shapes.K, shapes.T, shapes.S, shapes.H
     ct = torch.promote_types(query.dtype, torch.float32)
@@ -341,4 +416,7 @@ def flex_attention(
         mask_fn=mask_fn,
     )
     out = out.reshape(B, N, T, shapes.V).to(query.dtype)
-    return (out, lse.reshape(B, N, T)) if return_lse else out
+    lse = lse.reshape(B, N, T) if want_lse else None
+    if return_aux is not None:
+        return out, AuxOutput(lse=lse, max_scores=None)
+    return (out, lse) if return_lse else out
