@@ -192,11 +192,20 @@ def check_flex(
     if not q_dt == k_dt == v_dt:
         raise ValueError(f"{name}: query, key and value must share one dtype; got {q_dt}, {k_dt}, {v_dt}")
     B, N, T, H = qs
-    if ks[0] != B or vs[0] != B:
+    if ks[0] != vs[0]:
         raise ValueError(
-            f"{name}: query, key and value must share the batch size; got query {fmt_shape(qs)}, "
-            f"key {fmt_shape(ks)}, value {fmt_shape(vs)}"
+            f"{name}: key and value must share the batch size; got key {fmt_shape(ks)}, value {fmt_shape(vs)}"
         )
+    if ks[0] != B:
+        # torch: a key/value batch other than the query's needs a block mask of the query's batch; the
+        # key/value batch 1 then serves every query batch row (broadcast)
+        mB = None if block_mask is None else block_mask[0][0]
+        if ks[0] != 1 or mB != B:
+            raise ValueError(
+                f"{name}: query, key and value must share the batch size, or key/value have batch 1 with a "
+                f"block_mask of the query's batch; got query {fmt_shape(qs)}, key {fmt_shape(ks)}, value "
+                f"{fmt_shape(vs)}, block_mask batch {mB}"
+            )
     if ks[1] != vs[1] or ks[2] != vs[2]:
         raise ValueError(
             f"{name}: key and value must share heads and length; got key {fmt_shape(ks)}, "

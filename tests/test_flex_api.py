@@ -303,3 +303,76 @@ def test_jax_slicing_under_jit():
     assert _error(lambda: jax.jit(lambda bm: jf.flex_attention(q, k, v, block_mask=bm))(marked)) == (
         spec.SLICED_MASK_MOD
     )
+
+
+def _doc_from(b, h, q_idx, kv_idx):
+    """Causal, and batch row b sees keys from 40·b on: the tables differ per batch row."""
+    return (q_idx >= kv_idx) & (kv_idx >= 40 * b)
+
+
+def test_key_value_batch_1_broadcasts_with_a_block_mask_of_the_query_batch():
+    """torch allows key/value batch 1 when the block mask has the query's batch: that key/value row
+    serves every query row. Both twins' forward against torch's own flex_attention and the float64
+    oracle; their gradients against the oracle's, summed over the broadcast batch (hand derivation:
+    the gradient of a broadcast is the sum of the per-row gradients)."""
+    from compare import oracle_flex
+
+    rng = np.random.default_rng(7)
+    Bq, Nq, K, L, H = 2, 4, 2, 200, 16
+    q = rng.standard_normal((Bq, Nq, L, H)).astype(np.float32)
+    k, v = (rng.standard_normal((1, K, L, H)).astype(np.float32) for _ in range(2))
+    dy = rng.standard_normal((Bq, Nq, L, H)).astype(np.float32)
+    want_out, _ = oracle_flex.flex_forward(q, np.repeat(k, Bq, 0), np.repeat(v, Bq, 0), mask_mod=_doc_from)
+    dq, dk, dv, _ = oracle_flex.flex_backward(
+        q, np.repeat(k, Bq, 0), np.repeat(v, Bq, 0), dy, mask_mod=_doc_from
+    )
+    dk, dv = dk.sum(0, keepdims=True), dv.sum(0, keepdims=True)
+    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    torch_out = tflex.flex_attention(
+        tq,
+        tk,
+        tv,
+        block_mask=tflex.create_block_mask(_doc_from, Bq, None, L, L, device="cpu"),
+        enable_gqa=True,
+    ).numpy()
+    np.testing.assert_allclose(torch_out, want_out, atol=2e-5)
+
+    bm_t = tf.create_block_mask(_doc_from, Bq, None, L, L, BLOCK_SIZE=64)
+    tq.requires_grad_(True), tk.requires_grad_(True), tv.requires_grad_(True)
+    out_t = tf.flex_attention(tq, tk, tv, block_mask=bm_t, enable_gqa=True)
+    (out_t * torch.from_numpy(dy)).sum().backward()
+    bm_j = jf.create_block_mask(_doc_from, Bq, None, L, L, BLOCK_SIZE=64)
+
+    def loss(q, k, v):
+        out = jf.flex_attention(q, k, v, block_mask=bm_j, enable_gqa=True)
+        return jnp.sum(out * dy), out
+
+    (_, out_j), grads_j = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    for name, out, grads in (
+        ("torch twin", out_t.detach().numpy(), [t.grad.numpy() for t in (tq, tk, tv)]),
+        ("jax twin", np.asarray(out_j), [np.asarray(g) for g in grads_j]),
+    ):
+        np.testing.assert_allclose(out, torch_out, atol=1e-5, err_msg=name)
+        for got, want, what in zip(grads, (dq, dk, dv), "qkv", strict=True):
+            assert got.shape == want.shape, (name, what)
+            np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"{name} d{what}")
+
+
+def test_key_value_batch_other_than_the_query_needs_batch_1_and_a_mask_of_the_query_batch():
+    """Without a block mask, with a mask of another batch, or with a key/value batch other than 1: the
+    same ValueError in both twins."""
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((2, 2, 16, 8)).astype(np.float32)
+    texts = []
+    for m, arr, bm in (
+        (jf, jnp.asarray, lambda B: jf.create_block_mask(causal, B, None, 16, 16, BLOCK_SIZE=8)),
+        (tf, torch.from_numpy, lambda B: tf.create_block_mask(causal, B, None, 16, 16, BLOCK_SIZE=8)),
+    ):
+        cases = []
+        for kb, mask in ((1, None), (1, bm(None)), (3, bm(2))):
+            kv = rng.standard_normal((kb, 2, 16, 8)).astype(np.float32)
+            with pytest.raises(ValueError, match="or key/value have batch 1 with a block_mask") as e:
+                m.flex_attention(arr(q), arr(kv), arr(kv.copy()), block_mask=mask)
+            cases.append(str(e.value))
+        texts.append(cases)
+    assert texts[0] == texts[1]
