@@ -86,6 +86,7 @@ class _Cfg(NamedTuple):
     G: int
     Gp: int  # rows per key/value head (G when the tables differ per query head, else 1)
     Bt: int  # batch size of the tables (1 = broadcast)
+    Bk: int  # batch size of k and v (1 = broadcast)
     Nt: int  # heads of the tables (1 = broadcast)
     n_score: int  # how many of the hoisted constants belong to the score function
     scale: float  # logit scale, applied per query block
@@ -110,8 +111,8 @@ def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, scale=1.0, sc
     """Attention over the key blocks ``tables`` lists.
 
     Args:
-      q: ``(B, K, G, T, H)``. k: ``(B, K, S, H)``. v: ``(B, K, S, V)``. One floating compute dtype for
-        all three.
+      q: ``(B, K, G, T, H)``. k: ``(B|1, K, S, H)``. v: ``(B|1, K, S, V)``: a key/value batch of 1
+        serves every query batch row (indexed, not copied). One floating compute dtype for all three.
       scale: the logit scale, applied to each query block as it is visited (the backward keeps the
         unscaled ``q`` as its residual: no scaled copy of q in memory).
       tables: :class:`BlockTables` with ``n_q = ceil(T / bt)`` query blocks and key blocks of ``bs``.
@@ -133,8 +134,9 @@ def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, scale=1.0, sc
     Gi = G // Gp
     # rows of (Gi·Tp, H): a plain bitcast of (B, K, G, Tp, H); a separate size-1 Gi axis made XLA:CPU copy q
     q = jnp.pad(q, [(0, 0)] * 3 + [(0, Tp - T), (0, 0)]).reshape(B * K * Gp, Gi * Tp, q.shape[-1])
-    k = jnp.pad(k, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)]).reshape(B * K, Sp, k.shape[-1])
-    v = jnp.pad(v, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)]).reshape(B * K, Sp, v.shape[-1])
+    Bk = k.shape[0]
+    k = jnp.pad(k, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)]).reshape(Bk * K, Sp, k.shape[-1])
+    v = jnp.pad(v, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)]).reshape(Bk * K, Sp, v.shape[-1])
     full_num, full_idx = tables.full_num, tables.full_idx
     if full_num is None:
         full_num = jnp.zeros_like(tables.kv_num)
@@ -144,7 +146,7 @@ def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, scale=1.0, sc
     idx_args += (jnp.zeros((1, 1, bs), jnp.int32),)
     score_pure, s_consts = _hoist(score_fn, (jnp.zeros((Gi, bt, bs), q.dtype), *idx_args))
     mask_pure, m_consts = _hoist(mask_fn, idx_args)
-    cfg = _Cfg(T, S, bt, bs, B, K, G, Gp, Bt, Nt, len(s_consts), float(scale))
+    cfg = _Cfg(T, S, bt, bs, B, K, G, Gp, Bt, Bk, Nt, len(s_consts), float(scale))
     out, lse = _engine(
         cfg,
         score_pure,
@@ -160,6 +162,25 @@ def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, scale=1.0, sc
 
 
 # ------------------------------------------------------------------------------- the engine
+
+
+def _kv_row(cfg, r):
+    """The ``(b·K + kvh)`` row of k and v that row ``r`` reads (batch 0 for a broadcast key/value)."""
+    kv = r // cfg.Gp
+    return kv if cfg.Bk > 1 else kv % cfg.K
+
+
+def _kv_grad(cfg, d):
+    """Per-row ``(R, Sp, ·)`` key/value gradients summed into k's rows: over the ``Gp`` rows of one
+    key/value head (each holds a share) and, for a broadcast key/value, over the batch."""
+    d = d.reshape(cfg.B, cfg.K, cfg.Gp, *d.shape[1:])
+    if cfg.Gp > 1:
+        d = d.sum(axis=2)
+    else:
+        d = d[:, :, 0]
+    if cfg.Bk == 1 and cfg.B > 1:
+        d = d.sum(axis=0, keepdims=True)
+    return d.reshape(-1, *d.shape[2:])
 
 
 def _row_ids(cfg, r):
@@ -219,8 +240,8 @@ def _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts):
         # q is indexed here like k and v rather than sliced by lax.map: as a mapped input XLA:CPU copied
         # it whole (a layout change for the size-1 head axis), a q-sized temporary
         q_r = jax.lax.dynamic_index_in_dim(q, r, 0, keepdims=False).reshape(Gi, Tp, -1)
-        k_r = jax.lax.dynamic_index_in_dim(k, r // cfg.Gp, 0, keepdims=False)
-        v_r = jax.lax.dynamic_index_in_dim(v, r // cfg.Gp, 0, keepdims=False)
+        k_r = jax.lax.dynamic_index_in_dim(k, _kv_row(cfg, r), 0, keepdims=False)
+        v_r = jax.lax.dynamic_index_in_dim(v, _kv_row(cfg, r), 0, keepdims=False)
         b, h, tb, th = _row_ids(cfg, r)
 
         def query_block(args):
@@ -309,8 +330,8 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents):
     def row(d_consts, xs):
         r, do_r, st_r, de_r = xs
         q_r = jax.lax.dynamic_index_in_dim(q, r, 0, keepdims=False).reshape(Gi, Tp, -1)  # as forward
-        k_r = jax.lax.dynamic_index_in_dim(k, r // cfg.Gp, 0, keepdims=False)
-        v_r = jax.lax.dynamic_index_in_dim(v, r // cfg.Gp, 0, keepdims=False)
+        k_r = jax.lax.dynamic_index_in_dim(k, _kv_row(cfg, r), 0, keepdims=False)
+        v_r = jax.lax.dynamic_index_in_dim(v, _kv_row(cfg, r), 0, keepdims=False)
         b, h, tb, th = _row_ids(cfg, r)
 
         def query_block(carry, xs):
@@ -371,9 +392,7 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents):
     d_consts0 = tuple(jnp.zeros_like(s_consts[n]) for n in diff_pos)
     xs = (jnp.arange(q.shape[0], dtype=jnp.int32), d_out, stats, delta)
     d_consts, (dq, dk, dv) = jax.lax.scan(row, d_consts0, xs)
-    if cfg.Gp > 1:  # rows of one key/value head each hold a share of its dk, dv
-        dk = dk.reshape(-1, cfg.Gp, *dk.shape[1:]).sum(axis=1)
-        dv = dv.reshape(-1, cfg.Gp, *dv.shape[1:]).sum(axis=1)
+    dk, dv = _kv_grad(cfg, dk), _kv_grad(cfg, dv)
     d_all = [_zero_cotangent(c) for c in consts]
     for n, g in zip(diff_pos, d_consts, strict=True):
         d_all[n] = g

@@ -63,8 +63,8 @@ def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, scale=1.0, sc
     """Attention over the key blocks ``tables`` lists.
 
     Args:
-      q: ``(B, K, G, T, H)``. k: ``(B, K, S, H)``. v: ``(B, K, S, V)``. One floating compute dtype for
-        all three.
+      q: ``(B, K, G, T, H)``. k: ``(B|1, K, S, H)``. v: ``(B|1, K, S, V)``: a key/value batch of 1
+        serves every query batch row (expanded). One floating compute dtype for all three.
       scale: the logit scale, applied to each query block as it is visited (the backward keeps the
         unscaled ``q`` as its residual: no scaled copy of q in memory).
       tables: :class:`BlockTables` with ``n_q = ceil(T / bt)`` query blocks and key blocks of ``bs``.
@@ -78,6 +78,7 @@ def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, scale=1.0, sc
       logits of the kept keys, -inf for rows with nothing kept (whose output is 0).
     """
     B, K, G, _, H = q.shape
+    k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])  # a broadcast key/value batch of 1
     N, Vw, dev, ct = K * G, v.shape[-1], q.device, q.dtype
     n_q, n_kv = cdiv(T, bt), cdiv(S, bs)
     Sp = n_kv * bs

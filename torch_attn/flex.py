@@ -385,8 +385,6 @@ def flex_attention(
         else (block_mask.shape, block_mask.BLOCK_SIZE, block_mask.kv_num_blocks.shape[-1]),
     )
     B, N, K, T, S, H = shapes.B, shapes.N, shapes.K, shapes.T, shapes.S, shapes.H
-    if key.shape[0] != B:  # key/value batch 1 with a block mask of the query's batch (torch allows it)
-        key, value = (x.expand(B, *x.shape[1:]) for x in (key, value))
     ct = torch.promote_types(query.dtype, torch.float32)
     scale = 1.0 / (H**0.5) if scale is None else scale
     # the engine scales each query block as it visits it: one multiply of (bt, H) per block instead of one
