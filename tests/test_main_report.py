@@ -145,26 +145,38 @@ def test_threaded_agreement_gives_the_same_records_in_the_same_order():
     assert one == two and any(not r["ok"] for r in one) and any(r["ok"] for r in one)
 
 
-def _approx_equal_records(a: list[dict], b: list[dict]) -> bool:
-    if len(a) != len(b):
-        return False
+# What a record *measures* (rounding noise: the same program with other thread counts sums in another
+# order) and what it *is* (case, pair, quantity, dtype, tolerance, verdict): only the latter may be equal.
+_NOISE = {"max_abs", "max_rel", "mean_abs", "frac_outside", "worst_index", "worst_got", "worst_expected"}
+
+
+def _same_verdicts(a: list[dict], b: list[dict]) -> list[tuple]:
+    """The records of two runs that differ in anything but their measured noise: identity, tolerance (a
+    function of the stored inputs and expectations, not of the run) and verdict; each measured error is
+    judged against its own tolerance (the verdict), never against the other run's error."""
+    diffs = []
     for x, y in zip(a, b, strict=True):
         if x.keys() != y.keys():
-            return False
-        for key in x:
-            if isinstance(x[key], float) and isinstance(y[key], float):
-                if not (x[key] == y[key] or abs(x[key] - y[key]) <= 1e-6 * max(abs(x[key]), abs(y[key]))):
-                    return False
-            elif x[key] != y[key]:
-                return False
-    return True
+            diffs.append((x, y))
+            continue
+        for key in x.keys() - _NOISE:
+            same = (
+                abs(x[key] - y[key]) <= 1e-12 * max(abs(x[key]), abs(y[key]))
+                if isinstance(x[key], float) and isinstance(y[key], float)
+                else x[key] == y[key]
+            )
+            if not same:
+                diffs.append((key, x, y))
+                break
+    return diffs
 
 
 def test_worker_processes_give_the_same_records_as_one_process():
     """agree.run(workers=2) with the real implementations (spawned workers, each selecting the device and
     pinning precision like the parent) on vectors of three kinds: the records, in the order of the
-    vectors, equal those of the run in this process (errors within 1e-6 relative: the same programs on
-    the same CPU, but thread counts differ)."""
+    vectors, have the same identities, tolerances and verdicts as those of the run in this process. The
+    measured errors are not compared with each other: many are rounding noise (an exact zero such as
+    ``grad_k_proj.bias`` computed in fp32), which changes with thread counts and CPUs."""
     cases = vectors.all_cases()
     names = [n for n, (kind, _) in cases.items() if kind == "sdpa"][:3]
     names += [n for n, (kind, _) in cases.items() if kind == "causal"][:1]
@@ -175,5 +187,6 @@ def test_worker_processes_give_the_same_records_as_one_process():
     one = agree.run(vecs)
     two = agree.run(vecs, workers=2, device=device)
     assert [r["case"] for r in two] == [r["case"] for r in one]
-    assert _approx_equal_records(one, two), [(x, y) for x, y in zip(one, two, strict=False) if x != y][:3]
+    assert len(two) == len(one)
+    assert not _same_verdicts(one, two), _same_verdicts(one, two)[:3]
     assert all(r["ok"] for r in two) and len(two) > 100
