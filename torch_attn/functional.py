@@ -248,8 +248,9 @@ def _select(
 
 def _fast_attention(query, key, value, attn_mask, is_causal, scale, shapes, implementation):
     """The checked inputs through a fast path. Unlike the public function this accepts ``is_causal`` and
-    ``attn_mask`` together (their conjunction): ``MultiheadAttention`` passes its causal hint this way so
-    the blocked path can skip the blocks above the diagonal."""
+    ``attn_mask`` together (their conjunction). ``MultiheadAttention`` passes its causal hint only where
+    torch keeps it (no key_padding_mask, no weights), with no mask, so the blocked path skips the
+    blocks above the diagonal."""
     scale = 1.0 / (shapes.H**0.5) if scale is None else scale
     if implementation == "blocked":
         return _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes)

@@ -13,7 +13,10 @@ Semantics, identical in both twins and equal to torch's built-in wherever that i
   ``attn_mask`` is ``(L, S)`` or ``(N * Nh, L, S)`` (row ``n * Nh + h``); ``key_padding_mask`` ``(N, S)``.
   Inside, one convention: bool True = may attend (``masked_to_keep`` at the boundary); a float mask stays
   additive, and a bool mask meeting a float one becomes additive (0 / -inf) like torch's merge.
-- ``is_causal`` is torch's hint: it requires ``attn_mask`` and the mask given is what is applied.
+- ``is_causal`` is torch's hint and follows ``F.multi_head_attention_forward``: it requires ``attn_mask``;
+  with no ``key_padding_mask`` and ``need_weights=False`` the mask is dropped and top-left causal
+  masking over all ``S_total`` keys is applied (the keys appended by ``add_bias_kv``/``add_zero_attn``
+  included, as torch's SDPA call does); otherwise the mask given is applied and the hint dropped.
 - Weights (``need_weights=True``, the default) are the post-dropout weights, averaged over heads
   ``(N, L, S_total)`` or per head ``(N, Nh, L, S_total)`` with ``average_attn_weights=False``.
 - A fully-masked row gives zeros and finite gradients; torch's built-in gives NaN there on some paths
@@ -136,7 +139,9 @@ def multi_head_attention_forward(
       add_zero_attn: append a zero key/value (per head) to the sequence.
       dropout_p, training: dropout on the attention weights, only when ``training``.
       key_padding_mask ``(N, S)``, attn_mask ``(L, S)`` or ``(N * Nh, L, S)``: torch-MHA polarity.
-      is_causal: torch's hint; requires attn_mask, which is applied as given.
+      is_causal: torch's hint; requires attn_mask. Without key_padding_mask and with
+        ``need_weights=False`` attn_mask is dropped and causal masking (top-left, over all ``S_total``
+        keys) applied instead, as torch does; otherwise attn_mask is applied and the hint dropped.
       dropout_mask: bool keep-mask ``(N, Nh, L, S_total)``; replaces the random draw.
       generator: ``torch.Generator`` for the draw (the JAX twin takes ``dropout_rng``).
 
@@ -145,8 +150,7 @@ def multi_head_attention_forward(
         is active; otherwise by size, dtype and device). Explicit ``"math"``, ``"blocked"``, ``"fused"``:
         see ``scaled_dot_product_attention``. Only ``"math"`` returns weights or applies dropout: the others
         raise ``ValueError`` when ``need_weights=True`` or dropout is active, never falling back silently.
-        With ``is_causal=True`` they apply causal masking structurally (skipping the blocks above the
-        diagonal) *and* the given ``attn_mask``: identical when the mask is the causal mask it claims to be.
+        When the hint is kept (above) the blocked path skips the key blocks above the diagonal.
 
     Returns:
       ``(attn_output, attn_weights)``: output in query's layout with width E; weights ``(N, L, S_total)``
@@ -207,7 +211,13 @@ def multi_head_attention_forward(
         k_NhSD = torch.cat([k_NhSD, zeros], dim=2)
         v_NhSD = torch.cat([v_NhSD, zeros], dim=2)
 
-    # is_causal is a hint about attn_mask (checked above to be present): the mask is what is applied.
+    # is_causal, torch's rule (F.multi_head_attention_forward): with no key_padding_mask and no weights
+    # asked for, attn_mask (checked above to be present) is dropped and SDPA's top-left causal masking
+    # over all S_total keys is applied, the appended bias_k / zero keys included; otherwise the mask is
+    # applied as given and the hint dropped (merged with key_padding_mask it is no longer causal).
+    causal = bool(is_causal) and key_padding_mask is None and not need_weights
+    if causal:
+        attn_mask = None
     mask = _merged_mask(
         attn_mask,
         key_padding_mask,
@@ -236,7 +246,7 @@ def multi_head_attention_forward(
             implementation, dropout_p=p, need_weights=need_weights, name="multi_head_attention_forward"
         )
         shapes_sdpa = _check_sdpa_shapes(q_NhLD, k_NhSD, v_NhSD, mask)
-        out_NhLD = _fast_attention(q_NhLD, k_NhSD, v_NhSD, mask, is_causal, None, shapes_sdpa, implementation)
+        out_NhLD = _fast_attention(q_NhLD, k_NhSD, v_NhSD, mask, causal, None, shapes_sdpa, implementation)
         weights_NhLS = None
     else:
         out_NhLD, weights_NhLS = scaled_dot_product_attention_with_weights(
@@ -245,6 +255,7 @@ def multi_head_attention_forward(
             v_NhSD,
             mask,
             p,
+            causal,
             dropout_mask=dropout_mask if p > 0.0 else None,
             generator=generator,
         )
