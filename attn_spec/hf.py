@@ -489,11 +489,14 @@ def read_layer(checkpoint_dir, layer: int) -> tuple[str, AttentionConfig, dict[s
         if not os.path.exists(single):
             raise ValueError(f"load_layer: no model.safetensors(.index.json) in {checkpoint_dir}")
         weight_map = {k: "model.safetensors" for k in _safetensors_names(single)}
-    family = family_of(text_config(config))
-    kind = None
-    if family == "bert":
-        kind = "causal" if _Cfg(config).get("is_decoder", False) else "block"
-    family, c = attention_config(config, layer, module_kind=kind)
+    try:
+        family = family_of(text_config(config))
+        kind = None
+        if family == "bert":
+            kind = "causal" if _Cfg(config).get("is_decoder", False) else "block"
+        family, c = attention_config(config, layer, module_kind=kind)
+    except ValueError as err:  # the errors name the function the user called
+        raise ValueError(_renamed(str(err), "load_layer")) from None
     prefix = layer_prefix(weight_map, layer)
     names = [k for k in weight_map if k.startswith(prefix)]
     by_file: dict[str, list[str]] = {}
@@ -506,4 +509,13 @@ def read_layer(checkpoint_dir, layer: int) -> tuple[str, AttentionConfig, dict[s
     if len(dtypes) != 1:
         raise ValueError(f"load_layer: layer {layer}'s attention weights have mixed dtypes {sorted(dtypes)}")
     sd = {k[len(prefix) :]: a for k, (a, _) in tensors.items()}
-    return family, c, from_hf(sd, family, c), dtypes.pop()
+    try:
+        ours = from_hf(sd, family, c)
+    except ValueError as err:
+        raise ValueError(_renamed(str(err), "load_layer")) from None
+    return family, c, ours, dtypes.pop()
+
+
+def _renamed(message: str, name: str) -> str:
+    """``message`` with the ``from_hf:`` prefix of this module's errors replaced by ``name:``."""
+    return f"{name}: {message.removeprefix(NAME + ': ')}"

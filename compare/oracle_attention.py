@@ -232,3 +232,27 @@ def attention_backward(
     g["x"] = dx
     g.update(dq0=dq0, dk0=dk0, dv0=dv0, o=f["o"], out=f["out"])
     return g
+
+
+def gradient_magnitudes(x, params, dy, bwd: dict) -> dict[str, float]:
+    """The tolerance policy's term size for each gradient of :func:`attention_backward` (its ``bwd``): the
+    largest sum of ``|terms|`` that the gradient's last contraction adds up (``max(|dq0|ᵀ|x|)`` for
+    ``q_proj.weight``, ``max(Σ_rows |dq0|)`` for ``q_proj.bias``, ``max(Σ_proj |d·0| |W|)`` for ``x`` …),
+    keyed like the gradients (``x`` and the parameter names)."""
+    E = x.shape[-1]
+    ax, ady = np.abs(x).reshape(-1, E), np.abs(dy).reshape(-1, E)
+    d = {p: np.abs(bwd[f"d{p[0]}0"]).reshape(ady.shape[0], -1) for p in ("q_proj", "k_proj", "v_proj")}
+    out = {"x": sum(d[p] @ np.abs(params[f"{p}.weight"]) for p in d)}
+    for name in params:
+        if name == "o_proj.weight":
+            terms = ady.T @ np.abs(bwd["o"]).reshape(ady.shape[0], -1)
+        elif name == "o_proj.bias":
+            terms = ady.sum(axis=0)
+        elif name in ("q_norm.weight", "k_norm.weight", "sinks"):
+            terms = bwd[f"terms_{name}"]
+        elif name.endswith(".weight"):
+            terms = d[name.split(".")[0]].T @ ax
+        else:
+            terms = d[name.split(".")[0]].sum(axis=0)
+        out[name] = terms
+    return {k: float(np.max(v, initial=0.0)) for k, v in out.items()}

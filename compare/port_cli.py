@@ -32,7 +32,14 @@ def load_hf_layer(checkpoint_dir, layer: int, dtype: str | None = None):
     import torch
     import transformers
 
-    model = transformers.AutoModel.from_pretrained(str(checkpoint_dir), attn_implementation="eager")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report and progress bars are not ours to print
+    transformers.logging.disable_progress_bar()
+    try:
+        model = transformers.AutoModel.from_pretrained(str(checkpoint_dir), attn_implementation="eager")
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
     from compare.port_hf import attention_of
@@ -44,8 +51,12 @@ def markdown(record) -> str:
     lines = [
         f"# port check: {record.module} ({record.dtype})",
         "",
-        f"family `{record.kind.removeprefix('hf:')}`; weights round trip bit-exact: "
-        f"{record.round_trip_bit_exact}; **{'all agree' if record.ok else 'DISAGREEMENT'}**",
+        f"**{record.verdict()}**",
+        "",
+        f"family `{record.kind.removeprefix('hf:')}`; "
+        f"weights round trip bit-exact: {record.round_trip_bit_exact}. "
+        "Each implementation against the float64 reference, and each port against the original module, "
+        "with the tolerance policy of `compare/tolerance.py`.",
         "",
         "| pair | quantity | max abs | tol | ok |",
         "|---|---|---|---|---|",
@@ -60,6 +71,7 @@ def markdown(record) -> str:
 
 def cmd_port(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from attn_spec import hf as spec
     from compare import report
@@ -80,16 +92,22 @@ def cmd_port(args) -> int:
         same = args.dtype in (None, ck_dtype)
         jax_port = jhf.load_layer(folder, args.layer, implementation="math") if same else None
         record = check_hf_port(
-            module, seed=args.seed, post_norm_outside=family == "bert", jax_port=jax_port, print_table=True
+            module, seed=args.seed, post_norm_outside=family == "bert", jax_port=jax_port, print_table=False
         )
     except (ValueError, OSError) as err:
-        console.print(f"[red]port: {err}[/red]")
+        console.print(f"[red]compare port: {escape(str(err))}[/red]")
         return 2
+    line = f"layer {args.layer} of {folder}: {record.verdict()}"
+    style = "bold green" if record.ok else "bold red"
+    console.print(f"[{style}]{escape(line)}[/{style}]", soft_wrap=True)
+    console.print(record.table())
     out = Path(args.out) if args.out else report.new_report_dir()
     out.mkdir(parents=True, exist_ok=True)
     data = {"checkpoint": str(folder), "layer": args.layer, "jax_port": "load_layer" if same else "from_hf"}
     data.update(record.as_dict())
+    data["verdict"] = record.verdict()
     report.write_atomic(out / "port.json", json.dumps(data, indent=1, default=str))
     report.write_atomic(out / "port.md", markdown(record))
     console.print(f"wrote {out / 'port.json'} and {out / 'port.md'}")
+    console.print(f"[{style}]{escape(line)}[/{style}]", soft_wrap=True)
     return 0 if record.ok else 1

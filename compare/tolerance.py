@@ -1,14 +1,22 @@
 """The tolerance policy, in one place: what "agrees" means, per dtype.
 
-- float32 / float64: absolute error against the float64 oracle at most ``atol · max(1, max|expected|,
-  m)``. For attention outputs and weights ``m = 0``, so with values of order 1 that is the plain ``atol``:
-  1e-5 for float32. For gradients ``m`` is the size of the terms the gradient sums before they cancel
-  (:func:`gradient_magnitude`: e.g. ``scale · max|k| · max|v| · max|dout|`` for dq): with logits of
-  order 1e4 an ulp-level change of a softmax weight moves dq by ~1e-5 while dq itself is ~0.
-- bfloat16 / float16: an implementation's error against the oracle may be at most ``factor`` (2) times the
-  error of a *naive same-dtype* implementation (every intermediate rounded to the dtype; see
-  ``compare.oracle``), plus one unit in the last place of the largest expected value. This is the rule of
-  flash-attention's test-suite: low precision is judged by what the dtype can do, not by a fixed number.
+One rule for every dtype, flash-attention's: an implementation is judged by what its dtype can do *on that
+very problem*. Its absolute error against the float64 oracle may be at most
+
+    FACTOR · maxabs(naive − oracle) + SLACK[dtype] · max(1, maxabs(oracle), m)
+
+- ``naive`` is the *naive same-dtype evaluation*: the oracle with every intermediate rounded to the dtype
+  (``compare.oracle``'s ``dtype=``). Its error is what the dtype costs on these inputs: large logits, a
+  softmax that nearly cancels, trained weights fed N(0, 1) inputs. It is required for bf16/fp16, and used
+  for float32 wherever the caller has it (the Hugging Face port check always computes it; the stored
+  vectors carry it for bf16/fp16 only, so there float32 falls back to the slack term alone).
+- ``SLACK`` covers what the naive evaluation does not model: it rounds each *result* once, while a real
+  kernel also rounds inside its sums, in an order of its own. 1e-5 for float32 (about 170 units of
+  roundoff), one unit of roundoff for bf16/fp16 (whose sums run in fp32), 1e-12 for float64.
+- ``m`` is 0 for outputs and weights; for gradients it is the size of the terms the gradient sums before
+  they cancel (:func:`gradient_magnitude`, or the port check's per-parameter sums of ``|terms|``): with
+  logits of order 1e4 an ulp-level change of a softmax weight moves dq by ~1e-5 while dq itself is ~0, and
+  a weight gradient summed over thousands of rows carries the rounding of each.
 
 Non-finite values never pass, and are reported as such.
 """
@@ -19,28 +27,25 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-# Relative-to-magnitude absolute tolerance for the full-precision dtypes.
-ATOL = {"float32": 1e-5, "float64": 1e-12}
-# Unit roundoff (half the machine epsilon) of the low-precision dtypes.
-LOW_PRECISION_ULP = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
-LOW_PRECISION_FACTOR = 2.0
+# Absolute error admitted per unit of magnitude, beyond FACTOR times the naive evaluation's error.
+SLACK = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+# Without a naive baseline (stored vectors in float32/float64) the slack term is the whole tolerance.
+ATOL = {dt: SLACK[dt] for dt in ("float32", "float64")}
+LOW_PRECISION_ULP = {dt: SLACK[dt] for dt in ("bfloat16", "float16")}
+FACTOR = 2.0
+LOW_PRECISION_FACTOR = FACTOR
 
 
 def policy_table() -> list[dict]:
     """The policy as rows, for reports."""
     # m: 0 for forward quantities; the gradient's term size for gradients (gradient_magnitude).
-    rows = [
-        {"dtype": dt, "rule": f"maxabs(got - oracle) <= {atol:g} * max(1, maxabs(oracle), m)"}
-        for dt, atol in ATOL.items()
-    ]
-    rows += [
-        {
-            "dtype": dt,
-            "rule": f"maxabs(got - oracle) <= {LOW_PRECISION_FACTOR:g} * maxabs(naive_{dt} - oracle) "
-            f"+ {ulp:g} * max(1, maxabs(oracle), m)",
-        }
-        for dt, ulp in LOW_PRECISION_ULP.items()
-    ]
+    rows = []
+    for dt, slack in SLACK.items():
+        naive = f"{FACTOR:g} * maxabs(naive_{dt} - oracle) + " if dt != "float64" else ""
+        rule = f"maxabs(got - oracle) <= {naive}{slack:g} * max(1, maxabs(oracle), m)"
+        if dt == "float32":
+            rule += " (naive term where the naive float32 evaluation is computed: port checks)"
+        rows.append({"dtype": dt, "rule": rule})
     return rows
 
 
@@ -80,16 +85,24 @@ def gradient_magnitude(quantity: str, q, k, v, dout, scale: float | None) -> flo
 def tolerance(
     dtype: str, expected: np.ndarray, baseline: np.ndarray | None = None, magnitude: float = 0.0
 ) -> float:
-    """The largest admissible max-abs error for ``dtype`` (see module docstring)."""
+    """The largest admissible max-abs error for ``dtype`` (see module docstring). ``baseline`` is the naive
+    same-dtype evaluation: required for bf16/fp16, optional for float32, ignored for float64."""
+    if dtype not in SLACK:
+        raise ValueError(f"tolerance: no policy for dtype {dtype!r}")
     magnitude = max(1.0, float(np.max(np.abs(expected), initial=0.0)), magnitude)
-    if dtype in ATOL:
-        return ATOL[dtype] * magnitude
-    if dtype in LOW_PRECISION_ULP:
-        if baseline is None:
+    if baseline is None:
+        if dtype in LOW_PRECISION_ULP:
             raise ValueError(f"tolerance: dtype {dtype} needs the naive same-dtype baseline")
-        naive_err = float(np.max(np.abs(np.asarray(baseline, np.float64) - expected), initial=0.0))
-        return LOW_PRECISION_FACTOR * naive_err + LOW_PRECISION_ULP[dtype] * magnitude
-    raise ValueError(f"tolerance: no policy for dtype {dtype!r}")
+        return SLACK[dtype] * magnitude
+    if dtype == "float64":
+        return SLACK[dtype] * magnitude
+    baseline = np.asarray(baseline, np.float64)
+    if baseline.shape != np.shape(expected):
+        raise ValueError(f"tolerance: baseline shape {baseline.shape} != expected {np.shape(expected)}")
+    diff = np.abs(baseline - expected)
+    # A naive evaluation that overflows (fp16 and -1e9) is infinitely wrong there: it grants nothing.
+    naive_err = float(np.max(np.where(np.isfinite(diff), diff, 0.0), initial=0.0))
+    return FACTOR * naive_err + SLACK[dtype] * magnitude
 
 
 def compare_arrays(

@@ -3,6 +3,7 @@ importing torch or transformers raises; ``python -m compare port DIR`` on such c
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,14 +75,39 @@ def test_load_layer_without_torch(checkpoints):
         assert np.abs(got["y"] - want).max() <= tol * max(1.0, np.abs(want).max()), family
 
 
-def test_load_layer_errors(tmp_path):
+def test_load_layer_errors(tmp_path, checkpoints):
     import jax_attn.hf as jhf
+    import torch_attn.hf as thf
 
     with pytest.raises((ValueError, OSError)):
         jhf.load_layer(tmp_path, 0)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="no model.safetensors"):
         jhf.load_layer(tmp_path, 0)
+    # the errors name the function the user called, in both twins
+    d = checkpoints["llama"][0]
+    for twin in (jhf, thf):
+        with pytest.raises(ValueError, match=r"^load_layer: layer must be an int in \[0, 2\); got layer=5"):
+            twin.load_layer(d, 5)
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "model_type": "not_a_family"}))
+    with pytest.raises(ValueError, match="^load_layer: unsupported model_type='not_a_family'"):
+        jhf.load_layer(bad, 0)
+
+
+def test_cli_port_prints_the_verdict_first_and_last(checkpoints, tmp_path, capsys):
+    d = checkpoints["llama"][0]
+    assert cli.main(["port", str(d), "--layer", "1", "--out", str(tmp_path / "ok")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert lines[0].startswith(f"layer 1 of {d}: ALL AGREE: ") and "LlamaAttention (float32)" in lines[0]
+    assert any(ln.startswith(f"layer 1 of {d}: ALL AGREE") for ln in lines[-3:])
+    assert any("max abs error / tolerance" in ln for ln in lines[:4])
+    assert not any("LOAD REPORT" in ln for ln in lines)  # transformers' own load chatter is silenced
+    assert json.loads((tmp_path / "ok" / "port.json").read_text())["verdict"].startswith("ALL AGREE")
+    assert cli.main(["port", str(d), "--layer", "9", "--out", str(tmp_path / "x")]) == 2
+    assert "compare port: load_layer: layer must be an int" in capsys.readouterr().out.replace("\n", "")
 
 
 def test_cli_port_exit_codes(checkpoints, tmp_path, monkeypatch):
@@ -105,7 +131,9 @@ def test_cli_port_exit_codes(checkpoints, tmp_path, monkeypatch):
 
     monkeypatch.setattr(jhf, "load_layer", flipped)
     assert cli.main(["port", str(d), "--layer", "1", "--out", str(tmp_path / "bad")]) == 1
-    assert json.loads((tmp_path / "bad" / "port.json").read_text())["ok"] is False
+    data = json.loads((tmp_path / "bad" / "port.json").read_text())
+    assert data["ok"] is False and data["verdict"].startswith("DISAGREE: ")
+    assert "jax_attn" in data["verdict"] and "torch_attn" not in data["verdict"]
 
 
 def test_torch_twin_load_layer(checkpoints):

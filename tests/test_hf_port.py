@@ -4,6 +4,7 @@ wrong ports caught."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -75,6 +76,82 @@ def test_rotary_layout_flipped_is_caught():
     failed = {a.quantity for a in record.agreements["jax_attn vs transformers"] if not a.ok}
     assert {"out", "decode_out"} <= failed
     assert all(a.ok for a in record.agreements["torch_attn vs transformers"])
+
+
+def _swap_heads(sd, c):
+    """Query heads 0 and 1 exchanged in q_proj (and its bias): o_proj still expects the original order."""
+    sd = dict(sd)
+    H = c.H
+    for key in ("q_proj.weight", "q_proj.bias"):
+        if key in sd:
+            w = np.array(sd[key])
+            w[:H], w[H : 2 * H] = w[H : 2 * H].copy(), w[:H].copy()
+            sd[key] = w
+    return sd
+
+
+def _scaled(sd, key, factor):
+    sd = dict(sd)
+    sd[key] = np.asarray(sd[key]) * np.asarray(factor, np.asarray(sd[key]).dtype)
+    return sd
+
+
+# name: (family, layer, dtype, config change, state-dict change) of a deliberately wrong JAX port.
+MUTATIONS = {
+    "rotary_layout_flipped": ("llama", 0, "float32", lambda c: _rope(c, layout="interleaved"), None),
+    "rope_theta_1e4_not_5e5": ("llama", 0, "float32", lambda c: _rope(c, rope_theta=1e4), None),
+    "window_off_by_one": (
+        "mistral",
+        0,
+        "float32",
+        lambda c: dataclasses.replace(c, sliding_window=c.sliding_window + 1),
+        None,
+    ),
+    "scale_2pct_high": (
+        "gemma2",
+        0,
+        "float32",
+        lambda c: dataclasses.replace(c, scale=c.logit_scale * 1.02, query_pre_attn_scalar=None),
+        None,
+    ),
+    "two_heads_swapped": ("qwen2", 1, "float32", None, _swap_heads),
+    "norm_eps_1e3x": (
+        "qwen3",
+        0,
+        "float32",
+        lambda c: dataclasses.replace(c, qk_norm_eps=c.qk_norm_eps * 1e3),
+        None,
+    ),
+    "o_proj_scaled_1pct": ("gpt_oss", 0, "float32", None, lambda sd, c: _scaled(sd, "o_proj.weight", 1.01)),
+    "bf16_two_heads_swapped": ("llama", 0, "bfloat16", None, _swap_heads),
+    "bf16_rotary_layout_flipped": ("qwen3", 0, "bfloat16", lambda c: _rope(c, layout="interleaved"), None),
+    "bf16_softcap_dropped": ("gemma2", 0, "bfloat16", lambda c: dataclasses.replace(c, softcap=None), None),
+}
+
+
+def _rope(c, **kw):
+    return dataclasses.replace(c, rope=dataclasses.replace(c.rope, **kw))
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_a_mutated_jax_port_is_caught(name):
+    """Each mutation of the JAX port alone: the record fails, in the JAX rows (against the reference and
+    against transformers); the torch twin and transformers itself still pass."""
+    import jax_attn.hf as jhf
+
+    family, layer, dtype, change_config, change_weights = MUTATIONS[name]
+    module, _ = port_hf.tiny_module(family, layer, dtype, seed=layer)
+    good = jhf.from_hf(module, implementation="math")
+    c = change_config(good.config) if change_config else good.config
+    sd = good.torch_state_dict()
+    sd = change_weights(sd, c) if change_weights else sd
+    wrong = jhf._build(c, sd, "math", training=False)
+    record = port.check_port(module, print_table=False, jax_port=wrong)
+    assert not record.ok
+    assert not all(a.ok for a in record.agreements["jax_attn vs reference"])
+    assert not all(a.ok for a in record.agreements["jax_attn vs transformers"])
+    for pair in ("torch_attn vs reference", "torch_attn vs transformers", "transformers vs reference"):
+        assert all(a.ok for a in record.agreements[pair]), (pair, name)
 
 
 def test_window_off_by_one_in_the_mapping_is_caught(monkeypatch):

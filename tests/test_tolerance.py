@@ -43,3 +43,24 @@ def test_worst_element_is_located():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="shape"):
         tolerance.compare_arrays("out", np.zeros(2), np.zeros(3), "float32")
+
+
+def test_fp32_with_its_naive_evaluation_by_hand():
+    """float32 judged like bf16 where the naive float32 evaluation is known: twice its error on this very
+    problem plus the 1e-5 slack; float64 ignores a baseline."""
+    expected = np.array([300.0, -2.0])
+    naive = np.array([300.001, -2.0])  # an ill-conditioned problem: the naive float32 evaluation is 1e-3 off
+    assert tolerance.tolerance("float32", expected, naive) == pytest.approx(2 * 1e-3 + 1e-5 * 300.0)
+    assert tolerance.tolerance("float32", expected, naive, magnitude=1e4) == pytest.approx(2e-3 + 1e-1)
+    assert tolerance.tolerance("float64", expected, naive) == pytest.approx(1e-12 * 300.0)
+    got = expected + np.array([4e-3, 0.0])
+    assert tolerance.compare_arrays("out", got, expected, "float32", baseline=naive).ok
+    assert not tolerance.compare_arrays("out", got, expected, "float32").ok  # without it: 3e-3 only
+
+
+def test_a_naive_evaluation_that_overflows_grants_nothing():
+    expected = np.array([1.0, 2.0])
+    naive = np.array([np.inf, 2.0])
+    assert tolerance.tolerance("float16", expected, naive) == pytest.approx(2.0**-11 * 2.0)
+    with pytest.raises(ValueError, match="baseline shape"):
+        tolerance.tolerance("bfloat16", expected, naive[:1])

@@ -134,30 +134,13 @@ def expectations(case: AttentionCase, inputs: dict[str, np.ndarray]) -> dict[str
 
 
 def magnitude(case: AttentionCase, arrays: dict[str, np.ndarray], quantity: str) -> float:
-    """Gradient term size for the tolerance policy: the largest sum of |terms| the gradient's last
-    contraction adds up (``max(|dq0|ᵀ|x|)`` for ``grad_q_proj.weight`` …), from the float64 oracle; 0 for
-    the output."""
+    """Gradient term size for the tolerance policy (``compare.oracle_attention.gradient_magnitudes``), from
+    the float64 oracle; 0 for the output."""
     if not quantity.startswith("grad_"):
         return 0.0
     x, params, dy, kwargs = _oracle_args(case, arrays)
     bwd = oracle_attention.attention_backward(x, params, dy, case.config(), **kwargs)
-    E = case.E
-    ax, ady = np.abs(x).reshape(-1, E), np.abs(dy).reshape(-1, E)
-    d = {p: np.abs(bwd[f"d{p[0]}0"]).reshape(ady.shape[0], -1) for p in ("q_proj", "k_proj", "v_proj")}
-    name = quantity.removeprefix("grad_")
-    if name == "x":
-        terms = sum(d[p] @ np.abs(params[f"{p}.weight"]) for p in d)
-    elif name == "o_proj.weight":
-        terms = ady.T @ np.abs(bwd["o"]).reshape(ady.shape[0], -1)
-    elif name == "o_proj.bias":
-        terms = ady.sum(axis=0)
-    elif name in ("q_norm.weight", "k_norm.weight", "sinks"):
-        terms = bwd[f"terms_{name}"]
-    elif name.endswith(".weight"):
-        terms = d[name.split(".")[0]].T @ ax
-    else:
-        terms = d[name.split(".")[0]].sum(axis=0)
-    return float(np.max(terms, initial=0.0))
+    return oracle_attention.gradient_magnitudes(x, params, dy, bwd)[quantity.removeprefix("grad_")]
 
 
 # --- cases ----------------------------------------------------------------------------------------------
