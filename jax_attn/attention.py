@@ -87,6 +87,20 @@ class RMSNorm(nnx.Module):
         return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
 
 
+def project(linear: Linear, x: jax.Array) -> jax.Array:
+    """``x @ weight.T + bias`` as torch's ``F.linear`` (addmm) computes it: the products summed in float32 (at
+    least) with the bias added before the one rounding to x's dtype. In the backward the weight's gradient
+    (a sum over the B·T rows, ``dot_general`` with a float32 result) and the bias's (a row sum of the float32
+    cotangent) are float32 reductions too, rounded once to the parameter's dtype; bf16/fp16 sums of rows
+    would lose ~log2(B·T) bits. float32 inputs: the same arithmetic as ``x @ weight.T + bias``."""
+    acc = jnp.result_type(x.dtype, jnp.float32)
+    w = linear.weight[...].astype(x.dtype)
+    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc)
+    if linear.bias is not None:
+        y = y + linear.bias[...].astype(acc)
+    return y.astype(x.dtype)
+
+
 def attention_keep_mask(
     q_pos_T: jax.Array, k_pos_S: jax.Array, k_valid_BS: jax.Array, config: AttentionConfig
 ) -> jax.Array:
@@ -308,7 +322,7 @@ class Attention(nnx.Module):
             check_position_ids(*_spec(position_ids), B, T)
 
         x_BTE = x.astype(self.dtype or jnp.result_type(x.dtype, self.param_dtype))
-        q, k, v = self.q_proj(x_BTE), self.k_proj(x_BTE), self.v_proj(x_BTE)
+        q, k, v = (project(p, x_BTE) for p in (self.q_proj, self.k_proj, self.v_proj))
         if c.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BNTH = q.reshape(B, T, c.N, c.H).transpose(0, 2, 1, 3)
@@ -337,7 +351,7 @@ class Attention(nnx.Module):
         else:
             keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c)
             y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng)
-        y_BTE = self.o_proj(y_BNTH.transpose(0, 2, 1, 3).reshape(B, T, c.N * c.H))
+        y_BTE = project(self.o_proj, y_BNTH.transpose(0, 2, 1, 3).reshape(B, T, c.N * c.H))
         if cache is None:
             return y_BTE
 

@@ -87,6 +87,14 @@ class RMSNorm(nn.Module):
         return (normed * (self.offset + self.weight.to(torch.float32))).to(x.dtype)
 
 
+def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T + bias`` as ``F.linear`` (addmm) computes it: the products summed in float32 (at least)
+    with the bias added before the one rounding to x's dtype. In the backward the weight's gradient (a sum
+    over the B·T rows) and the bias's (a row sum) are float32 reductions too, rounded once to the
+    parameter's dtype (torch accumulates bf16/fp16 matmuls and sums in float32), as in the JAX twin."""
+    return F.linear(x, linear.weight, linear.bias)
+
+
 def attention_keep_mask(
     q_pos_T: torch.Tensor, k_pos_S: torch.Tensor, k_valid_BS: torch.Tensor, config: AttentionConfig
 ) -> torch.Tensor:
@@ -308,7 +316,7 @@ class Attention(nn.Module):
             check_position_ids(*_spec(position_ids), B, T)
 
         x_BTE = x  # torch's Linear does not promote: x must have the parameters' dtype
-        q, k, v = self.q_proj(x_BTE), self.k_proj(x_BTE), self.v_proj(x_BTE)
+        q, k, v = (project(p, x_BTE) for p in (self.q_proj, self.k_proj, self.v_proj))
         if c.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BNTH = q.view(B, T, c.N, c.H).transpose(1, 2)
@@ -336,7 +344,7 @@ class Attention(nn.Module):
         else:
             keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c)
             y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator)
-        y_BTE = self.o_proj(y_BNTH.transpose(1, 2).reshape(B, T, c.N * c.H))
+        y_BTE = project(self.o_proj, y_BNTH.transpose(1, 2).reshape(B, T, c.N * c.H))
         if cache is None:
             return y_BTE
 
