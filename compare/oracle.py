@@ -21,10 +21,15 @@ LOW_PRECISION = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
 def _rounder(dtype: str | None):
-    """Identity for float64; otherwise round each intermediate to ``dtype`` (kept in float64)."""
+    """Identity for float64; float32: the *plain float32 evaluation* (arrays kept in float32, so every
+    product, sum and matmul runs in float32 itself: its error includes what float32 sums cost, not only the
+    rounding of each result); bf16/fp16: each intermediate rounded to ``dtype`` (kept in float64, the sums
+    exact before the rounding, as kernels that accumulate in float32 nearly are)."""
     if dtype in (None, "float64"):
         return lambda x: np.asarray(x, np.float64)
-    np_dtype = LOW_PRECISION.get(dtype, np.float32 if dtype == "float32" else None)
+    if dtype == "float32":
+        return lambda x: np.asarray(x, np.float32)
+    np_dtype = LOW_PRECISION.get(dtype)
     if np_dtype is None:
         raise ValueError(f"oracle: unknown dtype {dtype!r}")
 

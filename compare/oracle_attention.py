@@ -42,12 +42,19 @@ def keep_mask(config: AttentionConfig, valid_BT: np.ndarray) -> np.ndarray:
     return keep[None] & valid_BT[:, None, :].astype(bool)
 
 
-def rope_tables(config: AttentionConfig, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 cos, sin ``(B, T, R)`` in the config's layout, times the attention factor."""
+def rope_tables(
+    config: AttentionConfig, position_ids: np.ndarray, dtype: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin ``(B, T, R)`` in the config's layout, times the attention factor: in float64, or for
+    ``dtype="float32"`` as a plain float32 evaluation computes them (as transformers and both twins do: the
+    frequencies rounded to float32, positions × frequencies in float32, cos/sin of those angles)."""
     rope = config.rope
     seq_len = int(np.max(position_ids)) + 1
     inv, factor = inv_freq(rope, config.H, seq_len=seq_len, dtype=np.float64)
-    freqs = position_ids.astype(np.float64)[..., None] * inv
+    if dtype == "float32":
+        freqs = position_ids.astype(np.float32)[..., None] * inv.astype(np.float32)
+    else:
+        freqs = position_ids.astype(np.float64)[..., None] * inv
     emb = np.concatenate([freqs, freqs], -1) if rope.layout == "half" else np.repeat(freqs, 2, -1)
     return np.cos(emb) * factor, np.sin(emb) * factor
 
@@ -125,7 +132,7 @@ def attention_forward(
         q, f["uq"], f["iq"] = _rms(q, params["q_norm.weight"], c, r)
         k, f["uk"], f["ik"] = _rms(k, params["k_norm.weight"], c, r)
     if c.rope is not None:
-        cos, sin = (r(a) for a in rope_tables(c, pos))
+        cos, sin = (r(a) for a in rope_tables(c, pos, dtype))
         f["cos"], f["sin"] = cos, sin
         q, k = _rope(q, cos, sin, c.rope.layout, r), _rope(k, cos, sin, c.rope.layout, r)
     kr, vr = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)  # kv head n // G serves query head n
