@@ -356,6 +356,8 @@ def _fused_attention(query, key, value, attn_mask, is_causal, scale, shapes):
     ct = _compute_dtype(query.dtype) if query.device.type == "cpu" else query.dtype
     q, k, v = query.to(ct), key.to(ct), value.to(ct)
     mask = attn_mask
+    if mask is not None and mask.dim() == 1:
+        mask = mask[None]  # F.sdpa rejects rank-1 masks (IndexError); (1, S) broadcasts the same
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(ct)
     if mask is not None and is_causal:
