@@ -196,7 +196,9 @@ class CausalSelfAttention(nnx.Module):
         else:
             index = _concrete_index(cache.index)
             L = check_cache(cache.k.shape, cache.v.shape, index, B, T, c)
-            start = (0, 0, cache.index, 0)
+            # one index dtype for every axis: Python 0s would be int64 under jax_enable_x64 (TypeError)
+            zero = jnp.zeros_like(cache.index)
+            start = (zero, zero, cache.index, zero)
             k_BKLH = jax.lax.dynamic_update_slice(cache.k, k_BKTH.astype(cache.k.dtype), start)
             v_BKLH = jax.lax.dynamic_update_slice(cache.v, v_BKTH.astype(cache.v.dtype), start)
             # Bottom-right alignment: query t is token index + t and sees every key up to it.
