@@ -7,7 +7,9 @@ To add a kind: write ``compare/kinds/<kind>.py`` and add its ``KIND`` to the tup
 
 from __future__ import annotations
 
-from compare.kinds import attention, causal, flex, mha, sdpa
+from compare.kinds import attention, causal, flex, mha, mla, sdpa
 from compare.kinds.base import Kind
 
-KINDS: dict[str, Kind] = {k.name: k for k in (sdpa.KIND, mha.KIND, causal.KIND, flex.KIND, attention.KIND)}
+KINDS: dict[str, Kind] = {
+    k.name: k for k in (sdpa.KIND, mha.KIND, causal.KIND, flex.KIND, attention.KIND, mla.KIND)
+}
