@@ -1,5 +1,6 @@
 """Rotary position embeddings (RoPE), framework-neutral: the parameters, their checks, the frequency table
-and the layout permutation, written once for ``jax_attn.rope`` and ``torch_attn.rope``.
+(and its fixed-point turns) and the layout permutation, written once for ``jax_attn.rope`` and
+``torch_attn.rope``.
 
 Dimension key (see ``attn_spec``): B batch, T tokens, N heads, H head width, R rotary width (the first R
 channels of each head rotate, ``R = int(H · partial_rotary_factor)``, even), F = R // 2 frequencies.
@@ -20,6 +21,15 @@ Layouts (``layout=``):
 
 A model in one layout equals the model in the other once its q/k projection rows are permuted
 (:func:`rotary_permutation`; Hugging Face's Llama conversion script does interleaved → half).
+
+Precision: the twins do not compute ``p · inv_freq`` in float32 as transformers does (off by up to half an
+ulp of the angle, 2.4e-4 rad at p · inv ≈ 4096, plus p times the float32 table's own rounding). Their angles
+come from the float64 table (the oracle's formulas) as fixed-point turns (:func:`fixed_point_turns`),
+reduced exactly in integer arithmetic to a quarter turn and a float32 rest in ``[-π/4, π/4]``; their cos/sin
+are within ~1e-7 of the float64 oracle's at any position below 2^24, where transformers' float32 tables are
+off by 1.5e-4 at 4096 (and 1.6e-5 already at ~300). dynamic past ``max_position_embeddings`` keeps
+transformers' float32 table of the call's length (exactly reduced), since a traced length cannot reach a
+float64 table in JAX.
 
 Sequence-length dependence (``dynamic`` and ``longrope``), stated once for both twins: the table of a call
 depends on ``seq_len = max(position_ids) + 1`` over the call's whole batch, as in transformers'
@@ -357,6 +367,65 @@ def inv_freq(
         return _yarn(c, R, dt)
     long = seq_len is not None and seq_len > c.original_max_position_embeddings
     return longrope_inv_freq(c, R, long, dt), longrope_attention_factor(c)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rotation angles as fixed-point turns: what the twins compute cos/sin from.
+# ---------------------------------------------------------------------------------------------------------
+
+TURN_BITS = 32  # the fixed-point turns' integer part: p · hi wraps modulo 2^TURN_BITS, i.e. whole turns
+
+
+def fixed_point_turns(inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each frequency's turns per position ``c = inv / 2π`` (modulo 1) as ``hi`` uint32 and ``lo`` float32
+    ``(F,)``, with ``c ≡ hi · 2^-32 + lo (mod 1)`` and ``0 ≤ lo < 2^-32``, from ``inv`` in float64.
+
+    The angle of an integer position p is then ``2π · (p · hi mod 2^32) · 2^-32 + 2π · p · lo``: the first
+    term is exact in 32-bit integer arithmetic (whole turns wrap away; negative positions too), the second
+    is below 2^-8 turns for ``|p| < 2^24`` and rounds at ~2^-32 turns. So the angle reaches cos/sin reduced
+    to ``[-π/4, π/4]`` with an error of about an ulp there, instead of ``p · inv`` rounded to float32 (an
+    error of up to ``ulp(p · inv) / 2``: 2.4e-4 rad at p · inv ≈ 4096) and then reduced by the backend's
+    sin/cos."""
+    c = np.asarray(inv, np.float64) / (2.0 * np.pi)
+    c = c - np.floor(c)  # whole turns per position do not move an integer position's angle
+    scaled = c * 2.0**TURN_BITS  # exact (a power of two)
+    hi = np.floor(scaled)
+    lo = (scaled - hi) * 2.0**-TURN_BITS  # exact in float64, then rounded to float32
+    return hi.astype(np.uint32), lo.astype(np.float32)
+
+
+def _high_bits(x: np.ndarray, keep: int = 12) -> np.ndarray:
+    """float32 x with only its first ``keep`` significant bits (the low mantissa bits cleared)."""
+    bits = np.asarray(x, np.float32).view(np.uint32)
+    return (bits & np.uint32((0xFFFFFFFF << (24 - keep)) & 0xFFFFFFFF)).view(np.float32)
+
+
+def _turns_per_radian_parts() -> tuple[np.float32, np.float32, np.float32]:
+    """``2^32 / 2π`` as three float32 parts, the first two of 12 significant bits each: their products with
+    a float32 split into two 12-bit halves are exact."""
+    k = 2.0**TURN_BITS / (2.0 * np.pi)
+    k1 = _high_bits(np.float32(k))
+    k2 = _high_bits(np.float32(k - np.float64(k1)))
+    k3 = np.float32(k - np.float64(k1) - np.float64(k2))
+    return k1[()], k2[()], k3
+
+
+# For the twins' float32 tables computed at run time (dynamic past its length): ``inv · 2^32 / 2π`` as a
+# sum of exact products (``inv``'s 12-bit halves times these), floored into integer turns one by one.
+TURNS_PER_RADIAN_PARTS = _turns_per_radian_parts()
+HIGH_12_BITS_MASK = 0xFFFFF000  # the float32 bits of the first 12 significant bits (sign, exponent kept)
+
+
+def rope_turns(c: RopeConfig, head_dim: int, long: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(hi, lo, attention_factor)``: :func:`fixed_point_turns` of the float64 frequency table of
+    ``rope_type`` (the formulas the float64 oracle uses); ``long`` selects longrope's long factors. dynamic:
+    its table at ``seq_len <= max_position_embeddings`` (the default one; longer calls rescale the base from
+    the call's length, which the twins compute in float32 as transformers does)."""
+    R = check_head_dim(c, head_dim)
+    if c.rope_type == "longrope":
+        return (*fixed_point_turns(longrope_inv_freq(c, R, long, np.float64)), longrope_attention_factor(c))
+    inv, factor = inv_freq(c, head_dim, dtype=np.float64)
+    return (*fixed_point_turns(inv), factor)
 
 
 # ---------------------------------------------------------------------------------------------------------

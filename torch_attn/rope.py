@@ -3,10 +3,17 @@
 Dimension key (see ``attn_spec``): B batch, T tokens, N heads, H head width, R rotary width (the first R
 channels of each head rotate), F = R // 2 frequencies.
 
-The parameters, their checks, the float32 frequency tables and the layout permutation live once in
-``attn_spec.rope``; this file turns them into cos/sin for ``position_ids (B, T)`` and applies them to
-``(B, N, T, H)`` in either layout. Tables that depend on the sequence length (``dynamic``, ``longrope``)
+The parameters, their checks, the frequency tables (as fixed-point turns) and the layout permutation live
+once in ``attn_spec.rope``; this file turns them into cos/sin for ``position_ids (B, T)`` and applies them
+to ``(B, N, T, H)`` in either layout. Tables that depend on the sequence length (``dynamic``, ``longrope``)
 are computed from ``max(position_ids) + 1`` with tensor operations, as in the JAX twin.
+
+Angles: ``p · inv_freq`` rounded to float32 is off by up to half an ulp of the angle (2.4e-4 rad at 4096),
+and then depends on how the backend's sin/cos reduce a large argument. Here the angle is reduced exactly in
+integer arithmetic (int64 here, uint32 in the JAX twin) from the float64 table
+(``attn_spec.rope.fixed_point_turns``) to a quarter turn and a float32 rest in ``[-π/4, π/4]``, whose
+cos/sin every backend computes to about an ulp: the tables are within ~1e-7 of the float64 oracle's at any
+position below 2^24, in both twins (as transformers' own fp32 tables are not at long positions).
 """
 
 from __future__ import annotations
@@ -15,10 +22,12 @@ import numpy as np
 import torch
 
 from attn_spec.rope import (
+    HIGH_12_BITS_MASK,
+    TURN_BITS,
+    TURNS_PER_RADIAN_PARTS,
     RopeConfig,
     check_head_dim,
-    inv_freq,
-    longrope_inv_freq,
+    rope_turns,
     rotary_permutation,
 )
 
@@ -32,34 +41,78 @@ def _dynamic_inv_freq(config: RopeConfig, R: int, seq_len: torch.Tensor) -> torc
     return 1.0 / (base.to(torch.float32) ** torch.from_numpy(exponents).to(seq_len.device))
 
 
+def _fixed_point_turns(inv_F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attn_spec.rope.fixed_point_turns`` of a float32 table computed here (dynamic past its length),
+    exact for that float32 table: ``inv · 2^32 / 2π`` as six products of inv's 12-bit halves with the parts
+    of the constant (the first four exact), each split into its integer part (summed modulo 2^32, i.e.
+    whole turns) and its fraction (into lo, below 6 · 2^-32)."""
+    inv_F = inv_F.to(torch.float32)
+    bits = inv_F.view(torch.int32) & np.int32(HIGH_12_BITS_MASK - (1 << 32))
+    high = bits.view(torch.float32)
+    hi_F, lo_F = torch.zeros_like(inv_F, dtype=torch.int64), torch.zeros_like(inv_F)
+    for half in (high, inv_F - high):
+        for part in TURNS_PER_RADIAN_PARTS:
+            term = half * part  # < 2^32
+            whole = torch.floor(term)
+            hi_F, lo_F = (hi_F + whole.to(torch.int64)) & 0xFFFFFFFF, lo_F + (term - whole)
+    return hi_F, lo_F * np.float32(2.0**-TURN_BITS)
+
+
+def cos_sin_of_turns(
+    pos_BT: torch.Tensor, hi_F: torch.Tensor, lo_F: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos and sin ``(B, T, F)`` of the angles ``2π · p · (hi · 2^-32 + lo)`` (see
+    ``attn_spec.rope.fixed_point_turns``), reduced exactly to a quarter turn k and a rest in ``[-π/4, π/4]``:
+    ``cos(kπ/2 + r)``, ``sin(kπ/2 + r)`` from ``cos r``, ``sin r`` by swaps and signs."""
+    p_BT = pos_BT.to(torch.int64)
+    u = (p_BT[..., None] * hi_F) & 0xFFFFFFFF  # p · hi mod 2^32, in 2^-32 turns (no int64 overflow)
+    nearest = (u + (1 << 29)) >> 30  # the nearest quarter turn (4: the next whole turn)
+    rest = u - (nearest << 30)  # in [-2^29, 2^29): 2^-32 turns
+    quadrant = nearest & 3
+    rest_hi = rest & -256  # two parts exact in float32
+    rest_lo = rest - rest_hi
+    small = p_BT.to(torch.float32)[..., None] * lo_F  # below 0.03 turns for |p| < 2^24
+    quarters = rest_hi.to(torch.float32) * 2.0**-30 + (rest_lo.to(torch.float32) * 2.0**-30 + 4 * small)
+    r = quarters * np.float32(np.pi / 2)
+    cos_r, sin_r = torch.cos(r), torch.sin(r)
+    swap = (quadrant & 1) == 1
+    cos = torch.where(swap, sin_r, cos_r)
+    sin = torch.where(swap, cos_r, sin_r)
+    cos = torch.where((quadrant == 1) | (quadrant == 2), -cos, cos)
+    sin = torch.where(quadrant >= 2, -sin, sin)
+    return cos, sin
+
+
 def rope_cos_sin(
     config: RopeConfig, head_dim: int, position_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``(B, T, R)`` in float32 for ``position_ids (B, T)``, laid out for ``config.layout``
-    and multiplied by the rope type's attention factor (yarn, longrope), as transformers does."""
+    and multiplied by the rope type's attention factor (yarn, longrope), as transformers does; the angles
+    from the float64 tables, reduced exactly (:func:`cos_sin_of_turns`)."""
     R = check_head_dim(config, head_dim)
     pos_BT = torch.as_tensor(position_ids)
     device = pos_BT.device
-    if config.rope_type == "dynamic":
-        inv_F = _dynamic_inv_freq(config, R, pos_BT.max() + 1)
-        factor = 1.0
+    table = lambda a: torch.from_numpy(a.astype(np.int64) if a.dtype == np.uint32 else a).to(device)
+    if config.rope_type == "dynamic":  # the default table until the call outgrows max_position_embeddings
+        short_hi, short_lo, factor = rope_turns(config, head_dim)
+        long_hi, long_lo = _fixed_point_turns(_dynamic_inv_freq(config, R, pos_BT.max() + 1))
+        long = pos_BT.max() + 1 > config.max_position_embeddings
+        hi_F, lo_F = torch.where(long, long_hi, table(short_hi)), torch.where(long, long_lo, table(short_lo))
     elif config.rope_type == "longrope":
-        short, factor = inv_freq(config, head_dim)
-        long = longrope_inv_freq(config, R, long=True)
-        inv_F = torch.where(
-            pos_BT.max() + 1 > config.original_max_position_embeddings,
-            torch.from_numpy(long).to(device),
-            torch.from_numpy(short).to(device),
-        )
+        short_hi, short_lo, factor = rope_turns(config, head_dim)
+        long_hi, long_lo, _ = rope_turns(config, head_dim, long=True)
+        long = pos_BT.max() + 1 > config.original_max_position_embeddings
+        hi_F = torch.where(long, table(long_hi), table(short_hi))
+        lo_F = torch.where(long, table(long_lo), table(short_lo))
     else:
-        table, factor = inv_freq(config, head_dim)
-        inv_F = torch.from_numpy(table).to(device)
-    freqs_BTF = pos_BT.to(torch.float32)[..., None] * inv_F
+        hi_F, lo_F, factor = rope_turns(config, head_dim)
+        hi_F, lo_F = table(hi_F), table(lo_F)
+    cos_BTF, sin_BTF = cos_sin_of_turns(pos_BT, hi_F, lo_F)
     if config.layout == "half":
-        emb_BTR = torch.cat([freqs_BTF, freqs_BTF], dim=-1)
+        cos_BTR, sin_BTR = (torch.cat([a, a], dim=-1) for a in (cos_BTF, sin_BTF))
     else:
-        emb_BTR = torch.repeat_interleave(freqs_BTF, 2, dim=-1)
-    return torch.cos(emb_BTR) * factor, torch.sin(emb_BTR) * factor
+        cos_BTR, sin_BTR = (torch.repeat_interleave(a, 2, dim=-1) for a in (cos_BTF, sin_BTF))
+    return cos_BTR * factor, sin_BTR * factor
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
