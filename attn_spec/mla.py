@@ -96,8 +96,8 @@ class MLAConfig:
     """One multi-head latent attention layer (validated on construction: bad values raise ``ValueError``).
 
     Attributes:
-      hidden_size: E. num_heads: N (transformers' ``num_key_value_heads`` must equal it: every head has its
-        own decompressed key and value).
+      hidden_size: E. num_heads: N (every head has its own decompressed key and value; transformers'
+        ``num_key_value_heads`` is not read: its eager module runs only when it equals N).
       kv_lora_rank: L, the compressed key/value latent. q_lora_rank: Q, the query latent, or None for a
         direct ``q_proj`` (DeepSeek-V2-Lite).
       qk_nope_head_dim: D. qk_rope_head_dim: R (even; one rotary key shared by the heads). v_head_dim: V.
@@ -425,13 +425,9 @@ def mla_config(config, layer: int = 0) -> tuple[str, MLAConfig]:
     family = cfg.get("model_type")
     if family not in FAMILIES:
         raise ValueError(f"{HF_NAME}: unsupported model_type={family!r}; supported: {FAMILIES}")
+    # num_key_value_heads is not read: MLA decompresses one key and one value per head (kv_b_proj), and
+    # transformers' eager module runs only when it equals num_attention_heads.
     N = cfg.get("num_attention_heads")
-    K = cfg.get("num_key_value_heads", N)
-    if K is not None and K != N:
-        raise ValueError(
-            f"{HF_NAME}: {family} config knob num_key_value_heads={K!r} is not supported: MLA decompresses a "
-            f"key and a value per head (num_attention_heads={N}); transformers' eager module repeats them"
-        )
     rp = _rope_parameters(cfg, family, None)
     if family == "deepseek_v2":
         layout = "interleaved"

@@ -119,7 +119,8 @@ def tied_rows(scores_BTS: np.ndarray, keep_BTS: np.ndarray, k: int, rel: float =
     srt = -np.sort(-scores, axis=-1)
     kth, nxt = srt[..., k - 1], srt[..., k]
     scale = np.maximum(1.0, np.max(np.abs(np.where(np.isfinite(srt), srt, 0.0)), axis=-1))
-    return np.isfinite(nxt) & (np.abs(kth - nxt) <= rel * scale)
+    gap = np.where(np.isfinite(nxt), kth - np.where(np.isfinite(nxt), nxt, 0.0), np.inf)
+    return gap <= rel * scale
 
 
 def selection(x, params, config: MLAConfig, valid_BT, position_ids, topk_indices=None) -> np.ndarray | None:

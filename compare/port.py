@@ -18,6 +18,9 @@ It accepts ``torch.nn.MultiheadAttention``, ``torch_attn.MultiheadAttention`` an
 weights and the gradients (w.r.t. inputs and every parameter, of ``sum(out * dout)`` for a random
 ``dout``) are compared with the project's tolerance policy. Dropout is off (the module is compared in
 eval mode and its mode restored afterwards).
+
+transformers' multi-head latent attention modules (DeepSeek V2/V3/V3.2, GLM-4.7-Flash, GLM-5) go to
+``compare.port_mla.check_mla_port``.
 """
 
 from __future__ import annotations
@@ -158,6 +161,14 @@ def check_port(
     from compare import env
 
     env.pin_precision()
+    from compare.port_mla import is_mla_module
+
+    if is_mla_module(module):  # DeepSeek V2/V3/V3.2, GLM-4.7-Flash, GLM-5: multi-head latent attention
+        from compare.port_mla import check_mla_port
+
+        return check_mla_port(
+            module, *inputs, attention_mask=key_padding_mask, seed=seed, print_table=print_table, **hf_options
+        )
     if type(module).__module__.startswith("transformers."):  # a Hugging Face attention layer
         from compare.port_hf import check_hf_port
 

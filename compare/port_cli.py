@@ -70,6 +70,10 @@ def markdown(record) -> str:
 
 
 def cmd_port(args) -> int:
+    from compare.port_mla import cmd_port_mla, is_mla_checkpoint
+
+    if is_mla_checkpoint(args.dir):  # multi-head latent attention: compare.port_mla
+        return cmd_port_mla(args)
     from rich.console import Console
     from rich.markup import escape
 
