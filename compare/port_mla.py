@@ -367,8 +367,13 @@ def _selections(module, family, ours_t, ours_j, c, x, mask, pos, dtype):
         dt = next(ours_t.parameters()).dtype
         m, p = torch.from_numpy(mask), torch.from_numpy(pos)
         _, idx_t = ours_t(torch.tensor(x, dtype=dt), m, p, return_topk=True)
+    import jax
+    from flax import nnx
+
     dt_j = ours_j.kv_a_proj_with_mqa.weight[...].dtype
-    _, idx_j = ours_j(jnp.asarray(x, dt_j), jnp.asarray(mask), jnp.asarray(pos), return_topk=True)
+    graphdef, state = nnx.split(ours_j)
+    select = jax.jit(lambda s, x, m, p: nnx.merge(graphdef, s)(x, m, p, return_topk=True)[1])
+    idx_j = select(state, jnp.asarray(x, dt_j), jnp.asarray(mask), jnp.asarray(pos))
     differ = {}
     for impl, idx in (("transformers", captured[0]), ("torch_attn", idx_t), ("jax_attn", idx_j)):
         sel = np.zeros(keep.shape, bool)

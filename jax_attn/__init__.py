@@ -18,6 +18,7 @@ from jax_attn.masks import (
     padding_mask,
 )
 from jax_attn.mha import MultiheadAttention, multi_head_attention_forward
+from jax_attn.mla import MLACache, MultiHeadLatentAttention
 
 __all__ = [
     "Attention",
@@ -35,7 +36,9 @@ __all__ = [
     "masked_softmax",
     "masked_to_keep",
     "multi_head_attention_forward",
+    "MLACache",
     "MultiheadAttention",
+    "MultiHeadLatentAttention",
     "padding_mask",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_with_weights",
