@@ -249,10 +249,32 @@ def attention(device: str) -> Preset:
     )
 
 
+def mla(device: str) -> Preset:
+    """The multi-head latent attention twins (``compare.bench.impls_mla``), a DeepSeek-V2-Lite-like layer at
+    half width (16 heads of 64, latent 256, rotary 32, hidden 1024), B1: prefill T 2048 forward and
+    forward+backward; per-token decode (absorbed, and plain for comparison) against compressed caches of
+    2048 and 8192 tokens, with the cache bytes per token against a GQA layer of the same width."""
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    c = lambda T, mode: Case(B=1, N=16, T=T, H=64, causal=True, dtype=dtype, mode=mode)
+    return Preset(
+        name="mla",
+        device=device,
+        cases=tuple([c(2048, m) for m in MODES] + [c(8192, FORWARD)]),
+        gemm_n=1024,
+        timing=TimingSettings(
+            warmup_runs=1, warmup_s=0.0, min_runs=5, min_time_s=0.0, budget_s=2.0, floor_runs=2
+        ),
+        plot_config=(1, 16, 64),
+        families=frozenset({"mla", "mla_decode"}),
+        extra_impls=("compare.bench.impls_mla:MLA_IMPLS",),
+    )
+
+
 PRESETS = {
     "perf": perf,
     "flex": flex,
     "attention": attention,
+    "mla": mla,
     "quick": quick,
     "full": full,
     "gpu": gpu,
