@@ -1,5 +1,7 @@
-"""``python -m compare port DIR [--layer N] [--dtype ...] [--out FOLDER]``: port one attention layer of a
-local Hugging Face checkpoint and record its agreement (``compare.port_hf.check_hf_port``).
+"""``python -m compare port DIR [--prompt TEXT ...] [--max-new-tokens N] [--dtype ...] [--out FOLDER]``: the
+ports of a local Hugging Face checkpoint checked inside its own model on real prompts
+(``compare.port_model``); ``--layer N [--seed S]``: one attention layer on random inputs, with gradients and
+decode (``compare.port_hf.check_hf_port``).
 
 The JAX side is ``jax_attn.hf.load_layer(DIR, N)`` (NumPy reads of config.json and the safetensors, no torch)
 when ``--dtype`` is the checkpoint's, else ``jax_attn.hf.from_hf`` of the cast module; transformers' side is
@@ -17,13 +19,30 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "port", help="port one attention layer of a local Hugging Face checkpoint and check it"
+        "port",
+        help="check the ports of a local Hugging Face checkpoint: inside the model on real prompts "
+        "(default), or one layer on random inputs (--layer N)",
     )
     p.add_argument("dir", help="checkpoint folder (config.json + safetensors, e.g. from save_pretrained)")
-    p.add_argument("--layer", type=int, default=0, help="layer index (default 0)")
-    p.add_argument("--dtype", choices=DTYPES, help="cast the layer to this dtype (default: the checkpoint's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    p.add_argument("--out", help="folder for port.json and port.md (default reports/<timestamp>/)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="check this one layer on random inputs, with gradients and decode (default: the whole model on "
+        "real prompts)",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="a prompt (repeat for several: one padded batch); default: three built-in prompts of ~60 to "
+        "~420 tokens",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=16, help="greedy tokens compared end to end (default 16)"
+    )
+    p.add_argument("--dtype", choices=DTYPES, help="cast the model to this dtype (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (--layer)")
+    p.add_argument("--out", help="folder for the report files (default reports/<timestamp>/)")
     p.set_defaults(func=cmd_port)
 
 
@@ -74,6 +93,8 @@ def cmd_port(args) -> int:
 
     if is_mla_checkpoint(args.dir):  # multi-head latent attention: compare.port_mla
         return cmd_port_mla(args)
+    if args.layer is None:
+        return cmd_port_model(args)
     from rich.console import Console
     from rich.markup import escape
 
@@ -113,5 +134,49 @@ def cmd_port(args) -> int:
     report.write_atomic(out / "port.json", json.dumps(data, indent=1, default=str))
     report.write_atomic(out / "port.md", markdown(record))
     console.print(f"wrote {out / 'port.json'} and {out / 'port.md'}")
+    console.print(f"[{style}]{escape(line)}[/{style}]", soft_wrap=True)
+    return 0 if record.ok else 1
+
+
+def cmd_port_model(args) -> int:
+    """The port checked inside the model (``compare.port_model``): verdict, per-layer table, end-to-end table,
+    files, verdict again."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from compare import port_model, report
+
+    console = Console()
+    if args.max_new_tokens < 0:
+        console.print("[red]compare port: --max-new-tokens must be >= 0[/red]")
+        return 2
+    status = console.status("") if console.is_terminal else None
+    try:
+        if status is not None:
+            status.start()
+        record = port_model.check_model(
+            args.dir,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            dtype=args.dtype,
+            progress=(lambda msg: status.update(msg)) if status is not None else None,
+        )
+    except (ValueError, OSError) as err:
+        console.print(f"[red]compare port: {escape(str(err))}[/red]")
+        return 2
+    finally:
+        if status is not None:
+            status.stop()
+    line = f"{args.dir}: {record.verdict()}"
+    style = "bold green" if record.ok else "bold red"
+    console.print(f"[{style}]{escape(line)}[/{style}]", soft_wrap=True)
+    console.print(port_model.layer_table(record))
+    console.print(port_model.e2e_table(record))
+    out = Path(args.out) if args.out else report.new_report_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_atomic(out / "port_model.json", json.dumps(record.as_dict(), indent=1, default=str))
+    report.write_atomic(out / "port_model.md", port_model.markdown(record))
+    port_model.plot(record, out / "port_model.png")
+    console.print(f"wrote {out}/port_model.json, port_model.md, port_model.png")
     console.print(f"[{style}]{escape(line)}[/{style}]", soft_wrap=True)
     return 0 if record.ok else 1
