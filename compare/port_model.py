@@ -32,7 +32,7 @@ import numpy as np
 
 from attn_spec import hf as spec
 
-# Three prompts of different lengths (about 420, 230 and 60 tokens with a 50k-vocabulary BPE tokenizer).
+# Three prompts of different lengths (375, 158 and 18 tokens with SmolLM2's 49k-vocabulary BPE tokenizer).
 DEFAULT_PROMPTS = (
     "The history of the lighthouse begins long before electricity. On the coasts of the ancient "
     "Mediterranean, sailors relied on fires lit on hills and towers to find their way into harbours at "
