@@ -90,9 +90,9 @@ def _all_pairs(factors: dict, seed: int = 0) -> list[dict]:
     return rows
 
 
-DEFAULT_ROWS = _all_pairs(FACTORS)
+DEFAULT_ROWS = _all_pairs(FACTORS, seed=13)  # 20 rows (seed 0: 22)
 EXPLICIT_FACTORS = {**FACTORS, "implementation": IMPLEMENTATIONS[1:]}
-EXPLICIT_ROWS = _all_pairs(EXPLICIT_FACTORS, seed=1)
+EXPLICIT_ROWS = _all_pairs(EXPLICIT_FACTORS, seed=8)  # 20 rows (seed 1: 21)
 
 
 @pytest.mark.parametrize("factors, rows", [(FACTORS, DEFAULT_ROWS), (EXPLICIT_FACTORS, EXPLICIT_ROWS)])

@@ -103,7 +103,7 @@ def _all_pairs(factors: dict, seed: int = 0) -> list[dict]:
 
 DEFAULT_ROWS = _all_pairs(FACTORS)
 EXPLICIT_FACTORS = {**FACTORS, "implementation": IMPLEMENTATIONS[1:]}
-EXPLICIT_ROWS = _all_pairs(EXPLICIT_FACTORS, seed=1)
+EXPLICIT_ROWS = _all_pairs(EXPLICIT_FACTORS, seed=5)  # 19 rows (seed 1: 23)
 
 
 @pytest.mark.parametrize("factors, rows", [(FACTORS, DEFAULT_ROWS), (EXPLICIT_FACTORS, EXPLICIT_ROWS)])
