@@ -96,45 +96,62 @@ def _rms_backward(dy, u, inv, w, config, r):
     return dx, r(dw), terms
 
 
-def _linear(x, params, proj, r):
+def _linear(x, params, proj, r, rs=None):
+    """``x @ W.T + b``: each operation rounded by ``r``, the result by ``rs`` (default ``r``)."""
+    rs = rs or r
     y = r(x @ params[f"{proj}.weight"].T)
-    return r(y + params[f"{proj}.bias"]) if f"{proj}.bias" in params else y
+    return rs(y + params[f"{proj}.bias"]) if f"{proj}.bias" in params else rs(y)
 
 
 def attention_forward(
-    x, params, config: AttentionConfig, attention_mask=None, position_ids=None, dropout_mask=None, dtype=None
+    x,
+    params,
+    config: AttentionConfig,
+    attention_mask=None,
+    position_ids=None,
+    dropout_mask=None,
+    dtype=None,
+    storage_only: bool = False,
 ) -> dict:
     """Output of the layer over the whole sequence ``x (B, T, E)``.
 
     Args:
       params: ``{name: float64 array}`` as above. attention_mask: ``(B, T)`` 1/0 (None: all real).
       position_ids: ``(B, T)`` (None: ``0..T-1``). dropout_mask: bool ``(B, N, T, T)`` keep-mask.
+      dtype: round to this dtype: every intermediate, or with ``storage_only`` only the tensors a kernel with
+        float32 internals stores in ``dtype`` (x and the weights, the projections, the normed and rotated
+        q/k, the attention output, the result; in the backward the same tensors' gradients): the second
+        naive evaluation of the port checks (both are what the dtype can do; which lands nearer the float64
+        result on an ill-conditioned row is chance).
 
     Returns:
       dict with ``out (B, T, E)`` and the intermediates the backward pass reuses.
     """
-    c, r = config, _rounder(dtype)
-    x = r(x)
-    params = {k: r(v) for k, v in params.items()}
+    c, rs = config, _rounder(dtype)
+    r = _rounder(None) if storage_only else rs
+    x = rs(x)
+    params = {k: rs(v) for k, v in params.items()}
     B, T, _ = x.shape
     N, K, G, H = c.N, c.K, c.G, c.H
     valid = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     pos = np.broadcast_to(np.arange(T), (B, T)) if position_ids is None else np.asarray(position_ids)
     f = {"x": x, "params": params}
-    q0, k0, v0 = (_linear(x, params, p, r) for p in ("q_proj", "k_proj", "v_proj"))
+    q0, k0, v0 = (_linear(x, params, p, r, rs) for p in ("q_proj", "k_proj", "v_proj"))
     if c.qk_norm == "full":
         q0, f["uq"], f["iq"] = _rms(q0, params["q_norm.weight"], c, r)
         k0, f["uk"], f["ik"] = _rms(k0, params["k_norm.weight"], c, r)
+        q0, k0 = rs(q0), rs(k0)
     q = q0.reshape(B, T, N, H).transpose(0, 2, 1, 3)
     k = k0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
     v = v0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
     if c.qk_norm == "head":
         q, f["uq"], f["iq"] = _rms(q, params["q_norm.weight"], c, r)
         k, f["uk"], f["ik"] = _rms(k, params["k_norm.weight"], c, r)
+        q, k = rs(q), rs(k)
     if c.rope is not None:
         cos, sin = (r(a) for a in rope_tables(c, pos, dtype))
         f["cos"], f["sin"] = cos, sin
-        q, k = _rope(q, cos, sin, c.rope.layout, r), _rope(k, cos, sin, c.rope.layout, r)
+        q, k = rs(_rope(q, cos, sin, c.rope.layout, r)), rs(_rope(k, cos, sin, c.rope.layout, r))
     kr, vr = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)  # kv head n // G serves query head n
     z = r(r(np.einsum("bnth,bnsh->bnts", q, kr)) * c.logit_scale)
     if c.softcap is not None:
@@ -158,9 +175,9 @@ def attention_forward(
     pd = p
     if dropout_mask is not None:
         pd = r(np.where(dropout_mask, p / (1.0 - c.dropout), 0.0))
-    o = r(np.einsum("bnts,bnsh->bnth", pd, vr))
+    o = rs(np.einsum("bnts,bnsh->bnth", pd, vr))
     o2 = o.transpose(0, 2, 1, 3).reshape(B, T, N * H)
-    out = _linear(o2, params, "o_proj", r)
+    out = _linear(o2, params, "o_proj", r, rs)
     f.update(q=q, k=k, v=v, kr=kr, vr=vr, p=p, pd=pd, o=o2, out=out, keep=keep, dropout_mask=dropout_mask)
     return f
 
@@ -174,21 +191,23 @@ def attention_backward(
     position_ids=None,
     dropout_mask=None,
     dtype=None,
+    storage_only: bool = False,
 ) -> dict:
     """Gradients of ``sum(out * dy)`` w.r.t. ``x`` and every parameter (their names), plus, for the
     tolerance policy's term sizes, the gradients at the projections' outputs ``dq0, dk0, dv0 (B, T, ·)``,
     ``o`` and ``terms_<name>`` (sums of |terms|) for the norm weights and sinks."""
-    c, r = config, _rounder(dtype)
-    f = attention_forward(x, params, c, attention_mask, position_ids, dropout_mask, dtype)
-    x, params, dy = f["x"], f["params"], r(dy)
+    c, rs = config, _rounder(dtype)
+    r = _rounder(None) if storage_only else rs
+    f = attention_forward(x, params, c, attention_mask, position_ids, dropout_mask, dtype, storage_only)
+    x, params, dy = f["x"], f["params"], rs(dy)
     B, T, E = x.shape
     N, K, G, H = c.N, c.K, c.G, c.H
     g = {}
     dy2 = dy.reshape(-1, E)
-    g["o_proj.weight"] = r(dy2.T @ f["o"].reshape(-1, N * H))
+    g["o_proj.weight"] = rs(dy2.T @ f["o"].reshape(-1, N * H))
     if "o_proj.bias" in params:
-        g["o_proj.bias"] = r(dy2.sum(0))
-    do = r(dy @ params["o_proj.weight"]).reshape(B, T, N, H).transpose(0, 2, 1, 3)
+        g["o_proj.bias"] = rs(dy2.sum(0))
+    do = rs(dy @ params["o_proj.weight"]).reshape(B, T, N, H).transpose(0, 2, 1, 3)
     dpd = r(np.einsum("bnth,bnsh->bnts", do, f["vr"]))
     dvr = r(np.einsum("bnts,bnth->bnsh", f["pd"], do))
     dp = dpd
@@ -206,10 +225,11 @@ def attention_backward(
     dq = r(np.einsum("bnts,bnsh->bnth", dz, f["kr"]))
     dkr = r(np.einsum("bnts,bnth->bnsh", dz, f["q"]))
     dk = r(dkr.reshape(B, K, G, T, H).sum(2))
-    dv = r(dvr.reshape(B, K, G, T, H).sum(2))
+    dv = rs(dvr.reshape(B, K, G, T, H).sum(2))
+    dq, dk = rs(dq), rs(dk)
     if c.rope is not None:
-        dq = _rope_backward(dq, f["cos"], f["sin"], c.rope.layout, r)
-        dk = _rope_backward(dk, f["cos"], f["sin"], c.rope.layout, r)
+        dq = rs(_rope_backward(dq, f["cos"], f["sin"], c.rope.layout, r))
+        dk = rs(_rope_backward(dk, f["cos"], f["sin"], c.rope.layout, r))
     if c.qk_norm == "head":
         dq, g["q_norm.weight"], g["terms_q_norm.weight"] = _rms_backward(
             dq, f["uq"], f["iq"], params["q_norm.weight"], c, r
@@ -231,11 +251,15 @@ def attention_backward(
     dx = None
     for proj, d in (("q_proj", dq0), ("k_proj", dk0), ("v_proj", dv0)):
         d2 = d.reshape(-1, d.shape[-1])
-        g[f"{proj}.weight"] = r(d2.T @ x2)
+        g[f"{proj}.weight"] = rs(d2.T @ x2)
         if f"{proj}.bias" in params:
-            g[f"{proj}.bias"] = r(d2.sum(0))
+            g[f"{proj}.bias"] = rs(d2.sum(0))
         term = r(d @ params[f"{proj}.weight"])
         dx = term if dx is None else r(dx + term)
+    dx = rs(dx)
+    for name in ("q_norm.weight", "k_norm.weight", "sinks"):
+        if name in g:
+            g[name] = rs(g[name])
     g["x"] = dx
     g.update(dq0=dq0, dk0=dk0, dv0=dv0, o=f["o"], out=f["out"])
     return g
