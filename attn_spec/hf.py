@@ -1,26 +1,40 @@
 """Hugging Face attention layers as :class:`attn_spec.attention.AttentionConfig`: the framework-neutral part
-of ``jax_attn.hf`` / ``torch_attn.hf`` (config → config per family, weight names and fused layouts both ways).
+of ``jax_attn.hf`` / ``torch_attn.hf`` (config → config by mechanism, weight names and fused layouts both
+ways).
 
 Nothing here imports torch or transformers: a config is read duck-typed (a ``transformers`` config object, or
 the ``config.json`` dict of a checkpoint), weights are NumPy arrays. Weight conversion only moves data
 (slices, transposes, concatenations), so it is bit-exact in any dtype (bf16 may travel as its raw 16-bit
 pattern).
 
-Families (``config.model_type``) and where their attention's weights live (prefix ``<p>`` = the module):
+**One reader, families as table entries.** :func:`attention_config` reads the knobs of the mechanisms
+``AttentionConfig`` expresses (heads, kv heads, head width, biases, qk-norm kind, rotary parameters and
+layout, partial rotary, layer types, windows, soft-cap, logit scale, sinks, NoPE layers) through a family's
+:class:`Family` entry (:data:`FAMILY_TABLE`), which says *which* knobs the family's modeling code reads and
+under which names, where its weights live and what its config leaves implicit. A knob counts only where the
+family's modeling code reads it: Llama's rotary embedding never reads ``partial_rotary_factor``, so a
+LlamaConfig carrying one ports without partial rotary, as transformers runs it. MoE variants share their
+dense sibling's entry (their attention is the same module).
 
-==============  ============================================================================================
-llama, mistral, ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (+ ``q_norm``/``k_norm`` for qwen3, gemma3,
-qwen2, qwen3,   olmo2; ``sinks`` for gpt-oss), transformers' ``nn.Linear`` layout (out, in) = ours
-gemma2,
-gemma3_text,
-olmo2, gpt_oss,
-vit
-phi3            ``qkv_proj.weight (N·H + 2·K·H, E)``: q, k, v stacked by rows; ``o_proj``
-gpt_neox        ``query_key_value.weight (N·3·H, E)``: per head, q, k, v (``(N, 3, H)`` rows); ``dense``
-gpt2            ``c_attn.weight (E, 3E)`` (``Conv1D``: (in, out), columns [q | k | v]); ``c_proj (E, E)``
-bert            ``BertAttention``: ``self.query/key/value``, ``output.dense`` (+ ``output.LayerNorm``, not
-                ported: see :data:`BERT_POST_NORM`)
-==============  ============================================================================================
+Weight layouts (prefix = the module):
+
+==========  ============================================================================================
+separate    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (renamed per family: ``dense`` for Phi),
+            (+ ``q_norm``/``k_norm``; ``sinks``), transformers' ``nn.Linear`` layout (out, in)
+qkv_rows    Phi-3 ``qkv_proj.weight (N·H + 2·K·H, E)``: q, k, v stacked by rows; ``o_proj``
+neox        GPT-NeoX ``query_key_value.weight (N·3·H, E)``: per head, q, k, v (``(N, 3, H)`` rows); ``dense``
+conv1d      GPT-2 ``c_attn.weight (E, 3E)`` (``Conv1D``: (in, out), columns [q | k | v]); ``c_proj (E, E)``
+bert        ``BertAttention`` (BERT, RoBERTa, XLM-R): ``self.query/key/value``, ``output.dense`` (+
+            ``output.LayerNorm``, not ported: see :data:`BERT_POST_NORM`)
+==========  ============================================================================================
+
+**A model_type with no entry** ports when its attention *module* fits (:func:`describe_module`; a bare
+config of an unknown model_type is refused): its parameters must be exactly ``q_proj``/``k_proj``/
+``v_proj``/``o_proj`` (weights, optional biases) and optionally ``q_norm``/``k_norm`` RMSNorms of width H
+(per head) or N·H (full), with shapes that match the config's heads, kv heads and head width; the logit
+scale is the module's own ``scaling`` and the window its own ``sliding_window``; the rotary layout is
+rotate-half over the full head; and the config may set none of :data:`UNKNOWN_FAMILY_KNOBS` (knobs whose
+use only the family's code could tell). Anything else raises ``ValueError`` naming the parameter or knob.
 
 Every config knob that changes the attention and that ``AttentionConfig`` cannot express raises
 ``ValueError`` naming it (:func:`attention_config`). Knobs that do not change the attention layer's math
@@ -29,27 +43,14 @@ Every config knob that changes the attention and that ``AttentionConfig`` cannot
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from attn_spec.attention import AttentionConfig, state_dict_shapes
 from attn_spec.rope import RopeConfig
 
 NAME = "from_hf"
-DECODERS = (
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "olmo2",
-    "gpt_oss",
-    "gpt_neox",
-    "gpt2",
-)
-ENCODERS = ("bert", "vit")
-FAMILIES = DECODERS + ENCODERS
 BERT_POST_NORM = (
     "BertAttention ends in BertSelfOutput: dropout, the residual add and LayerNorm(y + x) (post-LN), which "
     "Attention does not express; pass post_norm_outside=True to port it up to output.dense and apply "
@@ -65,11 +66,281 @@ _ALIASES = {
 LAYER_INFIXES = ("layers.{i}.self_attn.", "layers.{i}.attention.", "h.{i}.attn.", "layer.{i}.attention.")
 
 
+def _every_other(cfg, n):
+    return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+
+
+def _qwen_layer_types(cfg, n):
+    w = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
+    first = cfg.get("max_window_layers", 28)
+    return ["sliding_attention" if w is not None and i >= first else "full_attention" for i in range(n)]
+
+
+def _qwen2_moe_layer_types(cfg, n):
+    on, last = cfg.get("use_sliding_window", False), cfg.get("max_window_layers", 28)
+    return ["sliding_attention" if (i + 1) % 2 and i < last and on else "full_attention" for i in range(n)]
+
+
+def _gemma3_layer_types(cfg, n):
+    p = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
+    return ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(n)]
+
+
+def _olmo3_layer_types(cfg, n):
+    return ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n)]
+
+
+def _smollm3_layer_types(cfg, n):
+    rope = _nope_list(cfg, n)
+    on = cfg.get("use_sliding_window", False) and cfg.get("sliding_window") is not None
+    return ["sliding_attention" if on and not rope[i] else "full_attention" for i in range(n)]
+
+
+def _nope_list(cfg, n):
+    """SmolLM3's ``no_rope_layers``: 1 = the layer rotates, 0 = NoPE (default: every 4th layer is NoPE)."""
+    lst = cfg.get("no_rope_layers")
+    if lst is None:
+        k = cfg.get("no_rope_layer_interval", 4)
+        lst = [int((i + 1) % k != 0) for i in range(n)]
+    return list(lst)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one family's modeling code builds its attention from its config (one entry of
+    :data:`FAMILY_TABLE`; the reader, :func:`attention_config`, is the same for all).
+
+    Attributes:
+      weights: the weight layout: ``"separate"``, ``"qkv_rows"``, ``"neox"``, ``"conv1d"``, ``"bert"``.
+      renames: ``((ours, theirs), ...)`` projection names that differ from ``q_proj``… (separate layout).
+      qkv_bias, o_bias: a constant, or the config key the module reads (default in ``defaults``).
+      rope: None (no rotary), ``"half"`` (rotate_half) or ``"interleaved"`` (pairs 2i, 2i + 1).
+      partial: the rotary embedding reads ``partial_rotary_factor`` (else a config's value is ignored).
+      rope_per_layer_type: ``rope_parameters`` holds one dict per layer type (Gemma 3, OLMo 3).
+      window: None (the module has no window), ``"config"`` (``sliding_window`` in every layer) or
+        ``"layer"`` (on ``sliding_attention`` layers of ``layer_types``).
+      window_gate: a bool config key the window needs on (Qwen's ``use_sliding_window``).
+      qk_norm, qk_norm_offset, qk_norm_eps: the RMSNorm kind (``"none"``, ``"head"``, ``"full"``), its weight
+        offset (Gemma: 1) and the config key of its epsilon.
+      scale: None (``head_dim ** -0.5``), ``"query_pre_attn_scalar"``, ``"attention_multiplier"`` (Granite:
+        the logit scale itself) or ``"gpt2"``.
+      softcap: reads ``attn_logit_softcapping``.
+      sinks: a learned sink logit per head.
+      nope: the per-layer list key (1 = rotary, 0 = NoPE: SmolLM3's ``no_rope_layers``).
+      causal: ``"decoder"``, ``"bert"`` (causal only as a decoder) or ``"vit"`` (bidirectional).
+      dropout: the config key of the attention-weight dropout.
+      layer_types: derives ``layer_types`` for a config.json lacking it, as the config class does.
+      refuse: ``((knob, why), ...)``: config keys the module reads that ``AttentionConfig`` cannot express,
+        refused when set (truthy).
+      train_refuse: the same, only in training mode (output dropouts outside the attention).
+      defaults: values the family's config class sets that a config.json may leave out.
+      encoder: an encoder-only family (no KV cache, no decoding).
+    """
+
+    weights: str = "separate"
+    renames: tuple = ()
+    qkv_bias: bool | str = "attention_bias"
+    o_bias: bool | str = "attention_bias"
+    rope: str | None = "half"
+    partial: bool = False
+    rope_per_layer_type: bool = False
+    window: str | None = None
+    window_gate: str | None = None
+    qk_norm: str = "none"
+    qk_norm_offset: float = 0.0
+    qk_norm_eps: str = "rms_norm_eps"
+    scale: str | None = None
+    softcap: bool = False
+    sinks: bool = False
+    nope: str | None = None
+    causal: str = "decoder"
+    dropout: str = "attention_dropout"
+    layer_types: object = None
+    refuse: tuple = ()
+    train_refuse: tuple = ()
+    defaults: dict = field(default_factory=dict)
+    encoder: bool = False
+
+
+_LLAMA = Family()
+_BIDIRECTIONAL = (("use_bidirectional_attention", "the bidirectional sliding-window mask is not ported"),)
+_BERT = Family(
+    weights="bert",
+    renames=(
+        ("q_proj", "self.query"),
+        ("k_proj", "self.key"),
+        ("v_proj", "self.value"),
+        ("o_proj", "output.dense"),
+    ),
+    qkv_bias=True,
+    o_bias=True,
+    rope=None,
+    causal="bert",
+    dropout="attention_probs_dropout_prob",
+    encoder=True,
+)
+_QWEN3 = Family(
+    qk_norm="head", window="layer", window_gate="use_sliding_window", layer_types=_qwen_layer_types
+)
+FAMILY_TABLE: dict[str, Family] = {
+    "llama": _LLAMA,
+    "mistral": Family(
+        qkv_bias=False,
+        o_bias=False,
+        window="config",
+        refuse=(("layer_types", "MistralModel ignores it (use Ministral)"),),
+    ),
+    "mixtral": Family(qkv_bias=False, o_bias=False, window="config"),
+    "starcoder2": Family(
+        qkv_bias="use_bias",
+        o_bias="use_bias",
+        window="config",
+        defaults={"use_bias": True},
+        train_refuse=(
+            ("residual_dropout", "Starcoder2Attention's output dropout is not ported; call .eval()"),
+        ),
+    ),
+    "qwen2": Family(
+        qkv_bias=True,
+        o_bias=False,
+        window="layer",
+        window_gate="use_sliding_window",
+        layer_types=_qwen_layer_types,
+    ),
+    "qwen2_moe": Family(
+        qkv_bias="qkv_bias",
+        o_bias=False,
+        window="layer",
+        window_gate="use_sliding_window",
+        layer_types=_qwen2_moe_layer_types,
+        defaults={"qkv_bias": True},
+    ),
+    "qwen3": _QWEN3,
+    "qwen3_moe": Family(qk_norm="head", window="config", window_gate="use_sliding_window"),
+    "gemma": Family(refuse=_BIDIRECTIONAL),
+    "gemma2": Family(
+        window="layer",
+        layer_types=_every_other,
+        scale="query_pre_attn_scalar",
+        softcap=True,
+        refuse=_BIDIRECTIONAL,
+        defaults={"query_pre_attn_scalar": 256},
+    ),
+    # transformers' Gemma3Attention never passes attn_logit_softcapping to its attention (the config field is
+    # unused there), so the faithful port has no soft-cap for Gemma 3.
+    "gemma3_text": Family(
+        window="layer",
+        layer_types=_gemma3_layer_types,
+        rope_per_layer_type=True,
+        qk_norm="head",
+        qk_norm_offset=1.0,
+        scale="query_pre_attn_scalar",
+        refuse=_BIDIRECTIONAL,
+        defaults={"query_pre_attn_scalar": 256},
+    ),
+    "granite": Family(scale="attention_multiplier", defaults={"attention_multiplier": 1.0}),
+    "granitemoe": Family(scale="attention_multiplier", defaults={"attention_multiplier": 1.0}),
+    "olmo": Family(refuse=(("clip_qkv", "OlmoAttention clamps q, k, v to +-clip_qkv, which is not ported"),)),
+    "olmo2": Family(qk_norm="full", defaults={"rms_norm_eps": 1e-5}),
+    "olmo3": Family(
+        qk_norm="full",
+        window="layer",
+        layer_types=_olmo3_layer_types,
+        rope_per_layer_type=True,
+        defaults={"rms_norm_eps": 1e-6},
+    ),
+    "smollm3": Family(
+        window="layer",
+        window_gate="use_sliding_window",
+        nope="no_rope_layers",
+        layer_types=_smollm3_layer_types,
+    ),
+    "glm": Family(rope="interleaved", partial=True, o_bias=False, defaults={"attention_bias": True}),
+    "glm4": Family(rope="interleaved", partial=True, o_bias=False, defaults={"attention_bias": True}),
+    "cohere": Family(
+        rope="interleaved",
+        refuse=(("use_qk_norm", "Cohere's q/k LayerNorm (a weight per head and channel) is not ported"),),
+    ),
+    "phi": Family(
+        renames=(("o_proj", "dense"),),
+        qkv_bias=True,
+        o_bias=True,
+        partial=True,
+        refuse=(("qk_layernorm", "Phi's q/k LayerNorm (with a bias, over each head) is not ported"),),
+    ),
+    "stablelm": Family(
+        qkv_bias="use_qkv_bias",
+        o_bias=False,
+        partial=True,
+        refuse=(
+            ("qk_layernorm", "StableLM's q/k LayerNorm per head (one LayerNorm for each head) is not ported"),
+        ),
+    ),
+    "phi3": Family(weights="qkv_rows", qkv_bias=False, o_bias=False, partial=True, window="config"),
+    "gpt_oss": Family(window="layer", layer_types=_every_other, sinks=True),
+    "gpt_neox": Family(
+        weights="neox", renames=(("o_proj", "dense"),), partial=True, defaults={"attention_bias": True}
+    ),
+    "gpt2": Family(
+        weights="conv1d",
+        renames=(("o_proj", "c_proj"),),
+        qkv_bias=True,
+        o_bias=True,
+        rope=None,
+        scale="gpt2",
+        dropout="attn_pdrop",
+        train_refuse=(
+            ("resid_pdrop", "GPT2Attention's output dropout in training mode is not ported; call .eval()"),
+        ),
+    ),
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "vit": Family(
+        qkv_bias="qkv_bias",
+        o_bias=True,
+        rope=None,
+        causal="vit",
+        dropout="attention_probs_dropout_prob",
+        defaults={"qkv_bias": True},
+        encoder=True,
+    ),
+}
+FAMILIES = tuple(FAMILY_TABLE)
+ENCODERS = tuple(f for f, e in FAMILY_TABLE.items() if e.encoder)
+DECODERS = tuple(f for f in FAMILIES if f not in ENCODERS)
+# Knobs a config of a model_type with no entry may not set: only the family's own code could tell whether
+# (and how) its attention reads them.
+UNKNOWN_FAMILY_KNOBS = (
+    "partial_rotary_factor",
+    "rotary_pct",
+    "rotary_dim",
+    "rope_interleave",
+    "attn_logit_softcapping",
+    "query_pre_attn_scalar",
+    "attention_multiplier",
+    "clip_qkv",
+    "qk_layernorm",
+    "use_qk_norm",
+    "no_rope_layers",
+    "no_rope_layer_interval",
+    "use_bidirectional_attention",
+    "attention_chunk_size",
+    "mrope_section",
+    "use_sliding_window",
+    "sliding_window",
+    "layer_types",
+)
+# Model types inferred from their modules (describe_module): weights in the separate layout.
+_INFERRED: dict[str, Family] = {}
+
+
 class _Cfg:
     """Read a transformers config object or a config.json dict the same way."""
 
-    def __init__(self, config):
+    def __init__(self, config, defaults: dict | None = None):
         self.obj = config
+        self.defaults = defaults or {}
 
     def get(self, key, default=None):
         for k in (key, *_ALIASES.get(key, ())):
@@ -78,15 +349,28 @@ class _Cfg:
                     return self.obj[k]
             elif hasattr(self.obj, k):
                 return getattr(self.obj, k)
-        return default
+        return self.defaults.get(key, default)
+
+
+def entry(family: str) -> Family:
+    """The family's table entry (or the one inferred from its module); ValueError for an unknown name."""
+    if family in FAMILY_TABLE:
+        return FAMILY_TABLE[family]
+    if family in _INFERRED:
+        return _INFERRED[family]
+    raise ValueError(f"{NAME}: unsupported model_type={family!r}; supported: {FAMILIES}")
+
+
+def check_family(family: str, name: str) -> None:
+    """``name``'s check of a family argument (the table's, or a model_type inferred from its module)."""
+    if family not in FAMILY_TABLE and family not in _INFERRED:
+        raise ValueError(f"{name}: unknown family={family!r}; known: {FAMILIES}")
 
 
 def family_of(config) -> str:
     """The family name (``model_type``); a multimodal Gemma 3 config reads its ``text_config``."""
-    cfg = _Cfg(config)
-    family = cfg.get("model_type")
-    if family not in FAMILIES:
-        raise ValueError(f"{NAME}: unsupported model_type={family!r}; supported: {FAMILIES}")
+    family = _Cfg(config).get("model_type")
+    entry(family)
     return family
 
 
@@ -98,35 +382,36 @@ def text_config(config):
 
 def layer_types(config, family: str) -> list[str] | None:
     """transformers' ``layer_types`` (``"sliding_attention"``/``"full_attention"`` per layer), derived as its
-    config classes derive it when a ``config.json`` lacks it."""
+    config classes derive it when a ``config.json`` lacks it; None for families whose modules do not read
+    it."""
+    e = FAMILY_TABLE.get(family) or _INFERRED.get(family)
     cfg = _Cfg(config)
+    if e is not None and e.window != "layer" and not e.rope_per_layer_type:
+        return None
     lt = cfg.get("layer_types")
     if lt is not None:
         return list(lt)
-    n = cfg.get("num_hidden_layers")
-    if family in ("qwen2", "qwen3"):
-        w = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
-        first = cfg.get("max_window_layers", 28)
-        return ["sliding_attention" if w is not None and i >= first else "full_attention" for i in range(n)]
-    if family in ("gemma2", "gpt_oss"):
-        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
-    if family == "gemma3_text":
-        p = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
-        return ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(n)]
+    if e is not None and e.layer_types is not None:
+        return e.layer_types(cfg, cfg.get("num_hidden_layers"))
     return None
 
 
 def _rope_parameters(cfg: _Cfg, family: str, layer_type: str | None) -> dict:
-    """The layer's ``rope_parameters`` (v5 name), from the v5 dict or the legacy keys of older configs."""
+    """The layer's ``rope_parameters`` (v5 name), from the v5 dict or the legacy keys of older configs, with
+    only the knobs the family's rotary embedding reads (``partial_rotary_factor`` dropped where it does not
+    read it)."""
+    e = FAMILY_TABLE.get(family) or _INFERRED.get(family)
     rp = cfg.get("rope_parameters")
-    if family == "gemma3_text":
+    if e is not None and e.rope_per_layer_type:
         if isinstance(rp, dict) and layer_type in rp:
             rp = rp[layer_type]
-        elif layer_type == "sliding_attention":  # legacy: rope_local_base_freq, unscaled
+        elif family == "gemma3_text" and layer_type == "sliding_attention":  # legacy: rope_local_base_freq
             rp = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
+        elif layer_type == "sliding_attention":  # legacy OLMo 3: rope_scaling applies to full layers only
+            rp = {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 1e4)}
         else:
             rp = dict(cfg.get("rope_scaling") or {"rope_type": "default"})
-            rp.setdefault("rope_theta", cfg.get("rope_theta", 1e6))
+            rp.setdefault("rope_theta", cfg.get("rope_theta", 1e6 if family == "gemma3_text" else 1e4))
     if rp is None:
         rp = dict(cfg.get("rope_scaling") or {"rope_type": "default"})
         rp.setdefault("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)))
@@ -147,11 +432,17 @@ def _rope_parameters(cfg: _Cfg, family: str, layer_type: str | None) -> dict:
             rp["original_max_position_embeddings"] = omp
     if family == "gpt_neox":
         rp.setdefault("partial_rotary_factor", cfg.get("rotary_pct", 1.0))
+    if e is not None and not e.partial:
+        rp.pop("partial_rotary_factor", None)  # a knob this family's rotary embedding never reads
     return rp
 
 
 def _unsupported(family: str, knob: str, value, why: str) -> ValueError:
     return ValueError(f"{NAME}: {family} config knob {knob}={value!r} is not supported: {why}")
+
+
+def _bias(cfg: _Cfg, spec_) -> bool:
+    return spec_ if isinstance(spec_, bool) else bool(cfg.get(spec_, False))
 
 
 def attention_config(
@@ -161,127 +452,180 @@ def attention_config(
 
     Args:
       config: a transformers config object or a ``config.json`` dict.
-      layer: the layer index (window and rope differ per layer in Gemma 2/3, gpt-oss, Qwen2/3).
-      module_kind: for BERT, ``"block"`` (``BertAttention``, the default) — the post-LN is checked by the
-        caller; ``"causal"`` when the BERT layer is a decoder (``is_decoder``).
+      layer: the layer index (window and rope differ per layer in Gemma 2/3, gpt-oss, Qwen2/3, OLMo 3,
+        SmolLM3).
+      module_kind: for BERT-like encoders, ``"block"`` (``BertAttention``, the default) — the post-LN is
+        checked by the caller; ``"causal"`` when the layer is a decoder (``is_decoder``).
 
     Raises:
       ValueError: naming the first knob the layer sets that ``AttentionConfig`` cannot express.
     """
     config = text_config(config)
     family = family_of(config)
-    cfg = _Cfg(config)
+    return family, _read(config, layer, family, entry(family), module_kind)
+
+
+def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionConfig:
+    """The reader: ``AttentionConfig`` from the knobs ``e`` says the family's modeling code reads."""
+    cfg = _Cfg(config, e.defaults)
     E, N = cfg.get("hidden_size"), cfg.get("num_attention_heads")
     n_layers = cfg.get("num_hidden_layers")
     if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0 or (n_layers and layer >= n_layers):
         raise ValueError(f"{NAME}: layer must be an int in [0, {n_layers}); got layer={layer!r}")
+    for knob, why in e.refuse:
+        if cfg.get(knob):
+            raise _unsupported(family, knob, cfg.get(knob), why)
     K = cfg.get("num_key_value_heads") or N
     H = cfg.get("head_dim") or E // N
+    if e.weights in ("neox", "conv1d", "bert"):  # these modules have no kv heads nor head_dim of their own
+        K, H = N, E // N
     kw: dict = {"hidden_size": E, "num_heads": N, "num_kv_heads": K, "head_dim": H}
     lt = layer_types(config, family)
     layer_type = lt[layer] if lt is not None else None
     if lt is not None and layer_type not in ("sliding_attention", "full_attention"):
         raise _unsupported(family, f"layer_types[{layer}]", layer_type, "known: sliding/full_attention")
+    kw["dropout"] = float(cfg.get(e.dropout, 0.0) or 0.0)
 
-    # Attention dropout (training mode only), under each family's name.
-    drop_key = {
-        "gpt2": "attn_pdrop",
-        "bert": "attention_probs_dropout_prob",
-        "vit": "attention_probs_dropout_prob",
-    }
-    kw["dropout"] = float(cfg.get(drop_key.get(family, "attention_dropout"), 0.0) or 0.0)
-
-    if family in ("gpt2", "bert", "vit"):
-        kw.update(rope=None, num_kv_heads=N, head_dim=E // N)
-    else:
+    # Rotary: the layer's parameters, in the family's layout; NoPE layers have none.
+    rope_on = e.rope is not None and (e.nope is None or bool(_nope_list(cfg, n_layers)[layer]))
+    if rope_on:
         rp = _rope_parameters(cfg, family, layer_type)
         try:
-            kw["rope"] = RopeConfig.from_hf(rp, max_position_embeddings=cfg.get("max_position_embeddings"))
+            kw["rope"] = RopeConfig.from_hf(
+                rp, max_position_embeddings=cfg.get("max_position_embeddings"), layout=e.rope
+            )
         except ValueError as err:
             raise ValueError(f"{NAME}: {family} rope_parameters={rp}: {err}") from err
+    else:
+        kw["rope"] = None
 
-    bias = bool(cfg.get("attention_bias", False))
+    qkv, o = _bias(cfg, e.qkv_bias), _bias(cfg, e.o_bias)
+    kw.update(q_bias=qkv, k_bias=qkv, v_bias=qkv, o_bias=o)
+
+    # Sliding windows: config-wide or per layer type, where the family's module reads one at all.
     window = cfg.get("sliding_window")
-    if family in ("llama", "olmo2", "gemma2", "gemma3_text", "qwen3", "gpt_oss"):
-        kw.update(q_bias=bias, k_bias=bias, v_bias=bias, o_bias=bias)
-    if family == "qwen2":
-        kw.update(q_bias=True, k_bias=True, v_bias=True)
-    if family == "gpt_neox":
-        kw.update(q_bias=bias, k_bias=bias, v_bias=bias, o_bias=bias, num_kv_heads=N, head_dim=E // N)
-    if family in ("gpt2", "bert"):
-        kw.update(q_bias=True, k_bias=True, v_bias=True, o_bias=True)
-    if family == "vit":
-        qkv = bool(cfg.get("qkv_bias", True))
-        kw.update(q_bias=qkv, k_bias=qkv, v_bias=qkv, o_bias=True)
-
-    # Sliding windows: config-wide for Mistral and Phi-3; per layer type elsewhere.
-    if family == "mistral":
-        if cfg.get("layer_types") is not None:
-            raise _unsupported(
-                family, "layer_types", cfg.get("layer_types"), "MistralModel ignores it (use Ministral)"
-            )
-        kw["sliding_window"] = window
-    elif family == "phi3":
-        kw["sliding_window"] = window
-    elif family in ("qwen2", "qwen3", "gemma2", "gemma3_text", "gpt_oss"):
-        if family in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-            window = None
+    if e.window_gate is not None and not cfg.get(e.window_gate, False):
+        window = None
+    if e.window == "config":
+        kw["sliding_window"] = window or None
+    elif e.window == "layer":
         kw["sliding_window"] = window if layer_type == "sliding_attention" else None
-        if layer_type == "sliding_attention" and window is None:
-            raise _unsupported(family, "sliding_window", None, f"layer {layer} is a sliding_attention layer")
-
-    if family in ("qwen3", "gemma3_text"):
-        kw.update(qk_norm="head", qk_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)))
-    if family == "olmo2":
-        kw.update(qk_norm="full", qk_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)))
-    if family in ("gemma2", "gemma3_text"):
-        kw["qk_norm_offset"] = 1.0 if family == "gemma3_text" else 0.0
-        kw["query_pre_attn_scalar"] = cfg.get("query_pre_attn_scalar", 256)
-        # transformers' Gemma3Attention never passes attn_logit_softcapping to its attention (the config field
-        # is unused there), so the faithful port has no soft-cap for Gemma 3.
-        kw["softcap"] = cfg.get("attn_logit_softcapping") if family == "gemma2" else None
-        if cfg.get("use_bidirectional_attention"):
+        if layer_type == "sliding_attention" and not window:
             raise _unsupported(
-                family,
-                "use_bidirectional_attention",
-                True,
-                "the bidirectional sliding-window mask is not ported",
+                family, "sliding_window", window, f"layer {layer} is a sliding_attention layer"
             )
-    if family == "gpt_oss":
-        kw["sinks"] = True
-    if family == "gpt2":
+
+    if e.qk_norm != "none":
+        kw.update(qk_norm=e.qk_norm, qk_norm_eps=float(cfg.get(e.qk_norm_eps, 1e-6)))
+        kw["qk_norm_offset"] = e.qk_norm_offset
+    if e.scale == "query_pre_attn_scalar":
+        kw["query_pre_attn_scalar"] = cfg.get("query_pre_attn_scalar")
+    elif e.scale == "attention_multiplier":
+        kw["scale"] = float(cfg.get("attention_multiplier"))
+    elif e.scale == "gpt2":
         scale = (E // N) ** -0.5 if cfg.get("scale_attn_weights", True) else 1.0
         if cfg.get("scale_attn_by_inverse_layer_idx", False):
             scale /= float(layer + 1)
         kw["scale"] = scale
         # reorder_and_upcast_attn only changes the precision of the logits (fp32 either way here).
-    if family == "bert":
+    if e.softcap:
+        kw["softcap"] = cfg.get("attn_logit_softcapping")
+    kw["sinks"] = e.sinks
+    if e.causal == "bert":
         kw["causal"] = module_kind == "causal"
         pet = cfg.get("position_embedding_type", "absolute")
         if pet != "absolute":
             raise _unsupported(
                 family, "position_embedding_type", pet, "relative position scores are not ported"
             )
-    if family == "vit":
+    elif e.causal == "vit":
         kw["causal"] = False
-    return family, AttentionConfig(**kw)
+    return AttentionConfig(**kw)
+
+
+def _infer_family(module, config, family: str) -> Family:
+    """The entry of a model_type with no table entry, decided from its module's parameters and refused
+    (naming the parameter or knob) where they or the config go beyond the known mechanisms."""
+    cfg = _Cfg(config)
+    for knob in UNKNOWN_FAMILY_KNOBS:
+        val = cfg.get(knob)
+        rp = cfg.get("rope_parameters")
+        if val is None and isinstance(rp, dict):
+            val = rp.get(knob)
+        if knob in ("partial_rotary_factor", "rotary_pct") and val == 1.0:
+            val = None
+        if knob == "use_bidirectional_attention" and not val:
+            val = None
+        if knob in ("sliding_window", "use_sliding_window", "layer_types") and (
+            not val or hasattr(module, "sliding_window")
+        ):
+            val = None
+        if val is not None and val is not False:
+            raise ValueError(
+                f"{NAME}: model_type={family!r} has no family entry, and its config sets {knob}={val!r}, "
+                "which only the family's own modeling code could say how it reads; add a Family entry"
+            )
+    shapes = {k: tuple(p.shape) for k, p in module.named_parameters()}
+    E, N = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    K = cfg.get("num_key_value_heads") or N
+    H = cfg.get("head_dim") or E // N
+    want = {"q_proj.weight": (N * H, E), "k_proj.weight": (K * H, E), "v_proj.weight": (K * H, E)}
+    want["o_proj.weight"] = (E, N * H)
+    for key, shape in shapes.items():
+        proj = key.split(".")[0]
+        ok = key in want and shape == want[key]
+        ok = ok or (
+            key.endswith(".bias") and f"{proj}.weight" in want and shape == (want[f"{proj}.weight"][0],)
+        )
+        ok = ok or (key == "q_norm.weight" and shape in ((H,), (N * H,)))
+        ok = ok or (key == "k_norm.weight" and shape in ((H,), (K * H,)))
+        if not ok:
+            raise ValueError(
+                f"{NAME}: model_type={family!r} has no family entry, and its attention's parameter {key} "
+                f"{shape} fits no known mechanism (expected q/k/v/o_proj of {want} with optional biases, "
+                "q_norm/k_norm of width H or N·H)"
+            )
+    missing = [k for k in want if k not in shapes]
+    if missing:
+        raise ValueError(
+            f"{NAME}: model_type={family!r} has no family entry and its attention lacks {missing}"
+        )
+    qkv = {f"{p}.bias" in shapes for p in ("q_proj", "k_proj", "v_proj")}
+    if len(qkv) != 1:
+        raise ValueError(
+            f"{NAME}: model_type={family!r}: q/k/v biases differ (q, k, v must all have one or none)"
+        )
+    qk_norm = "none"
+    if "q_norm.weight" in shapes or "k_norm.weight" in shapes:
+        norm_types = {type(getattr(module, n, None)).__name__ for n in ("q_norm", "k_norm")}
+        if any("RMSNorm" not in t for t in norm_types) or any(t.startswith("Gemma") for t in norm_types):
+            raise ValueError(
+                f"{NAME}: model_type={family!r}: q/k norms {sorted(norm_types)} are not plain RMSNorms"
+            )
+        qk_norm = "head" if shapes.get("q_norm.weight") == (H,) else "full"
+    return Family(
+        qkv_bias=qkv.pop(),
+        o_bias="o_proj.bias" in shapes,
+        qk_norm=qk_norm,
+        window="config" if getattr(module, "sliding_window", None) else None,
+    )
 
 
 # -------------------------------------------------------------------------------------------------------
 # Weights: the family's state dict (NumPy arrays) ↔ ours (``attn_spec.attention.state_dict_shapes`` keys).
 # -------------------------------------------------------------------------------------------------------
 
-_RENAMES = {
-    "bert": {"q_proj": "self.query", "k_proj": "self.key", "v_proj": "self.value", "o_proj": "output.dense"},
-    "gpt_neox": {"o_proj": "dense"},
-    "gpt2": {"o_proj": "c_proj"},
-}
 BERT_IGNORED = ("output.LayerNorm.weight", "output.LayerNorm.bias")
+
+
+def ignored_keys(family: str) -> tuple[str, ...]:
+    """Keys of the family's module that the port leaves to the caller (BERT-like post-LN)."""
+    return BERT_IGNORED if entry(family).weights == "bert" and entry(family).causal == "bert" else ()
 
 
 def _check_keys(family: str, sd: dict, want: list[str]) -> None:
     missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want and not (family == "bert" and k in BERT_IGNORED)]
+    unexpected = [k for k in sd if k not in want and k not in ignored_keys(family)]
     if missing or unexpected:
         raise ValueError(
             f"{NAME}: the {family} attention's state dict does not match its config: missing {missing}, "
@@ -298,22 +642,23 @@ def from_hf(sd: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
     """The family's attention state dict → ours (``q_proj.weight (N·H, E)``…); data movement only."""
     _check_keys(family, sd, hf_state_dict_keys(family, c))
     E, N, K, H = c.E, c.N, c.K, c.H
+    e = entry(family)
     out: dict[str, np.ndarray] = {}
-    ren = _RENAMES.get(family, {})
-    if family == "phi3":
+    ren = dict(e.renames)
+    if e.weights == "qkv_rows":
         w = sd["qkv_proj.weight"]
         out["q_proj.weight"], out["k_proj.weight"], out["v_proj.weight"] = (
             w[: N * H],
             w[N * H : N * H + K * H],
             w[N * H + K * H :],
         )
-    elif family == "gpt_neox":
+    elif e.weights == "neox":
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             a = sd[f"query_key_value.{suffix}"]
             a = a.reshape(N, 3, H, *a.shape[1:])
             for j, p in enumerate(("q_proj", "k_proj", "v_proj")):
                 out[f"{p}.{suffix}"] = np.ascontiguousarray(a[:, j].reshape(N * H, *a.shape[3:]))
-    elif family == "gpt2":
+    elif e.weights == "conv1d":
         w, b = sd["c_attn.weight"], sd["c_attn.bias"]  # Conv1D: (in, out)
         for j, p in enumerate(("q_proj", "k_proj", "v_proj")):
             out[f"{p}.weight"] = np.ascontiguousarray(w[:, j * E : (j + 1) * E].T)
@@ -330,25 +675,26 @@ def from_hf(sd: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
 def to_hf(ours: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[str, np.ndarray]:
     """Ours → the family's attention state dict (inverse of :func:`from_hf`, bit-exact)."""
     N, H = c.N, c.H
+    e = entry(family)
     ours = {k: np.asarray(v) for k, v in ours.items()}
     out: dict[str, np.ndarray] = {}
     qkv = ("q_proj", "k_proj", "v_proj")
     done: set[str] = set()
-    if family == "phi3":
+    if e.weights == "qkv_rows":
         out["qkv_proj.weight"] = np.concatenate([ours[f"{p}.weight"] for p in qkv], axis=0)
         done |= {f"{p}.weight" for p in qkv}
-    elif family == "gpt_neox":
+    elif e.weights == "neox":
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             parts = [ours[f"{p}.{suffix}"].reshape(N, H, *ours[f"{p}.{suffix}"].shape[1:]) for p in qkv]
             out[f"query_key_value.{suffix}"] = np.stack(parts, axis=1).reshape(3 * N * H, *parts[0].shape[2:])
             done |= {f"{p}.{suffix}" for p in qkv}
-    elif family == "gpt2":
+    elif e.weights == "conv1d":
         out["c_attn.weight"] = np.concatenate([ours[f"{p}.weight"].T for p in qkv], axis=1)
         out["c_attn.bias"] = np.concatenate([ours[f"{p}.bias"] for p in qkv])
         out["c_proj.weight"] = np.ascontiguousarray(ours["o_proj.weight"].T)
         out["c_proj.bias"] = ours["o_proj.bias"]
         done = set(ours)
-    ren = _RENAMES.get(family, {})
+    ren = dict(e.renames)
     for key in state_dict_shapes(c):
         if key in done:
             continue
@@ -379,24 +725,33 @@ def describe_module(module, post_norm_outside: bool = False) -> tuple[str, Atten
     ``layer_idx`` and the attributes that differ from the config (GPT-2 cross-attention, BERT's causal flag).
 
     Accepted: the ``self_attn`` (``attention`` for GPT-NeoX, ``attn`` for GPT-2) of a decoder layer, ViT's
-    ``ViTAttention`` and BERT's ``BertAttention`` block (with ``post_norm_outside=True``, see
-    :data:`BERT_POST_NORM`).
+    ``ViTAttention`` and BERT's (RoBERTa's, XLM-R's) attention block (with ``post_norm_outside=True``, see
+    :data:`BERT_POST_NORM`). A model_type with no family entry is decided from the module (see the module
+    docstring).
     """
+    import dataclasses
+
     config = getattr(module, "config", None) or getattr(getattr(module, "self", None), "config", None)
     if config is None:
         raise ValueError(
             f"{NAME}: expected a transformers attention module with a .config; got {type(module).__name__}"
         )
-    family = family_of(text_config(config))
+    config = text_config(config)
+    family = _Cfg(config).get("model_type")
+    inferred = family not in FAMILY_TABLE
+    if inferred:
+        _INFERRED[family] = _infer_family(module, config, family)
+    e = entry(family)
     training = bool(getattr(module, "training", False))
     kind = None
-    if family == "bert":
+    if e.causal == "bert":
         inner = getattr(module, "self", None)
         if inner is None or not hasattr(module, "output"):
             raise ValueError(
-                f"{NAME}: BERT ports the BertAttention block (layer.attention); got {type(module).__name__}"
+                f"{NAME}: BERT ports the BertAttention block (layer.attention; {family} alike); got "
+                f"{type(module).__name__}"
             )
-        if getattr(module, "is_cross_attention", False):
+        if getattr(module, "is_cross_attention", False) or getattr(inner, "is_cross_attention", False):
             raise _unsupported(family, "is_cross_attention", True, "cross-attention is not ported")
         if not post_norm_outside:
             raise ValueError(f"{NAME}: {BERT_POST_NORM}")
@@ -411,17 +766,17 @@ def describe_module(module, post_norm_outside: bool = False) -> tuple[str, Atten
         layer = getattr(inner, "layer_idx", None)
     else:
         layer = getattr(module, "layer_idx", None)
-    if family == "gpt2":
-        if getattr(module, "is_cross_attention", False):
-            raise _unsupported(family, "is_cross_attention", True, "cross-attention is not ported")
-        if training and _Cfg(config).get("resid_pdrop", 0.0):
-            raise _unsupported(
-                family,
-                "resid_pdrop",
-                _Cfg(config).get("resid_pdrop"),
-                "GPT2Attention's output dropout in training mode is not ported; call .eval()",
-            )
+    if e.weights == "conv1d" and getattr(module, "is_cross_attention", False):
+        raise _unsupported(family, "is_cross_attention", True, "cross-attention is not ported")
+    for knob, why in e.train_refuse:
+        if training and _Cfg(config).get(knob, 0.0):
+            raise _unsupported(family, knob, _Cfg(config).get(knob), why)
     _, c = attention_config(config, 0 if layer is None else int(layer), module_kind=kind)
+    if inferred:  # the module's own logit scale and window
+        scaling = getattr(module, "scaling", None)
+        if scaling is not None and abs(float(scaling) - c.H**-0.5) > 1e-12 * c.H**-0.5:
+            c = dataclasses.replace(c, scale=float(scaling))
+        c = dataclasses.replace(c, sliding_window=getattr(module, "sliding_window", None) or None)
     return family, c
 
 
@@ -492,7 +847,7 @@ def read_layer(checkpoint_dir, layer: int) -> tuple[str, AttentionConfig, dict[s
     try:
         family = family_of(text_config(config))
         kind = None
-        if family == "bert":
+        if entry(family).causal == "bert":
             kind = "causal" if _Cfg(config).get("is_decoder", False) else "block"
         family, c = attention_config(config, layer, module_kind=kind)
     except ValueError as err:  # the errors name the function the user called

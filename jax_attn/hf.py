@@ -76,6 +76,5 @@ def load_layer(checkpoint_dir, layer: int = 0, *, implementation: str | None = N
 def to_hf_state_dict(attn: Attention, family: str) -> dict[str, np.ndarray]:
     """``attn``'s weights under ``family``'s names and layout (NumPy, bf16 as ``ml_dtypes.bfloat16``);
     ``from_hf`` followed by this is bit-exact."""
-    if family not in spec.FAMILIES:
-        raise ValueError(f"to_hf_state_dict: unknown family={family!r}; known: {spec.FAMILIES}")
+    spec.check_family(family, "to_hf_state_dict")
     return spec.to_hf(attn.torch_state_dict(), family, attn.config)

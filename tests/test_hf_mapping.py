@@ -25,8 +25,8 @@ def _module(family, layer=0, dtype="float32"):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_bit_exact(family, dtype):
     module, _ = _module(family, 0, dtype)
-    kw = {"post_norm_outside": True} if family == "bert" else {}
-    sd = {k: v for k, v in module.state_dict().items() if k not in spec.BERT_IGNORED}
+    kw = {"post_norm_outside": True} if spec.entry(family).causal == "bert" else {}
+    sd = {k: v for k, v in module.state_dict().items() if k not in spec.ignored_keys(family)}
     back_t = thf.to_hf_state_dict(thf.from_hf(module, **kw), family)
     back_j = jhf.to_hf_state_dict(jhf.from_hf(module, **kw), family)
     assert set(back_t) == set(sd) == set(back_j)
@@ -188,3 +188,92 @@ def test_training_mode_and_dropout_follow_the_module():
     assert t.training and not j.deterministic and t.config.dropout == 0.1
     module.eval()
     assert not thf.from_hf(module).training and jhf.from_hf(module).deterministic
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The reader by mechanism (issue #22): knobs count only where the family's own modeling code reads them.
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_llama_ignores_partial_rotary_factor():
+    """transformers' Llama rotary embedding never reads partial_rotary_factor: the port rotates the full head
+    (it used to port R = H/2 and disagree with transformers by ~2)."""
+    from compare import port
+
+    rp = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+    cfg = port_hf.tiny_config("llama", rope_parameters=rp)
+    _, c = spec.attention_config(cfg, 0)
+    assert c.R == c.H == 8
+    assert spec.attention_config(_llama_dict(partial_rotary_factor=0.5), 0)[1].R == 8
+    module, _ = port_hf.tiny_module("llama", 0, rope_parameters=rp)
+    record = port.check_port(module, print_table=False)
+    assert record.ok, [
+        (p, a.quantity, a.max_abs) for p, r in record.agreements.items() for a in r if not a.ok
+    ]
+    # Families whose rotary reads it keep it.
+    assert spec.attention_config(port_hf.tiny_config("phi"), 0)[1].R == 4
+    assert spec.attention_config(port_hf.tiny_config("stablelm"), 0)[1].R == 2
+
+
+def test_new_families_map_their_knobs():
+    c = spec.attention_config(port_hf.tiny_config("glm"), 0)[1]
+    assert (c.rope.layout, c.R, c.q_bias, c.o_bias) == ("interleaved", 4, True, False)
+    c = spec.attention_config(port_hf.tiny_config("cohere"), 0)[1]
+    assert (c.rope.layout, c.R, c.o_bias) == ("interleaved", 8, True)
+    c = spec.attention_config(port_hf.tiny_config("granite"), 0)[1]
+    assert c.logit_scale == 0.2 and c.o_bias
+    cfg = port_hf.tiny_config("smollm3")  # no_rope_layers=[1, 0]
+    assert spec.attention_config(cfg, 0)[1].rope is not None and spec.attention_config(cfg, 1)[1].rope is None
+    cfg = port_hf.tiny_config("olmo3")
+    assert [spec.attention_config(cfg, i)[1].sliding_window for i in (0, 1)] == [3, None]
+    assert spec.attention_config(cfg, 0)[1].qk_norm == "full"
+    assert spec.attention_config(port_hf.tiny_config("mixtral"), 1)[1].sliding_window == 3
+    assert spec.attention_config(port_hf.tiny_config("starcoder2"), 0)[1].o_bias
+    cfg = port_hf.tiny_config("qwen2_moe")  # layer_types: every other layer below max_window_layers
+    assert [spec.attention_config(cfg, i)[1].sliding_window for i in (0, 1)] == [3, None]
+    c = spec.attention_config(port_hf.tiny_config("qwen3_moe"), 0)[1]
+    assert (c.qk_norm, c.sliding_window) == ("head", None)
+    c = spec.attention_config(port_hf.tiny_config("gemma"), 0)[1]
+    assert (c.head_dim, c.logit_scale, c.qk_norm) == (16, 0.25, "none")
+    # config.json dicts: the defaults their config classes leave implicit
+    d = {"model_type": "starcoder2", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2}
+    assert spec.attention_config(d, 0)[1].o_bias
+    d = {**d, "model_type": "smollm3", "num_hidden_layers": 4}
+    assert [spec.attention_config(d, i)[1].rope is None for i in range(4)] == [False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    "family,knob",
+    [("olmo", "clip_qkv"), ("phi", "qk_layernorm"), ("stablelm", "qk_layernorm"), ("cohere", "use_qk_norm")],
+)
+def test_knobs_of_new_families_raise(family, knob):
+    cfg = port_hf.tiny_config(family, **{knob: 8.0 if knob == "clip_qkv" else True})
+    with pytest.raises(ValueError, match=f"{family} config knob {knob}="):
+        spec.attention_config(cfg, 0)
+
+
+def test_unknown_model_type_ports_by_mechanism():
+    """A model_type with no entry ports when its module has Llama's parameters and its config no knob whose
+    use only its family could tell; otherwise the parameter or knob is named."""
+    from compare import port
+
+    module, _ = port_hf.tiny_module("qwen3", 0)
+    module.config.model_type = "never_seen_qwen"
+    family, c = spec.describe_module(module)
+    assert family == "never_seen_qwen" and c.qk_norm == "head" and not c.q_bias
+    record = port.check_port(module, print_table=False)
+    assert record.ok and record.round_trip_bit_exact and record.kind == "hf:never_seen_qwen"
+    with pytest.raises(ValueError, match="unsupported model_type='never_seen_dict'"):
+        spec.attention_config(_llama_dict(model_type="never_seen_dict"), 0)
+    module, _ = port_hf.tiny_module("llama", 0)
+    module.config.model_type = "never_seen_softcap"
+    module.config.attn_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="attn_logit_softcapping=30.0"):
+        spec.describe_module(module)
+    module, _ = port_hf.tiny_module("phi", 0)
+    module.config.model_type = "never_seen_phi"
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5"):
+        spec.describe_module(module)
+    module.config.rope_parameters = {**module.config.rope_parameters, "partial_rotary_factor": 1.0}
+    with pytest.raises(ValueError, match="parameter dense.weight"):
+        spec.describe_module(module)

@@ -70,8 +70,7 @@ def load_layer(checkpoint_dir, layer: int = 0, *, implementation: str | None = N
 
 def to_hf_state_dict(attn: Attention, family: str) -> dict[str, torch.Tensor]:
     """``attn``'s weights under ``family``'s names and layout; ``from_hf`` followed by this is bit-exact."""
-    if family not in spec.FAMILIES:
-        raise ValueError(f"to_hf_state_dict: unknown family={family!r}; known: {spec.FAMILIES}")
+    spec.check_family(family, "to_hf_state_dict")
     sd = attn.torch_state_dict()
     dtype = next(iter(sd.values())).dtype
     hf = spec.to_hf({k: _to_bits(v) for k, v in sd.items()}, family, attn.config)
