@@ -225,8 +225,13 @@ def mha_forward(
     dropout_mask=None,
     dropout_p: float = 0.0,
     dtype=None,
+    is_causal: bool = False,
 ):
     """torch's MultiheadAttention forward: in-projections, heads, SDPA, out-projection.
+
+    ``is_causal``: top-left causal over every key, the appended bias_k / zero key included, in place of any
+    mask: what torch does with the hint when no key_padding_mask is given and no weights are asked for (the
+    caller applies that rule; ``F.multi_head_attention_forward`` otherwise applies the mask, hint dropped).
 
     Args:
       dropout_mask: bool keep-mask of the per-head weights ``(N, Nh, L, S_total)`` or None.
@@ -257,6 +262,8 @@ def mha_forward(
         k = np.concatenate([k, np.zeros((N, Nh, 1, D))], axis=2)
         v = np.concatenate([v, np.zeros((N, Nh, 1, D))], axis=2)
     mask = mha_merged_mask(attn_mask, key_padding_mask, N, Nh, L, S, k.shape[2] - S)
+    if is_causal:
+        mask = causal_keep(L, k.shape[2])
 
     attn = sdpa_forward(q, k, v, mask, dropout_mask=dropout_mask, dropout_p=dropout_p, dtype=dtype)
     heads = attn["out"].transpose(0, 2, 1, 3).reshape(N, L, E)
@@ -279,6 +286,7 @@ def mha_backward(
     dropout_mask=None,
     dropout_p: float = 0.0,
     dtype=None,
+    is_causal: bool = False,
 ):
     """Gradients of ``sum(out * dout)`` w.r.t. query, key, value and every parameter, by hand.
 
@@ -289,7 +297,7 @@ def mha_backward(
     r = _rounder(dtype)
     fwd = mha_forward(
         query, key, value, params, num_heads, attn_mask, key_padding_mask, add_zero_attn,
-        dropout_mask, dropout_p, dtype,
+        dropout_mask, dropout_p, dtype, is_causal,
     )  # fmt: skip
     query, key, value, dout = r(query), r(key), r(value), r(dout)
     w_q, w_k, w_v = (r(w) for w in _in_projection_weights(params))

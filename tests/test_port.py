@@ -59,3 +59,17 @@ def test_bad_arguments():
         port.check_port(torch.nn.MultiheadAttention(8, 2), torch.randn(3, 2, 8))
     with pytest.raises(ValueError, match="takes no masks"):
         port.check_port(torch_attn.CausalSelfAttention(8, 2), attn_mask=torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_is_causal_hint_with_an_appended_key_follows_torch():
+    """torch's rule: without key_padding_mask and weights, the hint is causal over every key (bias_k too);
+    the oracle and both twins apply it, so check_port on such a call agrees (it failed "torch_builtin vs
+    oracle" when the oracle applied the mask instead)."""
+    torch.manual_seed(0)
+    m = torch.nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    q = torch.randn(5, 2, 8)
+    mask = ~torch.tril(torch.ones(5, 5)).bool()
+    record = port.check_port(
+        m, q, q, q, attn_mask=mask, is_causal=True, need_weights=False, print_table=False
+    )
+    assert record.ok, [(p, a.quantity, a.max_abs) for p, rows in record.agreements.items() for a in rows]

@@ -204,8 +204,12 @@ def expectations(case: MhaCase, inputs: dict[str, np.ndarray]) -> dict[str, np.n
     query, key, value, dout = (_to_batch_first(case, f64[n]) for n in ("query", "key", "value", "dout"))
     kpm = _oracle_mask(inputs.get("key_padding_mask"))
     drop = inputs.get("dropout_mask")
+    # torch's rule (F.multi_head_attention_forward): the is_causal hint replaces the mask by top-left causal
+    # over every key (appended ones included) only without a key_padding_mask and without weights.
+    causal = case.is_causal and kpm is None and not case.need_weights
     kwargs = {
-        "attn_mask": _oracle_mask(inputs.get("attn_mask")),
+        "attn_mask": None if causal else _oracle_mask(inputs.get("attn_mask")),
+        "is_causal": causal,
         "key_padding_mask": None if kpm is None else kpm.reshape(case.N or 1, case.S),
         "add_zero_attn": case.add_zero_attn,
         "dropout_mask": None if drop is None else drop.reshape(case.N or 1, *drop.shape[-3:]),
