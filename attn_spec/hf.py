@@ -543,6 +543,45 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
     return AttentionConfig(**kw)
 
 
+def _rotary_layout(module, config, family: str, H: int) -> str:
+    """The rotary layout of a module with no family entry, told by running its own modeling file's rotary
+    embedding class and ``apply_rotary_pos_emb`` on one query at position 3 (duck-typed: tensors made from
+    the module's own weight) and matching the result against both layouts in float64."""
+    import sys
+
+    from attn_spec.rope import inv_freq
+
+    mod = sys.modules.get(type(module).__module__)
+    rot = getattr(mod, type(module).__name__.removesuffix("Attention") + "RotaryEmbedding", None)
+    apply = getattr(mod, "apply_rotary_pos_emb", None)
+    why = f"{NAME}: model_type={family!r} has no family entry, and its rotary layout cannot be told"
+    if rot is None or apply is None:
+        raise ValueError(f"{why}: its modeling file has no RotaryEmbedding class / apply_rotary_pos_emb")
+    x = np.arange(1, H + 1, dtype=np.float64) / H
+    try:
+        w = module.q_proj.weight
+        q = w.new_tensor(x.tolist()).float().reshape(1, 1, 1, H)
+        cos, sin = rot(config)(q, w.new_tensor([[3]]).long())
+        got = np.array(apply(q, q, cos, sin)[0].detach().double().cpu().reshape(-1).tolist())
+    except Exception as err:  # noqa: BLE001 (whatever the module's code raises: it does not fit)
+        raise ValueError(f"{why}: running it raised {type(err).__name__}: {err}") from None
+    rp = RopeConfig.from_hf(_rope_parameters(_Cfg(config), family, None), _cfg_max(config))
+    inv, factor = inv_freq(rp, H, None, np.float64)
+    c, s = np.cos(3 * inv) * factor, np.sin(3 * inv) * factor
+    F = H // 2
+    half = np.concatenate([x[:F] * c - x[F:] * s, x[F:] * c + x[:F] * s])
+    inter = np.empty(H)
+    inter[0::2], inter[1::2] = x[0::2] * c - x[1::2] * s, x[1::2] * c + x[0::2] * s
+    for layout, want in (("half", half), ("interleaved", inter)):
+        if np.allclose(got, want, rtol=1e-3, atol=1e-4):
+            return layout
+    raise ValueError(f"{why}: its rotation at position 3 matches neither the half nor the interleaved layout")
+
+
+def _cfg_max(config):
+    return _Cfg(config).get("max_position_embeddings")
+
+
 def _infer_family(module, config, family: str) -> Family:
     """The entry of a model_type with no table entry, decided from its module's parameters and refused
     (naming the parameter or knob) where they or the config go beyond the known mechanisms."""
@@ -556,10 +595,12 @@ def _infer_family(module, config, family: str) -> Family:
             val = None
         if knob == "use_bidirectional_attention" and not val:
             val = None
-        if knob in ("sliding_window", "use_sliding_window", "layer_types") and (
+        if knob in ("sliding_window", "use_sliding_window") and (
             not val or hasattr(module, "sliding_window")
         ):
             val = None
+        if knob == "layer_types" and all(t == "full_attention" for t in val or ()):
+            val = None  # per-layer-type rules (windows, NoPE on some types) are the family's own code
         if val is not None and val is not False:
             raise ValueError(
                 f"{NAME}: model_type={family!r} has no family entry, and its config sets {knob}={val!r}, "
@@ -604,6 +645,7 @@ def _infer_family(module, config, family: str) -> Family:
             )
         qk_norm = "head" if shapes.get("q_norm.weight") == (H,) else "full"
     return Family(
+        rope=_rotary_layout(module, config, family, H),
         qkv_bias=qkv.pop(),
         o_bias="o_proj.bias" in shapes,
         qk_norm=qk_norm,

@@ -759,3 +759,152 @@ def table_markdown(rows) -> str:
             f"{r['policy_ratio']:.2f} | {'yes' if r['ok'] else 'NO'} |"
         )
     return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Coverage over the installed transformers: each family ported (worst error vs transformers) or refused (the
+# parameter or knob named by the reader).
+# ---------------------------------------------------------------------------------------------------------
+
+# Decoder model_types of transformers 5.x probed beyond the table (tiny models from their default configs):
+# the reader decides each from its attention module (attn_spec.hf, "A model_type with no entry").
+COVERAGE_CANDIDATES = (
+    "helium",
+    "arcee",
+    "apertus",
+    "seed_oss",
+    "ernie4_5",
+    "ernie4_5_moe",
+    "hunyuan_v1_dense",
+    "hunyuan_v1_moe",
+    "exaone4",
+    "ministral",
+    "internlm3",
+    "mellum",
+    "nanochat",
+    "cwm",
+    "vaultgemma",
+    "cohere2",
+    "olmoe",
+    "flex_olmo",
+    "granitemoeshared",
+    "phimoe",
+    "jetmoe",
+    "dbrx",
+    "bitnet",
+    "diffllama",
+    "doge",
+    "dots1",
+    "glm4_moe",
+    "minimax",
+    "nemotron",
+    "persimmon",
+    "gptj",
+    "gpt_neo",
+    "gpt_bigcode",
+    "codegen",
+    "falcon",
+    "bloom",
+    "mpt",
+    "opt",
+    "xglm",
+    "biogpt",
+    "llama4_text",
+    "gemma3n_text",
+    "qwen2_vl_text",
+)
+_SHRINK = dict(
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    vocab_size=64,
+    max_position_embeddings=64,
+    head_dim=8,
+    num_experts=2,
+    num_local_experts=2,
+    n_routed_experts=2,
+    num_experts_per_tok=1,
+    moe_intermediate_size=16,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _probe(model_type: str):
+    """Layer 0's attention of a tiny ``model_type`` model: :func:`tiny_module` for the table's families,
+    else the default config shrunk (only the keys it has)."""
+    import torch
+    import transformers as tf
+
+    if model_type in spec.FAMILY_TABLE:
+        return tiny_module(model_type, 0)[0]
+    default = tf.AutoConfig.for_model(model_type)
+    keys = set(default.to_dict()) | {k for k in _SHRINK if hasattr(default, k)}
+    cfg = tf.AutoConfig.for_model(model_type, **{k: v for k, v in _SHRINK.items() if k in keys})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    try:
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError):
+        model = tf.AutoModel.from_config(cfg)
+    return randomize_(attention_of(model.float().eval(), 0), 0)
+
+
+def coverage_table(model_types=None, dtypes=("float32",)) -> tuple[list[dict], str]:
+    """``(rows, markdown)``: for each model_type (default: :data:`attn_spec.hf.FAMILIES` and
+    :data:`COVERAGE_CANDIDATES`), its tiny layer-0 attention ported and judged by :func:`check_hf_port`
+    against transformers (worst error of both ports vs transformers over outputs, gradients and decode, per
+    dtype, and whether the whole record agrees), or the reader's refusal (the parameter or knob it names), or
+    why no tiny model could be built."""
+    import torch
+
+    rows = []
+    for mt in model_types or (*spec.FAMILIES, *COVERAGE_CANDIDATES):
+        row = {"model_type": mt, "status": "", "detail": "", "errors": {}, "ok": None}
+        try:
+            module = _probe(mt)
+        except Exception as err:  # noqa: BLE001 (any failure to build is reported, not raised)
+            row.update(status="not built", detail=f"{type(err).__name__}: {str(err)[:160]}")
+            rows.append(row)
+            continue
+        post_ln = mt in spec.FAMILY_TABLE and spec.entry(mt).causal == "bert"
+        try:
+            spec.describe_module(module, post_ln)
+        except ValueError as err:
+            row.update(status="refused", detail=str(err).removeprefix(spec.NAME + ": ")[:240])
+            rows.append(row)
+            continue
+        row["status"] = "ported" if mt in spec.FAMILY_TABLE else "ported (inferred from its module)"
+        oks = []
+        for dtype in dtypes:
+            try:
+                rec = check_hf_port(
+                    module.to(getattr(torch, dtype)), post_norm_outside=post_ln, print_table=False
+                )
+            except Exception as err:  # noqa: BLE001
+                row["detail"] = f"check failed: {type(err).__name__}: {str(err)[:160]}"
+                oks.append(False)
+                continue
+            pairs = ("jax_attn vs transformers", "torch_attn vs transformers")
+            row["errors"][dtype] = max(a.max_abs for p in pairs for a in rec.agreements[p])
+            oks.append(rec.ok and rec.round_trip_bit_exact)
+        row["ok"] = all(oks)
+        rows.append(row)
+    return rows, coverage_markdown(rows, dtypes)
+
+
+def coverage_markdown(rows, dtypes=("float32",)) -> str:
+    head = " | ".join(f"worst vs transformers ({d})" for d in dtypes)
+    out = [
+        f"| model_type | status | {head} | agrees | detail |",
+        "|---|---|" + "---|" * len(dtypes) + "---|---|",
+    ]
+    for r in rows:
+        errs = " | ".join(f"{r['errors'][d]:.1e}" if d in r["errors"] else "–" for d in dtypes)
+        ok = "–" if r["ok"] is None else ("yes" if r["ok"] else "NO")
+        detail = r["detail"].replace("|", "\\|").replace("\n", " ")
+        out.append(f"| `{r['model_type']}` | {r['status']} | {errs} | {ok} | {detail} |")
+    return "\n".join(out) + "\n"

@@ -277,3 +277,14 @@ def test_unknown_model_type_ports_by_mechanism():
     module.config.rope_parameters = {**module.config.rope_parameters, "partial_rotary_factor": 1.0}
     with pytest.raises(ValueError, match="parameter dense.weight"):
         spec.describe_module(module)
+
+
+def test_coverage_table_decides_unknown_families_from_their_modules():
+    """Helium (no entry) rotates interleaved: its layout is told by running its own rotary code, and the port
+    agrees with transformers; GPT-J's config sets rotary_dim, which only its code explains: refused."""
+    rows, md = port_hf.coverage_table(["helium", "gptj"])
+    helium, gptj = rows
+    assert helium["status"].startswith("ported") and helium["ok"] and helium["errors"]["float32"] < 1e-4
+    assert spec.entry("helium").rope == "interleaved"
+    assert gptj["status"] == "refused" and "rotary_dim" in gptj["detail"]
+    assert "| `helium` | ported (inferred from its module) |" in md
