@@ -19,7 +19,7 @@ dense sibling's entry (their attention is the same module).
 Weight layouts (prefix = the module):
 
 ==========  ============================================================================================
-separate    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (renamed per family: ``dense`` for Phi),
+separate    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (renamed: ``dense`` for Phi, ``out_proj`` GPT-J),
             (+ ``q_norm``/``k_norm``; ``sinks``), transformers' ``nn.Linear`` layout (out, in)
 qkv_rows    Phi-3 ``qkv_proj.weight (N·H + 2·K·H, E)``: q, k, v stacked by rows; ``o_proj``
 neox        GPT-NeoX ``query_key_value.weight (N·3·H, E)``: per head, q, k, v (``(N, 3, H)`` rows); ``dense``
@@ -61,6 +61,7 @@ _ALIASES = {
     "hidden_size": ("n_embd",),
     "num_attention_heads": ("n_head",),
     "num_hidden_layers": ("n_layer",),
+    "max_position_embeddings": ("n_positions",),
 }
 # Where a layer's attention lives in a checkpoint's keys (after an optional model prefix).
 LAYER_INFIXES = ("layers.{i}.self_attn.", "layers.{i}.attention.", "h.{i}.attn.", "layer.{i}.attention.")
@@ -116,6 +117,7 @@ class Family:
       qkv_bias, o_bias: a constant, or the config key the module reads (default in ``defaults``).
       rope: None (no rotary), ``"half"`` (rotate_half) or ``"interleaved"`` (pairs 2i, 2i + 1).
       partial: the rotary embedding reads ``partial_rotary_factor`` (else a config's value is ignored).
+      rotary_dim: the config key of an absolute rotary width (GPT-J's ``rotary_dim``), instead.
       rope_per_layer_type: ``rope_parameters`` holds one dict per layer type (Gemma 3, OLMo 3).
       window: None (the module has no window), ``"config"`` (``sliding_window`` in every layer) or
         ``"layer"`` (on ``sliding_attention`` layers of ``layer_types``).
@@ -143,6 +145,7 @@ class Family:
     o_bias: bool | str = "attention_bias"
     rope: str | None = "half"
     partial: bool = False
+    rotary_dim: str | None = None
     rope_per_layer_type: bool = False
     window: str | None = None
     window_gate: str | None = None
@@ -280,6 +283,17 @@ FAMILY_TABLE: dict[str, Family] = {
     "gpt_oss": Family(window="layer", layer_types=_every_other, sinks=True),
     "gpt_neox": Family(
         weights="neox", renames=(("o_proj", "dense"),), partial=True, defaults={"attention_bias": True}
+    ),
+    "gptj": Family(
+        renames=(("o_proj", "out_proj"),),
+        qkv_bias=False,
+        o_bias=False,
+        rope="interleaved",
+        rotary_dim="rotary_dim",
+        dropout="attn_pdrop",
+        train_refuse=(
+            ("resid_pdrop", "GPTJAttention's output dropout in training mode is not ported; call .eval()"),
+        ),
     ),
     "gpt2": Family(
         weights="conv1d",
@@ -490,6 +504,11 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
     rope_on = e.rope is not None and (e.nope is None or bool(_nope_list(cfg, n_layers)[layer]))
     if rope_on:
         rp = _rope_parameters(cfg, family, layer_type)
+        if e.rotary_dim is not None:
+            rd = cfg.get(e.rotary_dim)
+            if not rd:  # GPT-J then builds a table as wide as the model, not a head
+                raise _unsupported(family, e.rotary_dim, rd, "the rotary width must be given (<= head_dim)")
+            rp["partial_rotary_factor"] = rd / H
         try:
             kw["rope"] = RopeConfig.from_hf(
                 rp, max_position_embeddings=cfg.get("max_position_embeddings"), layout=e.rope

@@ -119,6 +119,9 @@ def tiny_config(family: str, **overrides):
             **common,
             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25},
         ),
+        "gptj": lambda: tf.GPTJConfig(
+            n_embd=32, n_head=4, n_layer=2, vocab_size=64, n_positions=64, rotary_dim=4, pad_token_id=0
+        ),
         "gpt2": lambda: tf.GPT2Config(
             n_embd=32, n_head=4, n_layer=2, vocab_size=64, scale_attn_by_inverse_layer_idx=True
         ),
@@ -799,7 +802,6 @@ COVERAGE_CANDIDATES = (
     "minimax",
     "nemotron",
     "persimmon",
-    "gptj",
     "gpt_neo",
     "gpt_bigcode",
     "codegen",

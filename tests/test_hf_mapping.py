@@ -220,6 +220,8 @@ def test_new_families_map_their_knobs():
     assert (c.rope.layout, c.R, c.q_bias, c.o_bias) == ("interleaved", 4, True, False)
     c = spec.attention_config(port_hf.tiny_config("cohere"), 0)[1]
     assert (c.rope.layout, c.R, c.o_bias) == ("interleaved", 8, True)
+    c = spec.attention_config(port_hf.tiny_config("gptj"), 0)[1]  # rotary_dim 4 of head_dim 8
+    assert (c.rope.layout, c.R, c.q_bias, c.num_kv_heads) == ("interleaved", 4, False, 4)
     c = spec.attention_config(port_hf.tiny_config("granite"), 0)[1]
     assert c.logit_scale == 0.2 and c.o_bias
     cfg = port_hf.tiny_config("smollm3")  # no_rope_layers=[1, 0]
@@ -281,10 +283,11 @@ def test_unknown_model_type_ports_by_mechanism():
 
 def test_coverage_table_decides_unknown_families_from_their_modules():
     """Helium (no entry) rotates interleaved: its layout is told by running its own rotary code, and the port
-    agrees with transformers; GPT-J's config sets rotary_dim, which only its code explains: refused."""
-    rows, md = port_hf.coverage_table(["helium", "gptj"])
-    helium, gptj = rows
+    agrees with transformers; Persimmon's config sets partial_rotary_factor, which only its code explains:
+    refused."""
+    rows, md = port_hf.coverage_table(["helium", "persimmon"])
+    helium, persimmon = rows
     assert helium["status"].startswith("ported") and helium["ok"] and helium["errors"]["float32"] < 1e-4
     assert spec.entry("helium").rope == "interleaved"
-    assert gptj["status"] == "refused" and "rotary_dim" in gptj["detail"]
+    assert persimmon["status"] == "refused" and "partial_rotary_factor" in persimmon["detail"]
     assert "| `helium` | ported (inferred from its module) |" in md

@@ -44,6 +44,7 @@ CASES = [
     ("stablelm", 0),  # partial rotary 0.25, q/k/v biases
     ("cohere", 0),  # interleaved full rotary, biases
     ("smollm3", 1),  # a NoPE layer (no_rope_layers[1] = 0)
+    ("gptj", 0),  # interleaved rotary on rotary_dim 4 of 8, out_proj
     ("roberta", 0),
     ("xlm-roberta", 0),
 ]
