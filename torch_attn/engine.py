@@ -161,4 +161,8 @@ def block_attention(q, k, v, tables: BlockTables, *, T, S, bt, bs, scale=1.0, sc
         outs.append(acc / safe[..., None])
         lses.append(torch.where(empty, -torch.inf, torch.where(empty, 0.0, m) + torch.log(safe)))
     out = torch.cat(outs, dim=2).reshape(B, K, G, T, Vw)
+    if torch.is_grad_enabled() and not out.requires_grad:
+        # Nothing kept anywhere: the zeros computed no product of the inputs, yet they are a function of
+        # them (gradient zero), as in the JAX twin, where every output is.
+        out = out + sum(((x * 0).sum() for x in (q, k, v) if x.requires_grad), torch.zeros((), dtype=ct))
     return out, torch.cat(lses, dim=2).reshape(B, K, G, T)
