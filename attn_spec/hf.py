@@ -71,6 +71,10 @@ def _every_other(cfg, n):
     return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
 
 
+def _all_sliding_if_window(cfg, n):
+    return ["sliding_attention" if cfg.get("sliding_window") else "full_attention"] * n
+
+
 def _qwen_layer_types(cfg, n):
     w = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
     first = cfg.get("max_window_layers", 28)
@@ -123,7 +127,8 @@ class Family:
         ``"layer"`` (on ``sliding_attention`` layers of ``layer_types``).
       window_gate: a bool config key the window needs on (Qwen's ``use_sliding_window``).
       qk_norm, qk_norm_offset, qk_norm_eps: the RMSNorm kind (``"none"``, ``"head"``, ``"full"``), its weight
-        offset (Gemma: 1) and the config key of its epsilon.
+        offset (Gemma: 1) and the config key of its epsilon; ``qk_norm_switch``: a bool config key the norm
+        needs on (GLM-4-MoE's ``use_qk_norm``).
       scale: None (``head_dim ** -0.5``), ``"query_pre_attn_scalar"``, ``"attention_multiplier"`` (Granite:
         the logit scale itself) or ``"gpt2"``.
       softcap: reads ``attn_logit_softcapping``.
@@ -150,6 +155,7 @@ class Family:
     window: str | None = None
     window_gate: str | None = None
     qk_norm: str = "none"
+    qk_norm_switch: str | None = None
     qk_norm_offset: float = 0.0
     qk_norm_eps: str = "rms_norm_eps"
     scale: str | None = None
@@ -194,6 +200,7 @@ FAMILY_TABLE: dict[str, Family] = {
         refuse=(("layer_types", "MistralModel ignores it (use Ministral)"),),
     ),
     "mixtral": Family(qkv_bias=False, o_bias=False, window="config"),
+    "ministral": Family(qkv_bias=False, o_bias=False, window="layer", layer_types=_all_sliding_if_window),
     "starcoder2": Family(
         qkv_bias="use_bias",
         o_bias="use_bias",
@@ -243,6 +250,7 @@ FAMILY_TABLE: dict[str, Family] = {
     ),
     "granite": Family(scale="attention_multiplier", defaults={"attention_multiplier": 1.0}),
     "granitemoe": Family(scale="attention_multiplier", defaults={"attention_multiplier": 1.0}),
+    "granitemoeshared": Family(scale="attention_multiplier", defaults={"attention_multiplier": 1.0}),
     "olmo": Family(refuse=(("clip_qkv", "OlmoAttention clamps q, k, v to +-clip_qkv, which is not ported"),)),
     "olmo2": Family(qk_norm="full", defaults={"rms_norm_eps": 1e-5}),
     "olmo3": Family(
@@ -260,6 +268,7 @@ FAMILY_TABLE: dict[str, Family] = {
     ),
     "glm": Family(rope="interleaved", partial=True, o_bias=False, defaults={"attention_bias": True}),
     "glm4": Family(rope="interleaved", partial=True, o_bias=False, defaults={"attention_bias": True}),
+    "glm4_moe": Family(partial=True, o_bias=False, qk_norm="head", qk_norm_switch="use_qk_norm"),
     "cohere": Family(
         rope="interleaved",
         refuse=(("use_qk_norm", "Cohere's q/k LayerNorm (a weight per head and channel) is not ported"),),
@@ -534,7 +543,7 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
                 family, "sliding_window", window, f"layer {layer} is a sliding_attention layer"
             )
 
-    if e.qk_norm != "none":
+    if e.qk_norm != "none" and (e.qk_norm_switch is None or cfg.get(e.qk_norm_switch, False)):
         kw.update(qk_norm=e.qk_norm, qk_norm_eps=float(cfg.get(e.qk_norm_eps, 1e-6)))
         kw["qk_norm_offset"] = e.qk_norm_offset
     if e.scale == "query_pre_attn_scalar":

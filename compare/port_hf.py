@@ -150,6 +150,28 @@ def tiny_config(family: str, **overrides):
             rms_norm_eps=1e-5,
         ),
         "gemma": lambda: tf.GemmaConfig(**dec, head_dim=16),
+        "ministral": lambda: tf.MinistralConfig(
+            **dec, head_dim=8, sliding_window=3, layer_types=["sliding_attention", "full_attention"]
+        ),
+        "granitemoeshared": lambda: tf.GraniteMoeSharedConfig(
+            **dec,
+            attention_multiplier=0.3,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            shared_intermediate_size=16,
+        ),
+        "glm4_moe": lambda: tf.Glm4MoeConfig(
+            **dec,
+            head_dim=8,
+            use_qk_norm=True,
+            n_routed_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=16,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            pad_token_id=0,
+        ),
         "olmo": lambda: tf.OlmoConfig(**dec),
         "olmo3": lambda: tf.Olmo3Config(
             **dec, sliding_window=3, layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-5
@@ -781,7 +803,6 @@ COVERAGE_CANDIDATES = (
     "hunyuan_v1_dense",
     "hunyuan_v1_moe",
     "exaone4",
-    "ministral",
     "internlm3",
     "mellum",
     "nanochat",
@@ -790,7 +811,6 @@ COVERAGE_CANDIDATES = (
     "cohere2",
     "olmoe",
     "flex_olmo",
-    "granitemoeshared",
     "phimoe",
     "jetmoe",
     "dbrx",
@@ -798,7 +818,6 @@ COVERAGE_CANDIDATES = (
     "diffllama",
     "doge",
     "dots1",
-    "glm4_moe",
     "minimax",
     "nemotron",
     "persimmon",

@@ -220,6 +220,12 @@ def test_new_families_map_their_knobs():
     assert (c.rope.layout, c.R, c.q_bias, c.o_bias) == ("interleaved", 4, True, False)
     c = spec.attention_config(port_hf.tiny_config("cohere"), 0)[1]
     assert (c.rope.layout, c.R, c.o_bias) == ("interleaved", 8, True)
+    c = spec.attention_config(port_hf.tiny_config("glm4_moe"), 0)[1]
+    assert (c.rope.layout, c.R, c.qk_norm, c.o_bias) == ("half", 4, "head", False)
+    c = spec.attention_config(port_hf.tiny_config("glm4_moe", use_qk_norm=False), 0)[1]
+    assert c.qk_norm == "none"
+    cfg = port_hf.tiny_config("ministral")
+    assert [spec.attention_config(cfg, i)[1].sliding_window for i in (0, 1)] == [3, None]
     c = spec.attention_config(port_hf.tiny_config("gptj"), 0)[1]  # rotary_dim 4 of head_dim 8
     assert (c.rope.layout, c.R, c.q_bias, c.num_kv_heads) == ("interleaved", 4, False, 4)
     c = spec.attention_config(port_hf.tiny_config("granite"), 0)[1]

@@ -44,6 +44,9 @@ CASES = [
     ("stablelm", 0),  # partial rotary 0.25, q/k/v biases
     ("cohere", 0),  # interleaved full rotary, biases
     ("smollm3", 1),  # a NoPE layer (no_rope_layers[1] = 0)
+    ("ministral", 0),  # = Mistral with layer_types windows
+    ("granitemoeshared", 0),
+    ("glm4_moe", 0),  # half-layout partial rotary (0.5), per-head QK-norm (use_qk_norm)
     ("gptj", 0),  # interleaved rotary on rotary_dim 4 of 8, out_proj
     ("roberta", 0),
     ("xlm-roberta", 0),
