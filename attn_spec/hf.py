@@ -75,6 +75,17 @@ def _all_sliding_if_window(cfg, n):
     return ["sliding_attention" if cfg.get("sliding_window") else "full_attention"] * n
 
 
+def _cohere2_layer_types(cfg, n):
+    p = cfg.get("sliding_window_pattern", 4)
+    return ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(n)]
+
+
+def _exaone4_layer_types(cfg, n):
+    p = cfg.get("sliding_window_pattern", 4) if cfg.get("sliding_window") else 0
+    p = len(p) if isinstance(p, str) else p  # legacy "LLLG"
+    return ["sliding_attention" if p and (i + 1) % p else "full_attention" for i in range(n)]
+
+
 def _qwen_layer_types(cfg, n):
     w = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
     first = cfg.get("max_window_layers", 28)
@@ -134,6 +145,9 @@ class Family:
       softcap: reads ``attn_logit_softcapping``.
       sinks: a learned sink logit per head.
       nope: the per-layer list key (1 = rotary, 0 = NoPE: SmolLM3's ``no_rope_layers``).
+      rope_sliding_only: only ``sliding_attention`` layers rotate (the others are NoPE): ``"always"``
+        (Cohere 2: no window at all means no rotary anywhere) or ``"with_window"`` (EXAONE 4: without a window
+        every layer rotates).
       causal: ``"decoder"``, ``"bert"`` (causal only as a decoder) or ``"vit"`` (bidirectional).
       dropout: the config key of the attention-weight dropout.
       layer_types: derives ``layer_types`` for a config.json lacking it, as the config class does.
@@ -162,6 +176,7 @@ class Family:
     softcap: bool = False
     sinks: bool = False
     nope: str | None = None
+    rope_sliding_only: str | None = None
     causal: str = "decoder"
     dropout: str = "attention_dropout"
     layer_types: object = None
@@ -269,6 +284,18 @@ FAMILY_TABLE: dict[str, Family] = {
     "glm": Family(rope="interleaved", partial=True, o_bias=False, defaults={"attention_bias": True}),
     "glm4": Family(rope="interleaved", partial=True, o_bias=False, defaults={"attention_bias": True}),
     "glm4_moe": Family(partial=True, o_bias=False, qk_norm="head", qk_norm_switch="use_qk_norm"),
+    "cohere2": Family(
+        rope="interleaved", window="layer", layer_types=_cohere2_layer_types, rope_sliding_only="always"
+    ),
+    "exaone4": Family(
+        qkv_bias=False,
+        o_bias=False,
+        qk_norm="head",
+        window="layer",
+        layer_types=_exaone4_layer_types,
+        rope_sliding_only="with_window",
+        defaults={"rms_norm_eps": 1e-5},
+    ),
     "cohere": Family(
         rope="interleaved",
         refuse=(("use_qk_norm", "Cohere's q/k LayerNorm (a weight per head and channel) is not ported"),),
@@ -511,6 +538,10 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
 
     # Rotary: the layer's parameters, in the family's layout; NoPE layers have none.
     rope_on = e.rope is not None and (e.nope is None or bool(_nope_list(cfg, n_layers)[layer]))
+    if e.rope_sliding_only is not None:
+        has_window = bool(cfg.get("sliding_window"))
+        sliding = layer_type == "sliding_attention" and has_window
+        rope_on = rope_on and (sliding or (e.rope_sliding_only == "with_window" and not has_window))
     if rope_on:
         rp = _rope_parameters(cfg, family, layer_type)
         if e.rotary_dim is not None:

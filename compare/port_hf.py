@@ -150,6 +150,16 @@ def tiny_config(family: str, **overrides):
             rms_norm_eps=1e-5,
         ),
         "gemma": lambda: tf.GemmaConfig(**dec, head_dim=16),
+        "cohere2": lambda: tf.Cohere2Config(
+            **dec, sliding_window=3, layer_types=["sliding_attention", "full_attention"], pad_token_id=0
+        ),
+        "exaone4": lambda: tf.Exaone4Config(
+            **dec,
+            head_dim=8,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"],
+            pad_token_id=0,
+        ),
         "ministral": lambda: tf.MinistralConfig(
             **dec, head_dim=8, sliding_window=3, layer_types=["sliding_attention", "full_attention"]
         ),
@@ -285,6 +295,8 @@ def _window(module, family: str):
     if e.window == "config":  # these modules pass config.sliding_window to their attention
         return getattr(module.config, "sliding_window", None) or None
     if e.window is None and family in spec.FAMILY_TABLE:
+        return None
+    if getattr(module, "is_sliding", None) is False:  # EXAONE 4 keeps the window on its full layers unused
         return None
     return getattr(module, "sliding_window", None) or None
 
@@ -802,13 +814,11 @@ COVERAGE_CANDIDATES = (
     "ernie4_5_moe",
     "hunyuan_v1_dense",
     "hunyuan_v1_moe",
-    "exaone4",
     "internlm3",
     "mellum",
     "nanochat",
     "cwm",
     "vaultgemma",
-    "cohere2",
     "olmoe",
     "flex_olmo",
     "phimoe",

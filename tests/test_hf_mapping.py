@@ -220,6 +220,14 @@ def test_new_families_map_their_knobs():
     assert (c.rope.layout, c.R, c.q_bias, c.o_bias) == ("interleaved", 4, True, False)
     c = spec.attention_config(port_hf.tiny_config("cohere"), 0)[1]
     assert (c.rope.layout, c.R, c.o_bias) == ("interleaved", 8, True)
+    cfg = port_hf.tiny_config("cohere2")  # sliding layer rotates (interleaved), full layer is NoPE
+    c0, c1 = (spec.attention_config(cfg, i)[1] for i in (0, 1))
+    assert (c0.rope.layout, c0.sliding_window, c1.rope, c1.sliding_window) == ("interleaved", 3, None, None)
+    cfg = port_hf.tiny_config("exaone4")
+    c0, c1 = (spec.attention_config(cfg, i)[1] for i in (0, 1))
+    assert (c0.R, c0.sliding_window, c0.qk_norm, c1.rope, c1.sliding_window) == (8, 3, "head", None, None)
+    d = {"model_type": "exaone4", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2}
+    assert spec.attention_config(d, 1)[1].rope is not None  # no window: every EXAONE 4 layer rotates
     c = spec.attention_config(port_hf.tiny_config("glm4_moe"), 0)[1]
     assert (c.rope.layout, c.R, c.qk_norm, c.o_bias) == ("half", 4, "head", False)
     c = spec.attention_config(port_hf.tiny_config("glm4_moe", use_qk_norm=False), 0)[1]

@@ -47,6 +47,9 @@ CASES = [
     ("ministral", 0),  # = Mistral with layer_types windows
     ("granitemoeshared", 0),
     ("glm4_moe", 0),  # half-layout partial rotary (0.5), per-head QK-norm (use_qk_norm)
+    ("cohere2", 1),  # a full layer: NoPE (only Cohere 2's sliding layers rotate), no window
+    ("exaone4", 0),  # sliding layer: rotary, window 3, per-head QK-norm
+    ("exaone4", 1),  # full layer: NoPE
     ("gptj", 0),  # interleaved rotary on rotary_dim 4 of 8, out_proj
     ("roberta", 0),
     ("xlm-roberta", 0),
