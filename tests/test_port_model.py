@@ -56,6 +56,19 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "bert"])
 def test_correct_ports_agree_in_the_model(checkpoints, family):
     record = port_model.check_model(checkpoints[family], PROMPTS, max_new_tokens=4)
+    _assert_agrees(record, family)
+
+
+# Further families through the whole model (their attention modules are called in other ways: GPT-2's
+# positional hidden states, GPT-NeoX's layer_past, Phi-3's fused qkv and longrope past its original length,
+# gpt-oss's sinks and windows).
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "phi3", "gpt_oss", "qwen3"])
+def test_more_families_agree_in_the_model(tmp_path, family):
+    record = port_model.check_model(_save(tmp_path, family), PROMPTS, max_new_tokens=3)
+    _assert_agrees(record, family)
+
+
+def _assert_agrees(record, family):
     assert record.ok, record.verdict()
     assert record.verdict().startswith("ALL AGREE: 2 attention layers")
     assert [r.layer for r in record.layers] == [0, 1]
@@ -66,7 +79,7 @@ def test_correct_ports_agree_in_the_model(checkpoints, family):
     assert [e.impl for e in record.end_to_end] == ["jax_attn", "torch_attn"]
     if family != "bert":
         assert all(e.top1_agreement == 1.0 for e in record.end_to_end)
-        assert np.shape(record.generated["jax_attn"]) == (3, 4)
+        assert np.shape(record.generated["jax_attn"]) == (3, record.max_new_tokens)
 
 
 def _broken(layer: int, change):
