@@ -315,6 +315,15 @@ FAMILY_TABLE: dict[str, Family] = {
             ("qk_layernorm", "StableLM's q/k LayerNorm per head (one LayerNorm for each head) is not ported"),
         ),
     ),
+    "nemotron": Family(partial=True),
+    "persimmon": Family(
+        weights="neox",
+        renames=(("o_proj", "dense"),),
+        qkv_bias=True,
+        o_bias=True,
+        partial=True,
+        refuse=(("qk_layernorm", "Persimmon's q/k LayerNorm (with a bias, over each head) is not ported"),),
+    ),
     "phi3": Family(weights="qkv_rows", qkv_bias=False, o_bias=False, partial=True, window="config"),
     "gpt_oss": Family(window="layer", layer_types=_every_other, sinks=True),
     "gpt_neox": Family(

@@ -150,6 +150,12 @@ def tiny_config(family: str, **overrides):
             rms_norm_eps=1e-5,
         ),
         "gemma": lambda: tf.GemmaConfig(**dec, head_dim=16),
+        "nemotron": lambda: tf.NemotronConfig(
+            **dec,
+            pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+        ),
+        "persimmon": lambda: tf.PersimmonConfig(**common, qk_layernorm=False, pad_token_id=0),
         "cohere2": lambda: tf.Cohere2Config(
             **dec, sliding_window=3, layer_types=["sliding_attention", "full_attention"], pad_token_id=0
         ),
@@ -829,8 +835,6 @@ COVERAGE_CANDIDATES = (
     "doge",
     "dots1",
     "minimax",
-    "nemotron",
-    "persimmon",
     "gpt_neo",
     "gpt_bigcode",
     "codegen",

@@ -260,7 +260,13 @@ def test_new_families_map_their_knobs():
 
 @pytest.mark.parametrize(
     "family,knob",
-    [("olmo", "clip_qkv"), ("phi", "qk_layernorm"), ("stablelm", "qk_layernorm"), ("cohere", "use_qk_norm")],
+    [
+        ("olmo", "clip_qkv"),
+        ("phi", "qk_layernorm"),
+        ("stablelm", "qk_layernorm"),
+        ("cohere", "use_qk_norm"),
+        ("persimmon", "qk_layernorm"),
+    ],
 )
 def test_knobs_of_new_families_raise(family, knob):
     cfg = port_hf.tiny_config(family, **{knob: 8.0 if knob == "clip_qkv" else True})
@@ -297,11 +303,11 @@ def test_unknown_model_type_ports_by_mechanism():
 
 def test_coverage_table_decides_unknown_families_from_their_modules():
     """Helium (no entry) rotates interleaved: its layout is told by running its own rotary code, and the port
-    agrees with transformers; Persimmon's config sets partial_rotary_factor, which only its code explains:
+    agrees with transformers; VaultGemma's config sets attn_logit_softcapping, which only its code explains:
     refused."""
-    rows, md = port_hf.coverage_table(["helium", "persimmon"])
-    helium, persimmon = rows
+    rows, md = port_hf.coverage_table(["helium", "vaultgemma"])
+    helium, vault = rows
     assert helium["status"].startswith("ported") and helium["ok"] and helium["errors"]["float32"] < 1e-4
     assert spec.entry("helium").rope == "interleaved"
-    assert persimmon["status"] == "refused" and "partial_rotary_factor" in persimmon["detail"]
+    assert vault["status"] == "refused" and "attn_logit_softcapping" in vault["detail"]
     assert "| `helium` | ported (inferred from its module) |" in md

@@ -50,6 +50,8 @@ CASES = [
     ("cohere2", 1),  # a full layer: NoPE (only Cohere 2's sliding layers rotate), no window
     ("exaone4", 0),  # sliding layer: rotary, window 3, per-head QK-norm
     ("exaone4", 1),  # full layer: NoPE
+    ("nemotron", 0),  # partial rotary 0.5 (rotate-half)
+    ("persimmon", 0),  # GPT-NeoX's fused per-head query_key_value, dense, partial rotary 0.5, biases
     ("gptj", 0),  # interleaved rotary on rotary_dim 4 of 8, out_proj
     ("roberta", 0),
     ("xlm-roberta", 0),
