@@ -23,7 +23,15 @@ def add_parser(sub) -> None:
         help="check the ports of a local Hugging Face checkpoint: inside the model on real prompts "
         "(default), or one layer on random inputs (--layer N)",
     )
-    p.add_argument("dir", help="checkpoint folder (config.json + safetensors, e.g. from save_pretrained)")
+    p.add_argument(
+        "dir", nargs="?", help="checkpoint folder (config.json + safetensors, e.g. from save_pretrained)"
+    )
+    p.add_argument(
+        "--families",
+        action="store_true",
+        help="no checkpoint: port a tiny layer of every model_type of the installed transformers and print "
+        "the coverage table (ported with its worst error vs transformers, or refused with the knob)",
+    )
     p.add_argument(
         "--layer",
         type=int,
@@ -91,6 +99,13 @@ def markdown(record) -> str:
 def cmd_port(args) -> int:
     from compare.port_mla import cmd_port_mla, is_mla_checkpoint
 
+    if args.families:
+        return cmd_port_families(args)
+    if args.dir is None:
+        from rich.console import Console
+
+        Console().print("[red]compare port: give a checkpoint folder, or --families[/red]")
+        return 2
     if is_mla_checkpoint(args.dir):  # multi-head latent attention: compare.port_mla
         return cmd_port_mla(args)
     if args.layer is None:
@@ -180,3 +195,32 @@ def cmd_port_model(args) -> int:
     console.print(f"wrote {out}/port_model.json, port_model.md, port_model.png")
     console.print(f"[{style}]{escape(line)}[/{style}]", soft_wrap=True)
     return 0 if record.ok else 1
+
+
+def cmd_port_families(args) -> int:
+    """``compare port --families``: the coverage table over the installed transformers
+    (``compare.port_hf.coverage_table``), printed and written to ``port_families.md`` / ``.json``; exit 1
+    when a family that ports disagrees with transformers."""
+    from rich.console import Console
+
+    from compare import port_hf, report
+
+    console = Console()
+    dtypes = (args.dtype or "float32",)
+    rows, md = port_hf.coverage_table(dtypes=dtypes)
+    bad = [r["model_type"] for r in rows if r["ok"] is False]
+    ported = sum(r["status"].startswith("ported") for r in rows)
+    line = (
+        f"{'ALL AGREE' if not bad else 'DISAGREE'}: {ported} of {len(rows)} model_types port "
+        f"({dtypes[0]}){'' if not bad else '; disagreeing with transformers: ' + ', '.join(bad)}"
+    )
+    style = "bold green" if not bad else "bold red"
+    console.print(f"[{style}]{line}[/{style}]", soft_wrap=True)
+    console.print(md, soft_wrap=True, markup=False)
+    out = Path(args.out) if args.out else report.new_report_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_atomic(out / "port_families.md", md)
+    report.write_atomic(out / "port_families.json", json.dumps(rows, indent=1, default=str))
+    console.print(f"wrote {out}/port_families.md and port_families.json")
+    console.print(f"[{style}]{line}[/{style}]", soft_wrap=True)
+    return 1 if bad else 0

@@ -178,3 +178,22 @@ def test_cli_errors(checkpoints, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().out
     d = checkpoints["llama"]
     assert cli.main(["port", str(d), "--max-new-tokens", "-1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_families_prints_the_coverage_table(tmp_path, capsys, monkeypatch):
+    """``compare port --families``: verdict first and last, the coverage table (here cut to three
+    model_types: a family, an MoE sibling, one refused by its knob), files; no folder and no --families: 2."""
+    real = port_hf.coverage_table
+    monkeypatch.setattr(
+        port_hf,
+        "coverage_table",
+        lambda dtypes: real(model_types=["llama", "mixtral", "vaultgemma"], dtypes=dtypes),
+    )
+    assert cli.main(["port", "--families", "--out", str(tmp_path)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert lines[0] == lines[-1] == "ALL AGREE: 2 of 3 model_types port (float32)"
+    assert any(ln.startswith("| `mixtral` | ported |") for ln in lines)
+    assert any(ln.startswith("| `vaultgemma` | refused |") and "attn_logit_softcapping" in ln for ln in lines)
+    rows = json.loads((tmp_path / "port_families.json").read_text())
+    assert [r["model_type"] for r in rows] == ["llama", "mixtral", "vaultgemma"]
+    assert cli.main(["port", "--out", str(tmp_path)]) == 2
