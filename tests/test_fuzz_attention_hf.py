@@ -34,6 +34,8 @@ import pytest
 import torch
 import transformers as tf
 from flax import nnx
+from fuzz_support import all_pairs as _all_pairs
+from fuzz_support import one_torch_thread as _one_torch_thread  # noqa: F401 (autouse)
 from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.gpt_oss import modeling_gpt_oss
 from transformers.models.llama import modeling_llama
@@ -72,37 +74,6 @@ CLASSES = {
     "mistral": (tf.MistralConfig, modeling_mistral.MistralAttention),
     "gpt_oss": (tf.GptOssConfig, modeling_gpt_oss.GptOssAttention),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: torch's intra-op thread pool only adds wake-ups (3-5x slower on a shared 2-core CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _all_pairs(factors: dict, seed: int = 0) -> list[dict]:
-    """A greedy all-pairs covering array: every value pair of every two factors appears in some row."""
-    names = list(factors)
-    uncovered = {
-        (a, va, b, vb) for a, b in itertools.combinations(names, 2) for va in factors[a] for vb in factors[b]
-    }
-    rows = []
-    rng = np.random.default_rng(seed)
-    while uncovered:
-        best, best_gain = None, -1
-        for _ in range(200):
-            row = {n: factors[n][rng.integers(len(factors[n]))] for n in names}
-            a, va, b, vb = sorted(uncovered, key=repr)[rng.integers(len(uncovered))]
-            row[a], row[b] = va, vb
-            gain = sum((x, row[x], y, row[y]) in uncovered for x, y in itertools.combinations(names, 2))
-            if gain > best_gain:
-                best, best_gain = row, gain
-        rows.append(best)
-        uncovered -= {(x, best[x], y, best[y]) for x, y in itertools.combinations(names, 2)}
-    return rows
 
 
 ROWS = _all_pairs(FACTORS)
