@@ -268,8 +268,8 @@ def test_fuzz_torch_twin_matches_builtin_fp64(implementation, count):
 @pytest.mark.xfail(
     strict=True,
     raises=ValueError,
-    reason="twins raise on is_causal + attn_mask (attn_spec/checks.py, README 'as torch 2.13 does'); torch "
-    "2.13's fused CPU kernel computes causal AND mask for 4-D inputs (its math backend raises)",
+    reason="twins raise on is_causal + attn_mask (attn_spec/checks.py, per the README's SDPA table); torch"
+    " 2.13's fused CPU kernel computes causal AND mask for 4-D inputs (its math backend raises)",
 )
 @pytest.mark.parametrize("twin", ["torch", "jax"])
 def test_is_causal_with_mask_where_torch_computes(twin):
