@@ -42,12 +42,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from attn_spec.checks import FLOAT_DTYPES, INT_DTYPES, fmt_shape
 from attn_spec.rope import RopeConfig, check_head_dim
 
 NAME = "Attention"
 IMPLEMENTATIONS = ("math", "fused", "blocked")
-QK_NORMS = ("none", "head", "full")
+QK_NORMS = ("none", "head", "full", "unit")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # implementation=None (auto): the math path up to this many logits per head (T·S), blocked above.
 AUTO_MATH_MAX_LOGITS = 2048 * 2048
@@ -73,8 +75,10 @@ class AttentionConfig:
       head_dim: H (None: E // N, which must then divide).
       q_bias, k_bias, v_bias, o_bias: a bias on each projection.
       rope: rotary settings (:class:`attn_spec.rope.RopeConfig`) or None for no positions.
-      qk_norm: ``"none"``, ``"head"`` (RMSNorm over each head's H channels, weight (H,)) or ``"full"``
-        (RMSNorm over the projected N·H / K·H width, before the head split).
+      qk_norm: ``"none"``, ``"head"`` (RMSNorm over each head's H channels, weight (H,)), ``"full"``
+        (RMSNorm over the projected N·H / K·H width, before the head split) or ``"unit"`` (RMSNorm over each
+        head without a weight: Llama 4's L2 norm; it commutes with the rotation, so its place before or
+        after RoPE gives the same result).
       qk_norm_eps: the RMSNorm epsilon.
       qk_norm_offset: the norm scales by ``offset + weight`` (0: Llama-style ``weight``; 1: Gemma's
         ``1 + weight``, whose weights start at zero).
@@ -85,6 +89,20 @@ class AttentionConfig:
       sinks: one learned sink logit per query head (``sinks (N,)``).
       causal: causal (decoder) or bidirectional.
       dropout: attention-weight dropout probability, training mode only.
+      clip_qkv: q, k and v clamped to ``[-clip_qkv, clip_qkv]`` right after their projections (OLMo, DBRX),
+        or None.
+      output_gate: the sigmoid-gated output of Qwen3-Next / Qwen3.5 full-attention layers: ``q_proj`` gives
+        ``2·N·H`` features, per head ``H`` query channels then ``H`` gate channels; the merged attention
+        output is multiplied by ``sigmoid(gate)`` before ``o_proj``.
+      chunk_size: chunked attention (Llama 4's ``attention_chunk_size``): a query sees only the causal keys
+        of its own chunk of ``chunk_size`` tokens, chunks counted from each row's first real token (after
+        its left padding), or None.
+      attn_temperature: ``(floor_scale, attn_scale)``: Llama 4's attention-temperature tuning (on its NoPE
+        layers): queries multiplied by ``1 + attn_scale · log1p(floor((i + 1) / floor_scale))`` for the
+        token's sequence index ``i``, in float32; or None.
+      alibi_slopes: ALiBi (Bloom, MPT, Falcon): one slope per query head, and ``slope_n · (s - t)`` added to
+        the scaled logits of query index t and key index s (a per-row constant away from the families' own
+        biases, which softmax cannot see); or None.
     """
 
     hidden_size: int
@@ -106,8 +124,17 @@ class AttentionConfig:
     sinks: bool = False
     causal: bool = True
     dropout: float = 0.0
+    clip_qkv: float | None = None
+    output_gate: bool = False
+    chunk_size: int | None = None
+    attn_temperature: tuple[float, float] | None = None
+    alibi_slopes: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        for name in ("attn_temperature", "alibi_slopes"):  # lists (JSON) become hashable tuples
+            val = getattr(self, name)
+            if isinstance(val, list):
+                object.__setattr__(self, name, tuple(val))
         check_config(self)
 
     @property
@@ -166,7 +193,7 @@ def check_config(c: AttentionConfig, name: str = NAME) -> None:
             )
     elif not _is_int(c.head_dim) or c.head_dim < 1:
         raise ValueError(f"{name}: head_dim must be a positive int or None; got head_dim={c.head_dim!r}")
-    for arg in ("q_bias", "k_bias", "v_bias", "o_bias", "sinks", "causal"):
+    for arg in ("q_bias", "k_bias", "v_bias", "o_bias", "sinks", "causal", "output_gate"):
         if not isinstance(getattr(c, arg), bool):
             raise ValueError(f"{name}: {arg} must be a bool; got {arg}={getattr(c, arg)!r}")
     if c.rope is not None:
@@ -198,6 +225,32 @@ def check_config(c: AttentionConfig, name: str = NAME) -> None:
     d = c.dropout
     if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
         raise ValueError(f"{name}: dropout must be a number in [0, 1); got dropout={d!r}")
+    if c.clip_qkv is not None and (not _is_number(c.clip_qkv) or c.clip_qkv <= 0):
+        raise ValueError(f"{name}: clip_qkv must be a number > 0 or None; got clip_qkv={c.clip_qkv!r}")
+    if c.chunk_size is not None:
+        if not _is_int(c.chunk_size) or c.chunk_size < 1:
+            raise ValueError(
+                f"{name}: chunk_size must be an int >= 1 or None; got chunk_size={c.chunk_size!r}"
+            )
+        if c.sliding_window is not None or not c.causal:
+            raise ValueError(
+                f"{name}: chunk_size needs a causal layer without sliding_window; got "
+                f"chunk_size={c.chunk_size}, sliding_window={c.sliding_window}, causal={c.causal}"
+            )
+    t = c.attn_temperature
+    if t is not None and (
+        not isinstance(t, tuple) or len(t) != 2 or not all(_is_number(v) for v in t) or t[0] <= 0
+    ):
+        raise ValueError(
+            f"{name}: attn_temperature must be (floor_scale > 0, attn_scale) or None; got "
+            f"attn_temperature={t!r}"
+        )
+    a = c.alibi_slopes
+    if a is not None and (not isinstance(a, tuple) or len(a) != c.N or not all(_is_number(v) for v in a)):
+        raise ValueError(
+            f"{name}: alibi_slopes must be one number per query head (num_heads={c.N}) or None; got "
+            f"alibi_slopes={a!r}"
+        )
 
 
 def check_implementation(implementation, config: AttentionConfig, name: str = NAME) -> str | None:
@@ -214,6 +267,7 @@ def check_implementation(implementation, config: AttentionConfig, name: str = NA
                 ("softcap", config.softcap is not None),
                 ("sinks", config.sinks),
                 ("dropout", config.dropout > 0),
+                ("alibi_slopes", config.alibi_slopes is not None),
             )
             if on
         ]
@@ -279,13 +333,34 @@ def check_attention_mask(shape: tuple[int, ...], dtype: str, B: int, T: int, nam
         )
 
 
-def check_position_ids(shape: tuple[int, ...], dtype: str, B: int, T: int, name: str = NAME) -> None:
-    if tuple(shape) != (B, T):
-        raise ValueError(
-            f"{name}: position_ids must be (B, T) = ({B}, {T}); got position_ids.shape={fmt_shape(shape)}"
-        )
+def check_position_ids(
+    shape: tuple[int, ...],
+    dtype: str,
+    B: int,
+    T: int,
+    name: str = NAME,
+    config: AttentionConfig | None = None,
+) -> None:
+    """``(B, T)``, or ``(3, B, T)`` for a multimodal RoPE (``rope.mrope_section``), integers."""
+    mrope = config is not None and config.rope is not None and config.rope.mrope_section is not None
+    if tuple(shape) != (B, T) and not (mrope and tuple(shape) == (3, B, T)):
+        want = f"(B, T) = ({B}, {T})" + (f" or (3, B, T) = (3, {B}, {T})" if mrope else "")
+        raise ValueError(f"{name}: position_ids must be {want}; got position_ids.shape={fmt_shape(shape)}")
     if dtype not in INT_DTYPES:
         raise ValueError(f"{name}: position_ids must be integers; got position_ids.dtype={dtype}")
+
+
+def temperature_scales(config: AttentionConfig, index_T):
+    """Llama 4's query scales for the sequence indices ``index_T`` (NumPy, float64 for the oracle): see
+    ``AttentionConfig.attn_temperature``."""
+    floor_scale, attn_scale = config.attn_temperature
+    return np.log1p(np.floor((np.asarray(index_T, np.float64) + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+def left_pads(valid_BT):
+    """int ``(B,)``: each row's leading padding tokens (before its first real one) — where its chunks start
+    (transformers' ``left_padding_tokens`` of ``create_chunked_causal_mask``). NumPy."""
+    return (np.cumsum(np.asarray(valid_BT).astype(np.int64), axis=1) == 0).sum(axis=1)
 
 
 def check_dropout_mask(given: bool, training: bool, config: AttentionConfig, name: str = NAME) -> None:
@@ -297,8 +372,9 @@ def check_dropout_mask(given: bool, training: bool, config: AttentionConfig, nam
 
 
 def cache_slots(config: AttentionConfig, max_length: int) -> int:
-    """C, the cache's slots: ``max_length``, or for a sliding-window layer at most ``window`` (a ring)."""
-    w = config.sliding_window
+    """C, the cache's slots: ``max_length``, or for a sliding-window (chunked) layer at most ``window``
+    (``chunk_size``), a ring: no query sees further back than that."""
+    w = config.sliding_window if config.chunk_size is None else config.chunk_size
     return max_length if w is None else min(w, max_length)
 
 
@@ -343,7 +419,7 @@ def state_dict_shapes(config: AttentionConfig) -> dict[str, tuple[int, ...]]:
     E, N, K, H = c.E, c.N, c.K, c.H
     shapes: dict[str, tuple[int, ...]] = {}
     for proj, out, inp, bias in (
-        ("q_proj", N * H, E, c.q_bias),
+        ("q_proj", N * H * (2 if c.output_gate else 1), E, c.q_bias),
         ("k_proj", K * H, E, c.k_bias),
         ("v_proj", K * H, E, c.v_bias),
         ("o_proj", E, N * H, c.o_bias),

@@ -80,7 +80,7 @@ _OPTIONAL = {
     ),
     "longrope": ("factor", "attention_factor", "max_position_embeddings"),
 }
-_ALWAYS = ("rope_type", "rope_theta", "partial_rotary_factor", "layout")
+_ALWAYS = ("rope_type", "rope_theta", "partial_rotary_factor", "layout", "mrope_section", "mrope_interleaved")
 
 
 def _is_number(x) -> bool:
@@ -106,6 +106,13 @@ class RopeConfig:
       attention_factor: yarn/longrope multiplier on cos and sin (None: the paper's default from factor).
       beta_fast, beta_slow, mscale, mscale_all_dim, truncate: yarn's ramp and attention-factor knobs.
       short_factor, long_factor: longrope's per-frequency divisors (F values each).
+      mrope_section: multimodal RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): three counts of frequencies
+        read from the three rows (temporal, height, width) of ``position_ids (3, B, T)``
+        (:func:`mrope_rows`); None: one row.
+      mrope_interleaved: the sections interleave (Qwen3-VL, Qwen3.5: frequency ``3i + 1`` reads row 1 for
+        ``i < section[1]``, ``3i + 2`` row 2 for ``i < section[2]``, every other row 0) instead of lying
+        one after another (Qwen2-VL: the first ``section[0]`` frequencies read row 0, the next
+        ``section[1]`` row 1, the rest row 2).
     """
 
     rope_type: str = "default"
@@ -125,12 +132,16 @@ class RopeConfig:
     truncate: bool | None = None
     short_factor: tuple[float, ...] | None = field(default=None)
     long_factor: tuple[float, ...] | None = field(default=None)
+    mrope_section: tuple[int, ...] | None = field(default=None)
+    mrope_interleaved: bool = False
 
     def __post_init__(self):
         for name in ("short_factor", "long_factor"):  # lists from a JSON config become hashable tuples
             val = getattr(self, name)
             if isinstance(val, (list, np.ndarray)):
                 object.__setattr__(self, name, tuple(float(v) for v in val))
+        if isinstance(self.mrope_section, (list, np.ndarray)):
+            object.__setattr__(self, "mrope_section", tuple(int(v) for v in self.mrope_section))
         check_rope_config(self)
 
     @classmethod
@@ -217,6 +228,21 @@ def check_rope_config(c: RopeConfig) -> None:
             f"{NAME}: rope_type={c.rope_type!r} without factor needs max_position_embeddings "
             "(factor = max_position_embeddings / original_max_position_embeddings)"
         )
+    if c.mrope_section is not None:
+        sec = c.mrope_section
+        if (
+            not isinstance(sec, tuple)
+            or len(sec) != 3
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in sec)
+        ):
+            raise ValueError(
+                f"{NAME}: mrope_section must be three ints >= 0 (temporal, height, width); got "
+                f"mrope_section={sec!r}"
+            )
+    if not isinstance(c.mrope_interleaved, bool):
+        raise ValueError(f"{NAME}: mrope_interleaved must be a bool; got {c.mrope_interleaved!r}")
+    if c.mrope_interleaved and c.mrope_section is None:
+        raise ValueError(f"{NAME}: mrope_interleaved=True needs mrope_section")
     if c.rope_type == "longrope":
         for name in ("short_factor", "long_factor"):
             vals = getattr(c, name)
@@ -244,7 +270,41 @@ def check_head_dim(c: RopeConfig, head_dim: int, name: str = NAME) -> int:
             f"{name}: longrope short_factor/long_factor need rotary_dim/2={R // 2} values; got "
             f"{len(c.short_factor)}"
         )
+    if c.mrope_section is not None and not c.mrope_interleaved and sum(c.mrope_section) != R // 2:
+        raise ValueError(
+            f"{name}: mrope_section must add up to the rotary frequencies rotary_dim/2={R // 2}; got "
+            f"mrope_section={list(c.mrope_section)} (sum {sum(c.mrope_section)})"
+        )
     return R
+
+
+def mrope_rows(c: RopeConfig, head_dim: int) -> np.ndarray | None:
+    """int ``(F,)``: which row of ``position_ids (3, B, T)`` each rotary frequency reads (0 temporal,
+    1 height, 2 width), or None without ``mrope_section``. Contiguous (Qwen2-VL): ``section[0]`` zeros,
+    ``section[1]`` ones, ``section[2]`` twos. Interleaved (Qwen3-VL, Qwen3.5): frequency ``3i + 1`` reads
+    row 1 for ``i < section[1]`` and ``3i + 2`` row 2 for ``i < section[2]``; the rest row 0."""
+    if c.mrope_section is None:
+        return None
+    F = check_head_dim(c, head_dim) // 2
+    if not c.mrope_interleaved:
+        return np.repeat(np.arange(3), c.mrope_section).astype(np.int32)
+    rows = np.zeros(F, np.int32)
+    for row in (1, 2):
+        rows[row : 3 * c.mrope_section[row] : 3] = row
+    return rows
+
+
+def check_mrope_position_ids(c: RopeConfig | None, shape: tuple[int, ...], B: int, T: int, name: str) -> bool:
+    """Whether ``position_ids`` of ``shape`` has three rows ``(3, B, T)`` (multimodal RoPE); ``(B, T)`` is
+    one row used for all three. Raises for three rows without ``mrope_section``."""
+    if len(shape) == 3 and tuple(shape) == (3, B, T):
+        if c is None or c.mrope_section is None:
+            raise ValueError(
+                f"{name}: position_ids of shape (3, B, T) = {tuple(shape)} need a multimodal RoPE "
+                "(rope.mrope_section); this layer's takes (B, T)"
+            )
+        return True
+    return False
 
 
 def check_position_ids(shape: tuple[int, ...], dtype: str, B: int, T: int, name: str) -> None:

@@ -13,19 +13,22 @@ is ``attn_spec.rope.inv_freq(..., dtype=np.float64)`` (the frequency formulas in
 
 Every step, forward (backward in reverse):
 
-1. ``q0 = x Wqᵀ + bq`` (and k0, v0); 2. ``qk_norm="full"``: RMSNorm over the projected width;
-3. split heads; 4. ``qk_norm="head"``: RMSNorm per head; 5. rotary on the first R channels;
+1. ``q0 = x Wqᵀ + bq`` (and k0, v0), clamped to ``±clip_qkv``; with ``output_gate`` each head's second
+H features of q0 are its gate; 2. ``qk_norm="full"``: RMSNorm over the projected width;
+3. split heads; 4. ``qk_norm="head"`` / ``"unit"``: RMSNorm per head; 5. rotary on the first R channels
+(multimodal: each frequency's position row); 5b. Llama 4's temperature scales on q;
 6. ``z = scale · q·k`` (key/value head ``n // G`` for query head n); 7. soft-cap ``c·tanh(z/c)``;
-8. masked softmax whose denominator also holds ``exp(sink_n)``; fully masked rows give zeros;
-9. dropout (injected keep-mask); 10. ``o = p v``, merge heads, ``y = o Woᵀ + bo``.
+7b. ALiBi ``+ slope_n · (s - t)``; 8. masked softmax (causal, window or chunk, padding) whose denominator
+also holds ``exp(sink_n)``; fully masked rows give zeros; 9. dropout (injected keep-mask);
+10. ``o = p v``, merge heads, times ``sigmoid(gate)``, ``y = o Woᵀ + bo``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from attn_spec.attention import AttentionConfig
-from attn_spec.rope import inv_freq
+from attn_spec.attention import AttentionConfig, left_pads, temperature_scales
+from attn_spec.rope import inv_freq, mrope_rows
 from compare.oracle import _rounder
 
 
@@ -39,7 +42,11 @@ def keep_mask(config: AttentionConfig, valid_BT: np.ndarray) -> np.ndarray:
         keep &= s <= t
     if config.sliding_window is not None:
         keep &= (t - s if config.causal else np.abs(t - s)) < config.sliding_window
-    return keep[None] & valid_BT[:, None, :].astype(bool)
+    keep = keep[None] & valid_BT[:, None, :].astype(bool)
+    if config.chunk_size is not None:  # chunks counted from each row's first real token
+        lead = left_pads(valid_BT)[:, None, None]
+        keep &= (t[None] - lead) // config.chunk_size == (s[None] - lead) // config.chunk_size
+    return keep
 
 
 def rope_tables(
@@ -55,6 +62,9 @@ def rope_tables(
         freqs = position_ids.astype(np.float32)[..., None] * inv.astype(np.float32)
     else:
         freqs = position_ids.astype(np.float64)[..., None] * inv
+    rows = mrope_rows(rope, config.H)
+    if rows is not None and position_ids.ndim == 3:  # (3, B, T): each frequency from its row
+        freqs = np.where(rows == 0, freqs[0], np.where(rows == 1, freqs[1], freqs[2]))
     emb = np.concatenate([freqs, freqs], -1) if rope.layout == "half" else np.repeat(freqs, 2, -1)
     return np.cos(emb) * factor, np.sin(emb) * factor
 
@@ -83,14 +93,19 @@ def _rope_backward(g_BnTH, cos, sin, layout, r):
 
 
 def _rms(x, w, config, r):
+    """RMSNorm over the last axis scaled by ``offset + w`` (``w`` None: no scale, ``qk_norm="unit"``)."""
     inv = r(1.0 / np.sqrt(r(np.mean(r(x * x), -1, keepdims=True) + config.qk_norm_eps)))
     u = r(x * inv)
+    if w is None:
+        return u, u, inv
     return r(u * (config.qk_norm_offset + w)), u, inv
 
 
 def _rms_backward(dy, u, inv, w, config, r):
-    du = r(dy * (config.qk_norm_offset + w))
+    du = dy if w is None else r(dy * (config.qk_norm_offset + w))
     dx = r(inv * r(du - r(u * np.mean(r(du * u), -1, keepdims=True))))
+    if w is None:
+        return dx, None, None
     dw = r(dy * u).reshape(-1, w.shape[0]).sum(0)
     terms = np.abs(dy * u).reshape(-1, w.shape[0]).sum(0)  # the sizes the tolerance policy scales by
     return dx, r(dw), terms
@@ -137,6 +152,12 @@ def attention_forward(
     pos = np.broadcast_to(np.arange(T), (B, T)) if position_ids is None else np.asarray(position_ids)
     f = {"x": x, "params": params}
     q0, k0, v0 = (_linear(x, params, p, r, rs) for p in ("q_proj", "k_proj", "v_proj"))
+    if c.clip_qkv is not None:
+        f["clip"] = [np.abs(a) <= c.clip_qkv for a in (q0, k0, v0)]
+        q0, k0, v0 = (np.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q0, k0, v0))
+    if c.output_gate:  # per head: H query channels, then H gate channels
+        qg = q0.reshape(B, T, N, 2 * H)
+        q0, f["gate"] = qg[..., :H].reshape(B, T, N * H), qg[..., H:].reshape(B, T, N * H)
     if c.qk_norm == "full":
         q0, f["uq"], f["iq"] = _rms(q0, params["q_norm.weight"], c, r)
         k0, f["uk"], f["ik"] = _rms(k0, params["k_norm.weight"], c, r)
@@ -144,20 +165,26 @@ def attention_forward(
     q = q0.reshape(B, T, N, H).transpose(0, 2, 1, 3)
     k = k0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
     v = v0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
-    if c.qk_norm == "head":
-        q, f["uq"], f["iq"] = _rms(q, params["q_norm.weight"], c, r)
-        k, f["uk"], f["ik"] = _rms(k, params["k_norm.weight"], c, r)
+    if c.qk_norm in ("head", "unit"):
+        q, f["uq"], f["iq"] = _rms(q, params.get("q_norm.weight"), c, r)
+        k, f["uk"], f["ik"] = _rms(k, params.get("k_norm.weight"), c, r)
         q, k = rs(q), rs(k)
     if c.rope is not None:
         cos, sin = (r(a) for a in rope_tables(c, pos, dtype))
         f["cos"], f["sin"] = cos, sin
         q, k = rs(_rope(q, cos, sin, c.rope.layout, r)), rs(_rope(k, cos, sin, c.rope.layout, r))
+    if c.attn_temperature is not None:  # by sequence index (not position_ids), float32 in the twins
+        f["temp"] = r(temperature_scales(c, np.arange(T)))[None, None, :, None]
+        q = rs(q * f["temp"])
     kr, vr = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)  # kv head n // G serves query head n
     z = r(r(np.einsum("bnth,bnsh->bnts", q, kr)) * c.logit_scale)
     if c.softcap is not None:
         th = r(np.tanh(r(z / c.softcap)))
         f["tanh"] = th
         z = r(c.softcap * th)
+    if c.alibi_slopes is not None:
+        dist = np.arange(T)[None, :] - np.arange(T)[:, None]  # s - t
+        z = r(z + r(np.asarray(c.alibi_slopes).reshape(1, N, 1, 1) * dist))
     keep = keep_mask(c, valid)[:, None]
     zm = np.where(keep, z, -np.inf)
     m = np.max(zm, -1, keepdims=True)
@@ -177,6 +204,9 @@ def attention_forward(
         pd = r(np.where(dropout_mask, p / (1.0 - c.dropout), 0.0))
     o = rs(np.einsum("bnts,bnsh->bnth", pd, vr))
     o2 = o.transpose(0, 2, 1, 3).reshape(B, T, N * H)
+    if c.output_gate:
+        f["o_ungated"], f["sig"] = o2, r(1.0 / (1.0 + np.exp(-f["gate"])))
+        o2 = rs(o2 * f["sig"])
     out = _linear(o2, params, "o_proj", r, rs)
     f.update(q=q, k=k, v=v, kr=kr, vr=vr, p=p, pd=pd, o=o2, out=out, keep=keep, dropout_mask=dropout_mask)
     return f
@@ -207,7 +237,12 @@ def attention_backward(
     g["o_proj.weight"] = rs(dy2.T @ f["o"].reshape(-1, N * H))
     if "o_proj.bias" in params:
         g["o_proj.bias"] = rs(dy2.sum(0))
-    do = rs(dy @ params["o_proj.weight"]).reshape(B, T, N, H).transpose(0, 2, 1, 3)
+    do = rs(dy @ params["o_proj.weight"])
+    if c.output_gate:  # o = o_ungated · σ(gate)
+        sig = f["sig"]
+        dgate = rs(r(do * f["o_ungated"]) * r(sig * r(1.0 - sig)))
+        do = rs(do * sig)
+    do = do.reshape(B, T, N, H).transpose(0, 2, 1, 3)
     dpd = r(np.einsum("bnth,bnsh->bnts", do, f["vr"]))
     dvr = r(np.einsum("bnts,bnth->bnsh", f["pd"], do))
     dp = dpd
@@ -227,9 +262,14 @@ def attention_backward(
     dk = r(dkr.reshape(B, K, G, T, H).sum(2))
     dv = rs(dvr.reshape(B, K, G, T, H).sum(2))
     dq, dk = rs(dq), rs(dk)
+    if c.attn_temperature is not None:
+        dq = rs(dq * f["temp"])
     if c.rope is not None:
         dq = rs(_rope_backward(dq, f["cos"], f["sin"], c.rope.layout, r))
         dk = rs(_rope_backward(dk, f["cos"], f["sin"], c.rope.layout, r))
+    if c.qk_norm == "unit":
+        dq = _rms_backward(dq, f["uq"], f["iq"], None, c, r)[0]
+        dk = _rms_backward(dk, f["uk"], f["ik"], None, c, r)[0]
     if c.qk_norm == "head":
         dq, g["q_norm.weight"], g["terms_q_norm.weight"] = _rms_backward(
             dq, f["uq"], f["iq"], params["q_norm.weight"], c, r
@@ -247,6 +287,10 @@ def attention_backward(
         dk0, g["k_norm.weight"], g["terms_k_norm.weight"] = _rms_backward(
             dk0, f["uk"], f["ik"], params["k_norm.weight"], c, r
         )
+    if c.output_gate:  # back to q_proj's layout: per head H query then H gate features
+        dq0 = np.concatenate([dq0.reshape(B, T, N, H), dgate.reshape(B, T, N, H)], -1).reshape(B, T, -1)
+    if c.clip_qkv is not None:  # clamp: gradient 1 inside [-clip, clip], 0 outside
+        dq0, dk0, dv0 = (np.where(m, d, 0.0) for m, d in zip(f["clip"], (dq0, dk0, dv0)))
     x2 = x.reshape(-1, E)
     dx = None
     for proj, d in (("q_proj", dq0), ("k_proj", dk0), ("v_proj", dv0)):

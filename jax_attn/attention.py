@@ -63,6 +63,7 @@ class KVCache:
       pos: int32 ``(C,)``, the sequence index of the token in each slot, -1 for an empty slot.
       valid: bool ``(B, C)``, whether each slot holds a real (non-padding) token.
       index: int32 scalar, the number of tokens seen so far.
+      lead: int32 ``(B,)``, each row's padding tokens before its first real one (where chunks start).
       max_length: the most tokens the cache accepts (static).
     """
 
@@ -71,7 +72,33 @@ class KVCache:
     pos: jax.Array
     valid: jax.Array
     index: jax.Array
+    lead: jax.Array
     max_length: int = struct.field(pytree_node=False)
+
+
+def unit_rms(x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis without a weight (``qk_norm="unit"``, Llama 4), in float32, cast back."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def leading_pads(valid_BT: jax.Array) -> jax.Array:
+    """int32 ``(B,)``: each row's padding tokens before its first real one."""
+    return jnp.sum(jnp.cumsum(valid_BT.astype(jnp.int32), axis=1) == 0, axis=1).astype(jnp.int32)
+
+
+def temperature_scales(config: AttentionConfig, index_T: jax.Array) -> jax.Array:
+    """float32 ``(T,)``: Llama 4's query scales ``1 + attn_scale · log1p(floor((i + 1) / floor_scale))``
+    for sequence indices i, in float32 as transformers computes them."""
+    floor_scale, attn_scale = config.attn_temperature
+    i = index_T.astype(jnp.float32)
+    return jnp.log1p(jnp.floor((i + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+def alibi_bias(config: AttentionConfig, q_pos_T: jax.Array, k_pos_S: jax.Array) -> jax.Array:
+    """float32 ``(N, T, S)``: ``slope_n · (s - t)`` (``AttentionConfig.alibi_slopes``)."""
+    slopes = jnp.asarray(config.alibi_slopes, jnp.float32)[:, None, None]
+    return slopes * (k_pos_S[None, None, :] - q_pos_T[None, :, None]).astype(jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -102,10 +129,15 @@ def project(linear: Linear, x: jax.Array) -> jax.Array:
 
 
 def attention_keep_mask(
-    q_pos_T: jax.Array, k_pos_S: jax.Array, k_valid_BS: jax.Array, config: AttentionConfig
+    q_pos_T: jax.Array,
+    k_pos_S: jax.Array,
+    k_valid_BS: jax.Array,
+    config: AttentionConfig,
+    lead_B: jax.Array | None = None,
 ) -> jax.Array:
-    """bool ``(B, T, S)``, True = may attend: a filled, valid key slot, causal (key index ≤ query index)
-    and inside the window (distance < w; ``|distance| < w`` when bidirectional)."""
+    """bool ``(B, T, S)``, True = may attend: a filled, valid key slot, causal (key index ≤ query index),
+    inside the window (distance < w; ``|distance| < w`` when bidirectional) and in the query's chunk
+    (chunks counted from each row's ``lead_B`` padding tokens; None: none)."""
     q, k = q_pos_T[:, None], k_pos_S[None, :]
     keep_TS = k >= 0
     if config.causal:
@@ -113,7 +145,11 @@ def attention_keep_mask(
     if config.sliding_window is not None:
         dist = q - k if config.causal else jnp.abs(q - k)
         keep_TS &= dist < config.sliding_window
-    return keep_TS[None] & k_valid_BS[:, None, :]
+    keep_BTS = keep_TS[None] & k_valid_BS[:, None, :]
+    if config.chunk_size is not None:
+        lead = 0 if lead_B is None else lead_B[:, None, None]
+        keep_BTS &= (q[None] - lead) // config.chunk_size == (k[None] - lead) // config.chunk_size
+    return keep_BTS
 
 
 def dot_product_attention(
@@ -127,9 +163,10 @@ def dot_product_attention(
     dropout_p: float = 0.0,
     dropout_mask: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
+    bias_NTS: jax.Array | None = None,
 ) -> jax.Array:
-    """The readable dense core: ``softmax(cap(scale · q·k) masked, with sinks) · v`` in float32 (float64
-    inputs: float64).
+    """The readable dense core: ``softmax(cap(scale · q·k) + bias masked, with sinks) · v`` in float32
+    (float64 inputs: float64).
 
     Args:
       q_BNTH: queries; k_BKSH, v_BKSH: keys and values, key/value head ``n // G`` serving query head n.
@@ -137,6 +174,7 @@ def dot_product_attention(
       scale: the logit scale; softcap: ``c`` in ``c · tanh(x / c)``, applied before the mask.
       sinks_N: one logit per query head joining every row's softmax denominator, with no value.
       dropout_p, dropout_mask (bool keep-mask broadcastable to (B, N, T, S)), dropout_rng: weight dropout.
+      bias_NTS: added to the (soft-capped) logits (ALiBi), or None.
 
     Returns:
       ``(B, N, T, H)`` in q's dtype.
@@ -149,6 +187,8 @@ def dot_product_attention(
     logits = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH.astype(acc)) * scale
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
+    if bias_NTS is not None:
+        logits = logits + bias_NTS.astype(acc).reshape(1, K, G, T, S)
     keep = keep_BTS[:, None, None]
     logits = jnp.where(keep, logits, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
@@ -184,11 +224,14 @@ def _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, scale) -> jax.Array:
     return jnp.where(any_BT[:, None, :, None], out_BTNH.transpose(0, 2, 1, 3), 0.0).astype(q_BNTH.dtype)
 
 
-def _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, config, sinks_N) -> jax.Array:
-    """The blocked path: FlexAttention over a ``BlockMask`` of causal ∧ window ∧ padding (key blocks
-    outside the window or fully padded are skipped, so prefill cost grows linearly with T at a fixed
-    window), the soft-cap as its ``score_mod``, and sinks applied afterwards as ``out · sigmoid(lse −
-    sink)`` (the sink's share ``e^sink / (Z + e^sink)`` of a row with key mass ``Z = e^lse``)."""
+def _blocked_attention(
+    q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, config, sinks_N, lead_B
+) -> jax.Array:
+    """The blocked path: FlexAttention over a ``BlockMask`` of causal ∧ window ∧ chunk ∧ padding (key
+    blocks outside the window or chunk or fully padded are skipped, so prefill cost grows linearly with T
+    at a fixed window), the soft-cap and ALiBi as its ``score_mod``, and sinks applied afterwards as
+    ``out · sigmoid(lse − sink)`` (the sink's share ``e^sink / (Z + e^sink)`` of a row with key mass
+    ``Z = e^lse``)."""
     c = config
     B, N, T, _ = q_BNTH.shape
     S = k_BKSH.shape[2]
@@ -200,11 +243,22 @@ def _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, con
             keep &= k <= q
         if c.sliding_window is not None:
             keep &= (q - k if c.causal else jnp.abs(q - k)) < c.sliding_window
+        if c.chunk_size is not None:
+            keep &= (q - lead_B[b]) // c.chunk_size == (k - lead_B[b]) // c.chunk_size
         return keep
 
     score_mod = None
-    if c.softcap is not None:
-        score_mod = lambda score, b, h, q_idx, kv_idx: c.softcap * jnp.tanh(score / c.softcap)
+    if c.softcap is not None or c.alibi_slopes is not None:
+        slopes_N = None if c.alibi_slopes is None else jnp.asarray(c.alibi_slopes, jnp.float32)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if c.softcap is not None:
+                score = c.softcap * jnp.tanh(score / c.softcap)
+            if slopes_N is not None:
+                dist = (k_pos_S[kv_idx] - q_pos_T[q_idx]).astype(score.dtype)
+                score = score + slopes_N[h].astype(score.dtype) * dist
+            return score
+
     block_mask = create_block_mask(mask_mod, B, None, T, S)
     out_BNTH, lse_BNT = flex_attention(
         q_BNTH, k_BKSH, v_BKSH, score_mod, block_mask, c.logit_scale, enable_gqa=c.G > 1, return_lse=True
@@ -247,12 +301,12 @@ class Attention(nnx.Module):
         self.implementation = check_implementation(implementation, c)
         self.dtype, self.param_dtype = dtype, param_dtype
         kw = {"rngs": rngs, "param_dtype": param_dtype}
-        self.q_proj = Linear(c.E, c.N * c.H, c.q_bias, **kw)
+        self.q_proj = Linear(c.E, c.N * c.H * (2 if c.output_gate else 1), c.q_bias, **kw)
         self.k_proj = Linear(c.E, c.K * c.H, c.k_bias, **kw)
         self.v_proj = Linear(c.E, c.K * c.H, c.v_bias, **kw)
         self.o_proj = Linear(c.N * c.H, c.E, c.o_bias, **kw)
         q_norm = k_norm = None
-        if c.qk_norm != "none":
+        if c.qk_norm in ("head", "full"):
             width_q, width_k = (c.H, c.H) if c.qk_norm == "head" else (c.N * c.H, c.K * c.H)
             q_norm = RMSNorm(width_q, c.qk_norm_eps, c.qk_norm_offset, param_dtype=param_dtype)
             k_norm = RMSNorm(width_k, c.qk_norm_eps, c.qk_norm_offset, param_dtype=param_dtype)
@@ -274,6 +328,7 @@ class Attention(nnx.Module):
             pos=jnp.full((C,), -1, jnp.int32),
             valid=jnp.zeros((batch_size, C), bool),
             index=jnp.zeros((), jnp.int32),
+            lead=jnp.zeros((batch_size,), jnp.int32),
             max_length=max_length,
         )
 
@@ -292,8 +347,9 @@ class Attention(nnx.Module):
         Args:
           x: ``(B, T, E)``.
           attention_mask: ``(B, T)`` 1/0 (or bool) padding mask of these tokens; None: all real.
-          position_ids: ``(B, T)`` integer positions for the rotary embedding; None: ``index + 0..T-1``.
-            For left padding pass positions that skip the pads (transformers: ``cumsum(mask) - 1``).
+          position_ids: ``(B, T)`` integer positions for the rotary embedding (``(3, B, T)`` for a multimodal
+            RoPE; ``(B, T)`` there serves all three rows); None: ``index + 0..T-1``. For left padding pass
+            positions that skip the pads (transformers: ``cumsum(mask) - 1``).
           cache: a :class:`KVCache` from :meth:`init_cache` or a previous call; None for a full pass.
           dropout_mask: bool keep-mask broadcastable to ``(B, N, T, S)`` (S = T, or C + T with a cache).
           dropout_rng: key for the dropout draw; default: the module's ``dropout`` stream.
@@ -319,10 +375,18 @@ class Attention(nnx.Module):
             position_ids = jnp.broadcast_to(q_pos_T, (B, T))
         else:
             position_ids = jnp.asarray(position_ids)
-            check_position_ids(*_spec(position_ids), B, T)
+            check_position_ids(*_spec(position_ids), B, T, config=c)
+        lead_B = leading_pads(valid_BT)
+        if cache is not None:  # rows that were all padding so far keep counting
+            lead_B = jnp.where(cache.lead == cache.index, cache.lead + lead_B, cache.lead)
 
         x_BTE = x.astype(self.dtype or jnp.result_type(x.dtype, self.param_dtype))
         q, k, v = (project(p, x_BTE) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if c.clip_qkv is not None:
+            q, k, v = (jnp.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
+        if c.output_gate:  # per head: H query channels, then H gate channels
+            q_gate = q.reshape(B, T, c.N, 2 * c.H)
+            q, gate_BTD = q_gate[..., : c.H].reshape(B, T, -1), q_gate[..., c.H :].reshape(B, T, -1)
         if c.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BNTH = q.reshape(B, T, c.N, c.H).transpose(0, 2, 1, 3)
@@ -330,10 +394,15 @@ class Attention(nnx.Module):
         v_BKTH = v.reshape(B, T, c.K, c.H).transpose(0, 2, 1, 3)
         if c.qk_norm == "head":
             q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
+        elif c.qk_norm == "unit":
+            q_BNTH, k_BKTH = unit_rms(q_BNTH, c.qk_norm_eps), unit_rms(k_BKTH, c.qk_norm_eps)
         if c.rope is not None:
             cos_BTR, sin_BTR = rope_cos_sin(c.rope, c.H, position_ids)
             q_BNTH = apply_rope(q_BNTH, cos_BTR, sin_BTR, c.rope.layout)
             k_BKTH = apply_rope(k_BKTH, cos_BTR, sin_BTR, c.rope.layout)
+        if c.attn_temperature is not None:
+            scale_T = temperature_scales(c, q_pos_T)[None, None, :, None]
+            q_BNTH = (q_BNTH * scale_T).astype(q_BNTH.dtype)
 
         if cache is None:
             k_BKSH, v_BKSH, k_pos_S, k_valid_BS = k_BKTH, v_BKTH, q_pos_T, valid_BT
@@ -347,11 +416,17 @@ class Attention(nnx.Module):
         if path == "blocked":
             check_blocked(c)
             sinks_N = None if self.sinks is None else self.sinks[...]
-            y_BNTH = _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, sinks_N)
+            y_BNTH = _blocked_attention(
+                q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, sinks_N, lead_B
+            )
         else:
-            keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c)
-            y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng)
-        y_BTE = project(self.o_proj, y_BNTH.transpose(0, 2, 1, 3).reshape(B, T, c.N * c.H))
+            keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c, lead_B)
+            bias_NTS = None if c.alibi_slopes is None else alibi_bias(c, q_pos_T, k_pos_S)
+            y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng, bias_NTS)
+        y_BTD = y_BNTH.transpose(0, 2, 1, 3).reshape(B, T, c.N * c.H)
+        if c.output_gate:
+            y_BTD = y_BTD * jax.nn.sigmoid(gate_BTD)
+        y_BTE = project(self.o_proj, y_BTD)
         if cache is None:
             return y_BTE
 
@@ -365,13 +440,16 @@ class Attention(nnx.Module):
             pos=cache.pos.at[slots].set(q_pos_T[T - M :]),
             valid=cache.valid.at[:, slots].set(valid_BT[:, T - M :]),
             index=cache.index + T,
+            lead=lead_B,
             max_length=cache.max_length,
         )
         # A traced index cannot raise: an overflowing call yields NaN, and so does every later call.
         y_BTE = jnp.where(new_cache.index <= cache.max_length, y_BTE, jnp.nan)
         return y_BTE, new_cache
 
-    def _attend(self, path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng) -> jax.Array:
+    def _attend(
+        self, path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng, bias_NTS=None
+    ) -> jax.Array:
         c = self.config
         if path == "fused":
             return _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, c.logit_scale)
@@ -389,6 +467,7 @@ class Attention(nnx.Module):
             dropout_p=dropout_p,
             dropout_mask=dropout_mask,
             dropout_rng=dropout_rng,
+            bias_NTS=bias_NTS,
         )
 
     def torch_state_dict(self) -> dict[str, np.ndarray]:

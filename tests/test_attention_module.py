@@ -92,7 +92,24 @@ BAD_CONFIGS = {
     "window_zero": ({"sliding_window": 0}, "sliding_window must be an int >= 1 or None"),
     "cap_zero": ({"softcap": 0.0}, "softcap must be a number > 0 or None; got softcap=0.0"),
     "cap_negative": ({"softcap": -50.0}, "softcap must be a number > 0 or None; got softcap=-50.0"),
-    "qk_norm": ({"qk_norm": "layer"}, "qk_norm must be one of ('none', 'head', 'full'); got qk_norm='layer'"),
+    "qk_norm": (
+        {"qk_norm": "layer"},
+        "qk_norm must be one of ('none', 'head', 'full', 'unit'); got qk_norm='layer'",
+    ),
+    "clip_zero": ({"clip_qkv": 0.0}, "clip_qkv must be a number > 0 or None; got clip_qkv=0.0"),
+    "chunk_with_window": (
+        {"chunk_size": 4, "sliding_window": 3},
+        "chunk_size needs a causal layer without sliding_window; got chunk_size=4, sliding_window=3",
+    ),
+    "chunk_zero": ({"chunk_size": 0}, "chunk_size must be an int >= 1 or None; got chunk_size=0"),
+    "temperature": (
+        {"attn_temperature": (0.0, 0.1)},
+        "attn_temperature must be (floor_scale > 0, attn_scale) or None; got attn_temperature=(0.0, 0.1)",
+    ),
+    "alibi_count": (
+        {"alibi_slopes": (0.5, 0.25)},
+        "alibi_slopes must be one number per query head (num_heads=4) or None",
+    ),
     "scale_and_scalar": (
         {"scale": 0.1, "query_pre_attn_scalar": 8},
         "give scale or query_pre_attn_scalar, not both",

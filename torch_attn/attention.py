@@ -62,6 +62,7 @@ class KVCache:
       pos: int64 ``(C,)``, the sequence index of the token in each slot, -1 for an empty slot.
       valid: bool ``(B, C)``, whether each slot holds a real (non-padding) token.
       index: int, the number of tokens seen so far.
+      lead: int64 ``(B,)``, each row's padding tokens before its first real one (where chunks start).
       max_length: the most tokens the cache accepts.
     """
 
@@ -70,7 +71,33 @@ class KVCache:
     pos: torch.Tensor
     valid: torch.Tensor
     index: int
+    lead: torch.Tensor
     max_length: int
+
+
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis without a weight (``qk_norm="unit"``, Llama 4), in float32, cast back."""
+    x32 = x.to(torch.float32)
+    return (x32 * torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def leading_pads(valid_BT: torch.Tensor) -> torch.Tensor:
+    """int64 ``(B,)``: each row's padding tokens before its first real one."""
+    return torch.sum(torch.cumsum(valid_BT.to(torch.int64), dim=1) == 0, dim=1)
+
+
+def temperature_scales(config: AttentionConfig, index_T: torch.Tensor) -> torch.Tensor:
+    """float32 ``(T,)``: Llama 4's query scales ``1 + attn_scale · log1p(floor((i + 1) / floor_scale))``
+    for sequence indices i, in float32 as transformers computes them."""
+    floor_scale, attn_scale = config.attn_temperature
+    i = index_T.to(torch.float32)
+    return torch.log1p(torch.floor((i + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+def alibi_bias(config: AttentionConfig, q_pos_T: torch.Tensor, k_pos_S: torch.Tensor) -> torch.Tensor:
+    """float32 ``(N, T, S)``: ``slope_n · (s - t)`` (``AttentionConfig.alibi_slopes``)."""
+    slopes = torch.tensor(config.alibi_slopes, dtype=torch.float32, device=q_pos_T.device)[:, None, None]
+    return slopes * (k_pos_S[None, None, :] - q_pos_T[None, :, None]).to(torch.float32)
 
 
 class RMSNorm(nn.Module):
@@ -96,10 +123,15 @@ def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_keep_mask(
-    q_pos_T: torch.Tensor, k_pos_S: torch.Tensor, k_valid_BS: torch.Tensor, config: AttentionConfig
+    q_pos_T: torch.Tensor,
+    k_pos_S: torch.Tensor,
+    k_valid_BS: torch.Tensor,
+    config: AttentionConfig,
+    lead_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """bool ``(B, T, S)``, True = may attend: a filled, valid key slot, causal (key index ≤ query index)
-    and inside the window (distance < w; ``|distance| < w`` when bidirectional)."""
+    """bool ``(B, T, S)``, True = may attend: a filled, valid key slot, causal (key index ≤ query index),
+    inside the window (distance < w; ``|distance| < w`` when bidirectional) and in the query's chunk
+    (chunks counted from each row's ``lead_B`` padding tokens; None: none)."""
     q, k = q_pos_T[:, None], k_pos_S[None, :]
     keep_TS = k >= 0
     if config.causal:
@@ -107,7 +139,14 @@ def attention_keep_mask(
     if config.sliding_window is not None:
         dist = q - k if config.causal else torch.abs(q - k)
         keep_TS = keep_TS & (dist < config.sliding_window)
-    return keep_TS[None] & k_valid_BS[:, None, :]
+    keep_BTS = keep_TS[None] & k_valid_BS[:, None, :]
+    if config.chunk_size is not None:
+        lead = 0 if lead_B is None else lead_B[:, None, None]
+        keep_BTS = keep_BTS & (
+            torch.div(q[None] - lead, config.chunk_size, rounding_mode="floor")
+            == torch.div(k[None] - lead, config.chunk_size, rounding_mode="floor")
+        )
+    return keep_BTS
 
 
 def dot_product_attention(
@@ -121,9 +160,10 @@ def dot_product_attention(
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    bias_NTS: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The readable dense core: ``softmax(cap(scale · q·k) masked, with sinks) · v`` in float32 (float64
-    inputs: float64).
+    """The readable dense core: ``softmax(cap(scale · q·k) + bias masked, with sinks) · v`` in float32
+    (float64 inputs: float64).
 
     Args:
       q_BNTH: queries; k_BKSH, v_BKSH: keys and values, key/value head ``n // G`` serving query head n.
@@ -131,6 +171,7 @@ def dot_product_attention(
       scale: the logit scale; softcap: ``c`` in ``c · tanh(x / c)``, applied before the mask.
       sinks_N: one logit per query head joining every row's softmax denominator, with no value.
       dropout_p, dropout_mask (bool keep-mask broadcastable to (B, N, T, S)), generator: weight dropout.
+      bias_NTS: added to the (soft-capped) logits (ALiBi), or None.
 
     Returns:
       ``(B, N, T, H)`` in q's dtype.
@@ -143,6 +184,8 @@ def dot_product_attention(
     logits = torch.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH.to(acc)) * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
+    if bias_NTS is not None:
+        logits = logits + bias_NTS.to(acc).reshape(1, K, G, T, S)
     keep = keep_BTS[:, None, None]
     logits = logits.masked_fill(~keep, -torch.inf)
     m = torch.amax(logits, dim=-1, keepdim=True)
@@ -181,11 +224,14 @@ def _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, scale) -> torch.Tensor:
     return torch.where(any_BT[:, None, :, None], out_BNTH, 0.0).to(q_BNTH.dtype)
 
 
-def _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, config, sinks_N) -> torch.Tensor:
-    """The blocked path: FlexAttention over a ``BlockMask`` of causal ∧ window ∧ padding (key blocks
-    outside the window or fully padded are skipped, so prefill cost grows linearly with T at a fixed
-    window), the soft-cap as its ``score_mod``, and sinks applied afterwards as ``out · sigmoid(lse −
-    sink)`` (the sink's share ``e^sink / (Z + e^sink)`` of a row with key mass ``Z = e^lse``)."""
+def _blocked_attention(
+    q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, config, sinks_N, lead_B
+) -> torch.Tensor:
+    """The blocked path: FlexAttention over a ``BlockMask`` of causal ∧ window ∧ chunk ∧ padding (key
+    blocks outside the window or chunk or fully padded are skipped, so prefill cost grows linearly with T
+    at a fixed window), the soft-cap and ALiBi as its ``score_mod``, and sinks applied afterwards as
+    ``out · sigmoid(lse − sink)`` (the sink's share ``e^sink / (Z + e^sink)`` of a row with key mass
+    ``Z = e^lse``)."""
     c = config
     B, N, T, _ = q_BNTH.shape
     S = k_BKSH.shape[2]
@@ -197,11 +243,27 @@ def _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, con
             keep = keep & (k <= q)
         if c.sliding_window is not None:
             keep = keep & ((q - k if c.causal else torch.abs(q - k)) < c.sliding_window)
+        if c.chunk_size is not None:
+            keep = keep & (
+                torch.div(q - lead_B[b], c.chunk_size, rounding_mode="floor")
+                == torch.div(k - lead_B[b], c.chunk_size, rounding_mode="floor")
+            )
         return keep
 
     score_mod = None
-    if c.softcap is not None:
-        score_mod = lambda score, b, h, q_idx, kv_idx: c.softcap * torch.tanh(score / c.softcap)
+    if c.softcap is not None or c.alibi_slopes is not None:
+        slopes_N = None
+        if c.alibi_slopes is not None:
+            slopes_N = torch.tensor(c.alibi_slopes, dtype=torch.float32, device=q_BNTH.device)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if c.softcap is not None:
+                score = c.softcap * torch.tanh(score / c.softcap)
+            if slopes_N is not None:
+                dist = (k_pos_S[kv_idx] - q_pos_T[q_idx]).to(score.dtype)
+                score = score + slopes_N[h].to(score.dtype) * dist
+            return score
+
     block_mask = create_block_mask(mask_mod, B, None, T, S, device=q_BNTH.device)
     out_BNTH, lse_BNT = flex_attention(
         q_BNTH, k_BKSH, v_BKSH, score_mod, block_mask, c.logit_scale, enable_gqa=c.G > 1, return_lse=True
@@ -241,12 +303,12 @@ class Attention(nn.Module):
         c = self.config = config
         self.implementation = check_implementation(implementation, c)
         kw = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(c.E, c.N * c.H, bias=c.q_bias, **kw)
+        self.q_proj = nn.Linear(c.E, c.N * c.H * (2 if c.output_gate else 1), bias=c.q_bias, **kw)
         self.k_proj = nn.Linear(c.E, c.K * c.H, bias=c.k_bias, **kw)
         self.v_proj = nn.Linear(c.E, c.K * c.H, bias=c.v_bias, **kw)
         self.o_proj = nn.Linear(c.N * c.H, c.E, bias=c.o_bias, **kw)
         self.q_norm = self.k_norm = None
-        if c.qk_norm != "none":
+        if c.qk_norm in ("head", "full"):
             width_q, width_k = (c.H, c.H) if c.qk_norm == "head" else (c.N * c.H, c.K * c.H)
             self.q_norm = RMSNorm(width_q, c.qk_norm_eps, c.qk_norm_offset, **kw)
             self.k_norm = RMSNorm(width_k, c.qk_norm_eps, c.qk_norm_offset, **kw)
@@ -270,6 +332,7 @@ class Attention(nn.Module):
             pos=torch.full((C,), -1, device=w.device, dtype=torch.int64),
             valid=torch.zeros((batch_size, C), device=w.device, dtype=torch.bool),
             index=0,
+            lead=torch.zeros((batch_size,), device=w.device, dtype=torch.int64),
             max_length=max_length,
         )
 
@@ -288,8 +351,9 @@ class Attention(nn.Module):
         Args:
           x: ``(B, T, E)``.
           attention_mask: ``(B, T)`` 1/0 (or bool) padding mask of these tokens; None: all real.
-          position_ids: ``(B, T)`` integer positions for the rotary embedding; None: ``index + 0..T-1``.
-            For left padding pass positions that skip the pads (transformers: ``cumsum(mask) - 1``).
+          position_ids: ``(B, T)`` integer positions for the rotary embedding (``(3, B, T)`` for a multimodal
+            RoPE; ``(B, T)`` there serves all three rows); None: ``index + 0..T-1``. For left padding pass
+            positions that skip the pads (transformers: ``cumsum(mask) - 1``).
           cache: a :class:`KVCache` from :meth:`init_cache` or a previous call; None for a full pass.
           dropout_mask: bool keep-mask broadcastable to ``(B, N, T, S)`` (S = T, or C + T with a cache).
           generator: ``torch.Generator`` for the dropout draw; default: the global one.
@@ -313,10 +377,18 @@ class Attention(nn.Module):
         if position_ids is None:
             position_ids = q_pos_T.expand(B, T)
         else:
-            check_position_ids(*_spec(position_ids), B, T)
+            check_position_ids(*_spec(position_ids), B, T, config=c)
+        lead_B = leading_pads(valid_BT)
+        if cache is not None:  # rows that were all padding so far keep counting
+            lead_B = torch.where(cache.lead == start, cache.lead + lead_B, cache.lead)
 
         x_BTE = x  # torch's Linear does not promote: x must have the parameters' dtype
         q, k, v = (project(p, x_BTE) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if c.clip_qkv is not None:
+            q, k, v = (torch.clamp(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
+        if c.output_gate:  # per head: H query channels, then H gate channels
+            q_gate = q.view(B, T, c.N, 2 * c.H)
+            q, gate_BTD = q_gate[..., : c.H].reshape(B, T, -1), q_gate[..., c.H :].reshape(B, T, -1)
         if c.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BNTH = q.view(B, T, c.N, c.H).transpose(1, 2)
@@ -324,10 +396,15 @@ class Attention(nn.Module):
         v_BKTH = v.view(B, T, c.K, c.H).transpose(1, 2)
         if c.qk_norm == "head":
             q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
+        elif c.qk_norm == "unit":
+            q_BNTH, k_BKTH = unit_rms(q_BNTH, c.qk_norm_eps), unit_rms(k_BKTH, c.qk_norm_eps)
         if c.rope is not None:
             cos_BTR, sin_BTR = rope_cos_sin(c.rope, c.H, position_ids)
             q_BNTH = apply_rope(q_BNTH, cos_BTR, sin_BTR, c.rope.layout)
             k_BKTH = apply_rope(k_BKTH, cos_BTR, sin_BTR, c.rope.layout)
+        if c.attn_temperature is not None:
+            scale_T = temperature_scales(c, q_pos_T)[None, None, :, None]
+            q_BNTH = (q_BNTH * scale_T).to(q_BNTH.dtype)
 
         if cache is None:
             k_BKSH, v_BKSH, k_pos_S, k_valid_BS = k_BKTH, v_BKTH, q_pos_T, valid_BT
@@ -340,11 +417,17 @@ class Attention(nn.Module):
         path = select_implementation(self.implementation, c, T, k_BKSH.shape[2])
         if path == "blocked":
             check_blocked(c)
-            y_BNTH = _blocked_attention(q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, self.sinks)
+            y_BNTH = _blocked_attention(
+                q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, self.sinks, lead_B
+            )
         else:
-            keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c)
-            y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator)
-        y_BTE = project(self.o_proj, y_BNTH.transpose(1, 2).reshape(B, T, c.N * c.H))
+            keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c, lead_B)
+            bias_NTS = None if c.alibi_slopes is None else alibi_bias(c, q_pos_T, k_pos_S)
+            y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator, bias_NTS)
+        y_BTD = y_BNTH.transpose(1, 2).reshape(B, T, c.N * c.H)
+        if c.output_gate:
+            y_BTD = y_BTD * torch.sigmoid(gate_BTD)
+        y_BTE = project(self.o_proj, y_BTD)
         if cache is None:
             return y_BTE
 
@@ -358,11 +441,14 @@ class Attention(nn.Module):
             pos=cache.pos.index_copy(0, slots, q_pos_T[T - M :]),
             valid=cache.valid.index_copy(1, slots, valid_BT[:, T - M :]),
             index=start + T,
+            lead=lead_B,
             max_length=cache.max_length,
         )
         return y_BTE, new_cache
 
-    def _attend(self, path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator) -> torch.Tensor:
+    def _attend(
+        self, path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator, bias_NTS=None
+    ) -> torch.Tensor:
         c = self.config
         if path == "fused":
             return _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, c.logit_scale)
@@ -378,6 +464,7 @@ class Attention(nn.Module):
             dropout_p=dropout_p,
             dropout_mask=dropout_mask,
             generator=generator,
+            bias_NTS=bias_NTS,
         )
 
     def torch_state_dict(self) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from attn_spec.rope import (
     TURNS_PER_RADIAN_PARTS,
     RopeConfig,
     check_head_dim,
+    mrope_rows,
     rope_turns,
     rotary_permutation,
 )
@@ -86,9 +87,10 @@ def cos_sin_of_turns(
 def rope_cos_sin(
     config: RopeConfig, head_dim: int, position_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin ``(B, T, R)`` in float32 for ``position_ids (B, T)``, laid out for ``config.layout``
-    and multiplied by the rope type's attention factor (yarn, longrope), as transformers does; the angles
-    from the float64 tables, reduced exactly (:func:`cos_sin_of_turns`)."""
+    """cos and sin ``(B, T, R)`` in float32 for ``position_ids (B, T)`` (or ``(3, B, T)`` with
+    ``mrope_section``: each frequency's angle from its row, ``attn_spec.rope.mrope_rows``), laid out for
+    ``config.layout`` and multiplied by the rope type's attention factor (yarn, longrope), as transformers
+    does; the angles from the float64 tables, reduced exactly (:func:`cos_sin_of_turns`)."""
     R = check_head_dim(config, head_dim)
     pos_BT = torch.as_tensor(position_ids)
     device = pos_BT.device
@@ -108,6 +110,11 @@ def rope_cos_sin(
         hi_F, lo_F, factor = rope_turns(config, head_dim)
         hi_F, lo_F = table(hi_F), table(lo_F)
     cos_BTF, sin_BTF = cos_sin_of_turns(pos_BT, hi_F, lo_F)
+    rows_F = mrope_rows(config, head_dim)
+    if rows_F is not None and pos_BT.ndim == 3:  # (3, B, T): each frequency reads its row's angle
+        rows_F = torch.from_numpy(rows_F).to(device)
+        pick = lambda a: torch.where(rows_F == 0, a[0], torch.where(rows_F == 1, a[1], a[2]))
+        cos_BTF, sin_BTF = pick(cos_BTF), pick(sin_BTF)
     if config.layout == "half":
         cos_BTR, sin_BTR = (torch.cat([a, a], dim=-1) for a in (cos_BTF, sin_BTF))
     else:
