@@ -24,6 +24,9 @@ class Case:
     dtype: str  # "float32" | "bfloat16" | "float16"
     mode: str  # FORWARD | FORWARD_BACKWARD
     window: int | None = None  # causal sliding window of this many keys (flex preset); None: none
+    #: a named layer whose other settings (key/value heads, qk-norm, rope) the rows take from their table
+    #: (layer preset: ``compare.bench.impls_layer.LAYERS``); None: none. Left out of ``as_dict`` when None.
+    layer: str | None = None
 
     @property
     def S(self) -> int:
@@ -35,14 +38,19 @@ class Case:
 
     def key(self) -> tuple:
         """Identity of the case in reports (ratios pair rows with equal keys)."""
-        return (self.mode, self.causal, self.dtype, self.B, self.N, self.T, self.H, self.window or 0)
+        key = (self.mode, self.causal, self.dtype, self.B, self.N, self.T, self.H, self.window or 0)
+        return key + (self.layer,) if self.layer else key
 
     def label(self) -> str:
         c = f"window {self.window}" if self.window else "causal" if self.causal else "full"
-        return f"{self.mode} {c} B{self.B} N{self.N} T{self.T} H{self.H} {self.dtype}"
+        name = f"{self.layer} " if self.layer else ""
+        return f"{self.mode} {name}{c} B{self.B} N{self.N} T{self.T} H{self.H} {self.dtype}"
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["layer"] is None:  # the other presets' jobs and records stay as they were
+            del d["layer"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -270,8 +278,36 @@ def mla(device: str) -> Preset:
     )
 
 
+def layer(device: str) -> Preset:
+    """A whole attention layer, the twins' default call from ``from_hf`` against transformers' own module
+    (sdpa and eager) and a flax nnx equivalent (``compare.bench.impls_layer``), forward and
+    forward+backward (w.r.t. the hidden states and every parameter), time and peak memory: Llama-style
+    (hidden 2048, 32 heads, 8 kv heads, head 64, rope theta 5e5) at B4 T2048 and B1 T4096, Qwen3-style
+    (hidden 2048, 16 heads, 8 kv heads, head 128, qk-norm) at B1 T4096; causal; fp32 on CPU, bf16 on GPU."""
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    shapes = [("llama", 4, 32, 2048, 64), ("llama", 1, 32, 4096, 64), ("qwen3", 1, 16, 4096, 128)]
+    cases = [
+        Case(B=B, N=N, T=T, H=H, causal=True, dtype=dtype, mode=m, layer=name)
+        for name, B, N, T, H in shapes
+        for m in MODES
+    ]
+    return Preset(
+        name="layer",
+        device=device,
+        cases=tuple(cases),
+        gemm_n=2048,
+        timing=TimingSettings(
+            warmup_runs=1, warmup_s=0.0, min_runs=5, min_time_s=0.0, budget_s=2.0, floor_runs=2
+        ),
+        plot_config=(None, 32, 64),
+        families=frozenset({"layer"}),
+        extra_impls=("compare.bench.impls_layer:LAYER_IMPLS",),
+    )
+
+
 PRESETS = {
     "perf": perf,
+    "layer": layer,
     "flex": flex,
     "attention": attention,
     "mla": mla,
