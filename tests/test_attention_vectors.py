@@ -19,6 +19,9 @@ BLOCKED_CASES = [
     "fam_gpt_oss_cache_chunks",
     "attn_bidirectional_window",
     "fam_llama3_bf16",
+    "fam_llama4_chunked_cache",
+    "fam_bloom_alibi_cache",
+    "attn_chunked",
 ]
 FUSED_CASES = ["fam_llama3", "fam_qwen3_cache_chunks", "fam_llama3_bf16"]
 

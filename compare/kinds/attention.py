@@ -102,7 +102,10 @@ def build_inputs(case: AttentionCase) -> dict[str, np.ndarray]:
     mask = np.ones((case.B, case.T), np.int64)
     mask[-1, : case.pad] = 0
     arrays["attention_mask"] = mask
-    arrays["position_ids"] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+    if c.rope is not None and c.rope.mrope_section is not None:  # three distinct rows (t, h, w)
+        pos = np.stack([pos, pos // 2 + 1, (3 * pos) % 5]).astype(np.int64)
+    arrays["position_ids"] = pos
     if c.dropout > 0:
         arrays["dropout_mask"] = rng.random((case.B, case.N, case.T, case.T)) >= c.dropout
     return arrays
@@ -299,6 +302,112 @@ def _attention_cases() -> list[AttentionCase]:
             seed=372,
         ),
         a("attn_qknorm_full_fp16", knobs=_knobs(qk_norm="full"), pad=1, dtype="float16", seed=373),
+        # The mechanisms of 2025-2026 families (issue 22).
+        a(
+            "attn_clip_qkv",
+            knobs=_knobs(clip_qkv=0.6, **BIASES),
+            seed=380,
+            note="OLMo/DBRX: some values clip",
+        ),
+        a("attn_qknorm_unit", knobs=_knobs(qk_norm="unit", qk_norm_eps=1e-5), seed=381, note="Llama 4 L2"),
+        a(
+            "attn_output_gate",
+            H=8,
+            knobs=_knobs(output_gate=True, qk_norm="head", qk_norm_offset=1.0),
+            rope=_rope(partial_rotary_factor=0.25),
+            pad=2,
+            seed=382,
+            note="Qwen3-Next / Qwen3.5 full attention",
+        ),
+        a(
+            "attn_chunked",
+            T=7,
+            knobs=_knobs(chunk_size=3),
+            pad=2,
+            seed=383,
+            note="chunks from the first token",
+        ),
+        a(
+            "attn_temperature",
+            rope=None,
+            knobs=_knobs(attn_temperature=(2.0, 0.5)),
+            pad=1,
+            seed=384,
+            note="Llama 4 NoPE layer: scales 1, 1.35, 1.35, 1.55 …",
+        ),
+        a(
+            "attn_alibi",
+            K=None,
+            rope=None,
+            knobs=_knobs(alibi_slopes=(0.5, 0.25, 0.125, 0.0625)),
+            pad=1,
+            seed=385,
+        ),
+        a(
+            "attn_mrope",
+            H=8,
+            rope=_rope(mrope_section=(1, 1, 2), rope_theta=1e6),
+            pad=1,
+            seed=386,
+            note="Qwen2-VL sections over 3-row positions",
+        ),
+        a(
+            "attn_mrope_interleaved",
+            H=16,
+            rope=_rope(mrope_section=(1, 1, 1), mrope_interleaved=True, partial_rotary_factor=0.5),
+            seed=387,
+            note="Qwen3.5: frequencies 1 and 2 from rows 1 and 2",
+        ),
+        a(
+            "fam_llama4_chunked_cache",
+            T=8,
+            knobs=_knobs(chunk_size=3, qk_norm="unit"),
+            rope=_rope(layout="interleaved", rope_theta=5e5),
+            pad=1,
+            chunks=(2, 3, 1, 2),
+            max_length=9,
+            seed=388,
+            note="ring of 3 slots, chunk boundaries after the pad",
+        ),
+        a(
+            "fam_llama4_nope_cache",
+            T=7,
+            rope=None,
+            knobs=_knobs(attn_temperature=(2.0, 0.3)),
+            pad=2,
+            chunks=(4, 1, 2),
+            max_length=8,
+            seed=389,
+        ),
+        a(
+            "fam_qwen35_gate_cache",
+            H=8,
+            knobs=_knobs(output_gate=True, qk_norm="head", qk_norm_offset=1.0),
+            rope=_rope(mrope_section=(1, 1, 0), mrope_interleaved=True, partial_rotary_factor=0.5),
+            pad=1,
+            chunks=(3, 1, 2),
+            max_length=6,
+            seed=390,
+        ),
+        a(
+            "fam_bloom_alibi_cache",
+            K=None,
+            rope=None,
+            knobs=_knobs(alibi_slopes=(0.7, 0.3, 0.1, 0.05), **BIASES),
+            pad=2,
+            chunks=(3, 3),
+            max_length=6,
+            seed=391,
+        ),
+        a(
+            "fam_qwen35_gate_bf16",
+            H=8,
+            knobs=_knobs(output_gate=True, qk_norm="head", qk_norm_offset=1.0),
+            rope=_rope(partial_rotary_factor=0.25),
+            dtype="bfloat16",
+            seed=392,
+        ),
+        a("attn_chunked_bf16", T=7, knobs=_knobs(chunk_size=2, qk_norm="unit"), dtype="bfloat16", seed=393),
     ]
     return cases
 
@@ -333,7 +442,7 @@ def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
             return model(x, mask, pos, dropout_mask=drop)
         cache, ys = model.init_cache(case.B, case.max_length), []
         for start, stop in chunks(case):
-            y, cache = model(x[:, start:stop], mask[:, start:stop], pos[:, start:stop], cache=cache)
+            y, cache = model(x[:, start:stop], mask[:, start:stop], pos[..., start:stop], cache=cache)
             ys.append(y)
         return jnp.concatenate(ys, axis=1)
 
@@ -371,7 +480,7 @@ def run_torch(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray
     else:
         cache, ys = module.init_cache(case.B, case.max_length), []
         for start, stop in chunks(case):
-            y, cache = module(x[:, start:stop], mask[:, start:stop], pos[:, start:stop], cache=cache)
+            y, cache = module(x[:, start:stop], mask[:, start:stop], pos[..., start:stop], cache=cache)
             ys.append(y)
         out = torch.cat(ys, dim=1)
     out.backward(dy)
@@ -382,13 +491,13 @@ def run_torch(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray
 
 
 def applies(impl: str, vec: Vector) -> bool:
-    """The fused paths run the vectors without soft-cap, sinks and dropout (XLA:CPU: no fp16, see the
+    """The fused paths run the vectors without soft-cap, sinks, ALiBi and dropout (XLA:CPU: no fp16, see the
     causal kind), the blocked paths those without dropout; the math paths run everything."""
     c = vec.case.config()
     if impl.endswith("_blocked"):
         return c.dropout == 0
     if impl.endswith("_fused"):
-        if c.softcap is not None or c.sinks or c.dropout > 0:
+        if c.softcap is not None or c.sinks or c.dropout > 0 or c.alibi_slopes is not None:
             return False
         if impl == "jax_attn_fused" and vec.case.dtype == "float16":
             import jax
