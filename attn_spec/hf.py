@@ -112,6 +112,18 @@ def _smollm3_layer_types(cfg, n):
     return ["sliding_attention" if on and not rope[i] else "full_attention" for i in range(n)]
 
 
+def _llama4_layer_types(cfg, n):
+    rope, chunk = _nope_list(cfg, n), cfg.get("attention_chunk_size")
+    return ["chunked_attention" if r and chunk is not None else "full_attention" for r in rope]
+
+
+def _hybrid_layer_types(cfg, n):
+    """Qwen3-Next / Qwen3.5: every ``full_attention_interval``-th layer is softmax attention, the others
+    Gated DeltaNet (``linear_attention``)."""
+    k = cfg.get("full_attention_interval", 4)
+    return ["linear_attention" if (i + 1) % k else "full_attention" for i in range(n)]
+
+
 def _nope_list(cfg, n):
     """SmolLM3's ``no_rope_layers``: 1 = the layer rotates, 0 = NoPE (default: every 4th layer is NoPE)."""
     lst = cfg.get("no_rope_layers")
@@ -144,7 +156,15 @@ class Family:
         the logit scale itself) or ``"gpt2"``.
       softcap: reads ``attn_logit_softcapping``.
       sinks: a learned sink logit per head.
-      nope: the per-layer list key (1 = rotary, 0 = NoPE: SmolLM3's ``no_rope_layers``).
+      nope: the per-layer list key (1 = rotary, 0 = NoPE: SmolLM3's and Llama 4's ``no_rope_layers``).
+      qk_norm_rope_only: the qk-norm exists on rotary layers only (Llama 4).
+      clip: the config key of the q/k/v clamp (OLMo's ``clip_qkv``).
+      gate: the sigmoid output gate carried by ``q_proj`` (Qwen3-Next, Qwen3.5).
+      chunk: the config key of the chunk size of ``chunked_attention`` layers (Llama 4).
+      temperature: Llama 4's attention-temperature tuning on NoPE layers (``attn_temperature_tuning``,
+        ``floor_scale``, ``attn_scale``).
+      mrope: ``"contiguous"`` (Qwen2-VL) or ``"interleaved"`` (Qwen3-VL, Qwen3.5) multimodal RoPE, with
+        ``mrope_default`` the sections the rotary embedding uses when ``rope_parameters`` has none.
       rope_sliding_only: only ``sliding_attention`` layers rotate (the others are NoPE): ``"always"``
         (Cohere 2: no window at all means no rotary anywhere) or ``"with_window"`` (EXAONE 4: without a window
         every layer rotates).
@@ -176,6 +196,13 @@ class Family:
     softcap: bool = False
     sinks: bool = False
     nope: str | None = None
+    qk_norm_rope_only: bool = False
+    clip: str | None = None
+    gate: bool = False
+    chunk: str | None = None
+    temperature: bool = False
+    mrope: str | None = None
+    mrope_default: tuple | None = None
     rope_sliding_only: str | None = None
     causal: str = "decoder"
     dropout: str = "attention_dropout"
@@ -266,7 +293,7 @@ FAMILY_TABLE: dict[str, Family] = {
     "granite": Family(scale="attention_multiplier", defaults={"attention_multiplier": 1.0}),
     "granitemoe": Family(scale="attention_multiplier", defaults={"attention_multiplier": 1.0}),
     "granitemoeshared": Family(scale="attention_multiplier", defaults={"attention_multiplier": 1.0}),
-    "olmo": Family(refuse=(("clip_qkv", "OlmoAttention clamps q, k, v to +-clip_qkv, which is not ported"),)),
+    "olmo": Family(clip="clip_qkv"),
     "olmo2": Family(qk_norm="full", defaults={"rms_norm_eps": 1e-5}),
     "olmo3": Family(
         qk_norm="full",
@@ -355,6 +382,69 @@ FAMILY_TABLE: dict[str, Family] = {
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
+    "llama4_text": Family(
+        rope="interleaved",
+        nope="no_rope_layers",
+        qk_norm="unit",
+        qk_norm_switch="use_qk_norm",
+        qk_norm_rope_only=True,
+        chunk="attention_chunk_size",
+        temperature=True,
+        layer_types=_llama4_layer_types,
+        defaults={
+            "use_qk_norm": True,
+            "attn_temperature_tuning": True,
+            "floor_scale": 8192,
+            "attn_scale": 0.1,
+            "attention_chunk_size": 8192,
+        },
+    ),
+    "qwen3_next": Family(
+        partial=True,
+        gate=True,
+        qk_norm="head",
+        qk_norm_offset=1.0,
+        layer_types=_hybrid_layer_types,
+        defaults={"partial_rotary_factor": 0.25},
+    ),
+    "qwen3_5_text": Family(
+        partial=True,
+        gate=True,
+        qk_norm="head",
+        qk_norm_offset=1.0,
+        mrope="interleaved",
+        mrope_default=(11, 11, 10),
+        layer_types=_hybrid_layer_types,
+    ),
+    "qwen3_5_moe_text": Family(
+        partial=True,
+        gate=True,
+        qk_norm="head",
+        qk_norm_offset=1.0,
+        mrope="interleaved",
+        mrope_default=(11, 11, 10),
+        layer_types=_hybrid_layer_types,
+    ),
+    "qwen2_vl_text": Family(
+        qkv_bias=True,
+        o_bias=False,
+        window="layer",
+        window_gate="use_sliding_window",
+        layer_types=_qwen_layer_types,
+        mrope="contiguous",
+        mrope_default=(16, 24, 24),
+    ),
+    "qwen2_5_vl_text": Family(
+        qkv_bias=True,
+        o_bias=False,
+        window="layer",
+        window_gate="use_sliding_window",
+        layer_types=_qwen_layer_types,
+        mrope="contiguous",
+        mrope_default=(16, 24, 24),
+    ),
+    "qwen3_vl_text": Family(qk_norm="head", mrope="interleaved", mrope_default=(24, 20, 20)),
+    "qwen3_vl_moe_text": Family(qk_norm="head", mrope="interleaved", mrope_default=(24, 20, 20)),
     "vit": Family(
         qkv_bias="qkv_bias",
         o_bias=True,
@@ -445,7 +535,7 @@ def layer_types(config, family: str) -> list[str] | None:
     it."""
     e = FAMILY_TABLE.get(family) or _INFERRED.get(family)
     cfg = _Cfg(config)
-    if e is not None and e.window != "layer" and not e.rope_per_layer_type:
+    if e is not None and e.window != "layer" and not e.rope_per_layer_type and e.layer_types is None:
         return None
     lt = cfg.get("layer_types")
     if lt is not None:
@@ -493,6 +583,14 @@ def _rope_parameters(cfg: _Cfg, family: str, layer_type: str | None) -> dict:
         rp.setdefault("partial_rotary_factor", cfg.get("rotary_pct", 1.0))
     if e is not None and not e.partial:
         rp.pop("partial_rotary_factor", None)  # a knob this family's rotary embedding never reads
+    if e is not None and e.partial and "partial_rotary_factor" in e.defaults:
+        rp.setdefault("partial_rotary_factor", e.defaults["partial_rotary_factor"])
+    rp.pop("mrope_interleaved", None)  # the family's code decides the layout, not this key
+    if e is None or e.mrope is None:
+        rp.pop("mrope_section", None)  # read only by the multimodal rotary embeddings
+    else:
+        rp["mrope_section"] = tuple(rp.get("mrope_section") or e.mrope_default)
+        rp["mrope_interleaved"] = e.mrope == "interleaved"
     return rp
 
 
@@ -541,8 +639,17 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
     kw: dict = {"hidden_size": E, "num_heads": N, "num_kv_heads": K, "head_dim": H}
     lt = layer_types(config, family)
     layer_type = lt[layer] if lt is not None else None
-    if lt is not None and layer_type not in ("sliding_attention", "full_attention"):
-        raise _unsupported(family, f"layer_types[{layer}]", layer_type, "known: sliding/full_attention")
+    if lt is not None and layer_type == "linear_attention":
+        raise _unsupported(
+            family,
+            f"layer_types[{layer}]",
+            layer_type,
+            "a linear-attention (recurrent, e.g. Gated DeltaNet) layer, not softmax attention; the "
+            "full_attention layers port",
+        )
+    known_types = ("sliding_attention", "full_attention") + (("chunked_attention",) if e.chunk else ())
+    if lt is not None and layer_type not in known_types:
+        raise _unsupported(family, f"layer_types[{layer}]", layer_type, f"known: {known_types}")
     kw["dropout"] = float(cfg.get(e.dropout, 0.0) or 0.0)
 
     # Rotary: the layer's parameters, in the family's layout; NoPE layers have none.
@@ -583,7 +690,17 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
                 family, "sliding_window", window, f"layer {layer} is a sliding_attention layer"
             )
 
-    if e.qk_norm != "none" and (e.qk_norm_switch is None or cfg.get(e.qk_norm_switch, False)):
+    if e.chunk is not None and layer_type == "chunked_attention":
+        kw["chunk_size"] = int(cfg.get(e.chunk))
+    if e.clip is not None and cfg.get(e.clip) is not None:
+        kw["clip_qkv"] = float(cfg.get(e.clip))
+    kw["output_gate"] = e.gate
+    if e.temperature and not rope_on and cfg.get("attn_temperature_tuning", False):
+        kw["attn_temperature"] = (float(cfg.get("floor_scale")), float(cfg.get("attn_scale")))
+    norm_on = e.qk_norm_switch is None or cfg.get(e.qk_norm_switch, False)
+    if e.qk_norm_rope_only and not rope_on:
+        norm_on = False
+    if e.qk_norm != "none" and norm_on:
         kw.update(qk_norm=e.qk_norm, qk_norm_eps=float(cfg.get(e.qk_norm_eps, 1e-6)))
         kw["qk_norm_offset"] = e.qk_norm_offset
     if e.scale == "query_pre_attn_scalar":

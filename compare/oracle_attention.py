@@ -152,9 +152,10 @@ def attention_forward(
     pos = np.broadcast_to(np.arange(T), (B, T)) if position_ids is None else np.asarray(position_ids)
     f = {"x": x, "params": params}
     q0, k0, v0 = (_linear(x, params, p, r, rs) for p in ("q_proj", "k_proj", "v_proj"))
-    if c.clip_qkv is not None:
-        f["clip"] = [np.abs(a) <= c.clip_qkv for a in (q0, k0, v0)]
-        q0, k0, v0 = (np.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q0, k0, v0))
+    if c.clip_qkv is not None:  # the bound in the dtype (as torch and jax compare); gradient 1 on [-lim, lim]
+        lim = rs(np.float64(c.clip_qkv))
+        f["clip"] = [np.abs(a) <= lim for a in (q0, k0, v0)]
+        q0, k0, v0 = (np.clip(a, -lim, lim) for a in (q0, k0, v0))
     if c.output_gate:  # per head: H query channels, then H gate channels
         qg = q0.reshape(B, T, N, 2 * H)
         q0, f["gate"] = qg[..., :H].reshape(B, T, N * H), qg[..., H:].reshape(B, T, N * H)

@@ -188,7 +188,7 @@ def tiny_config(family: str, **overrides):
             topk_group=1,
             pad_token_id=0,
         ),
-        "olmo": lambda: tf.OlmoConfig(**dec),
+        "olmo": lambda: tf.OlmoConfig(**dec, clip_qkv=0.8),
         "olmo3": lambda: tf.Olmo3Config(
             **dec, sliding_window=3, layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-5
         ),
@@ -208,6 +208,59 @@ def tiny_config(family: str, **overrides):
         "stablelm": lambda: tf.StableLmConfig(**dec, use_qkv_bias=True),
         "cohere": lambda: tf.CohereConfig(**dec, attention_bias=True),
         "smollm3": lambda: tf.SmolLM3Config(**dec, no_rope_layers=[1, 0], pad_token_id=0),
+        "llama4_text": lambda: tf.Llama4TextConfig(
+            **dec,
+            head_dim=8,
+            no_rope_layers=[1, 0],
+            attention_chunk_size=3,
+            floor_scale=2,
+            attn_scale=0.5,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            intermediate_size_mlp=64,
+            rms_norm_eps=1e-5,
+            pad_token_id=0,
+        ),
+        "qwen3_next": lambda: tf.Qwen3NextConfig(
+            **dec,
+            head_dim=8,
+            layer_types=["full_attention", "linear_attention"],
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+            num_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            linear_num_value_heads=2,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            pad_token_id=0,
+        ),
+        "qwen3_5_text": lambda: tf.Qwen3_5TextConfig(
+            **dec,
+            head_dim=16,
+            layer_types=["full_attention", "linear_attention"],
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "partial_rotary_factor": 0.5,
+                "mrope_section": [2, 1, 1],
+            },
+            linear_num_value_heads=2,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            pad_token_id=0,
+        ),
+        "qwen2_vl_text": lambda: tf.Qwen2VLTextConfig(
+            **dec,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+        ),
+        "qwen3_vl_text": lambda: tf.Qwen3VLTextConfig(
+            **dec,
+            head_dim=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": [3, 2, 2]},
+        ),
         "vit": lambda: tf.ViTConfig(
             **{k: v for k, v in common.items() if k != "vocab_size"}, image_size=8, patch_size=4
         ),
@@ -224,6 +277,8 @@ def tiny_config(family: str, **overrides):
 def attention_of(model, layer: int):
     """The attention module of layer ``layer`` of a transformers model (base or with a head)."""
     base = getattr(model, "base_model", model)
+    if not any(hasattr(base, name) for name in ("layers", "h", "encoder")):
+        base = getattr(base, "model", base)  # Llama 4: its base_model_prefix names no attribute
     for path in ("layers", "h", "encoder.layer"):
         obj = base
         try:
@@ -272,7 +327,10 @@ def tiny_module(family: str, layer: int = 0, dtype: str = "float32", seed: int =
     elif family == "gemma3_text":
         model = tf.Gemma3ForCausalLM(cfg)
     else:
-        model = tf.AutoModelForCausalLM.from_config(cfg)
+        try:
+            model = tf.AutoModelForCausalLM.from_config(cfg)
+        except ValueError:  # text towers of multimodal families (Qwen2-VL, Qwen3-VL): the base model
+            model = tf.AutoModel.from_config(cfg)
     model = model.to(getattr(torch, dtype)).eval()
     return randomize_(attention_of(model, layer), seed), model
 
@@ -287,8 +345,9 @@ def _rotary(module, family: str):
     if spec.entry(family).rope is None:
         return None, None
     mod = sys.modules[type(module).__module__]
-    name = type(module).__name__.removesuffix("Attention") + "RotaryEmbedding"
-    rotary = getattr(mod, name)(module.config)
+    base = type(module).__name__.removesuffix("Attention")
+    cls = getattr(mod, base + "RotaryEmbedding", None) or getattr(mod, base + "TextRotaryEmbedding")
+    rotary = cls(module.config)
     layer_type = None
     if spec.entry(family).rope_per_layer_type:  # Gemma 3, OLMo 3: one table per layer type
         layer_type = module.config.layer_types[module.layer_idx]
@@ -314,9 +373,15 @@ def _keep(module, family: str, mask: np.ndarray, q_idx: np.ndarray, S: int):
 
     pad = mu.padding_mask_function(torch.from_numpy(mask[:, :S].astype(bool)))
     causal = _causal(module, family)
+    layer_types = getattr(module.config, "layer_types", None) if hasattr(module, "layer_idx") else None
     if causal:
         w = _window(module, family)
         base = mu.causal_mask_function if w is None else mu.sliding_window_causal_mask_function(w)
+        if layer_types is not None and layer_types[module.layer_idx] == "chunked_attention":
+            lead = torch.from_numpy(
+                (np.cumsum(mask, axis=1) == 0).sum(axis=1)
+            )  # create_chunked_causal_mask's
+            base = mu.chunked_causal_mask_function(module.config.attention_chunk_size, lead)
         fn = mu.and_masks(base, pad)
     else:
         fn = pad
@@ -392,7 +457,7 @@ def run_transformers(module, family, c, x, mask, pos, dy, decode: bool) -> dict[
                             family,
                             xt[:, start:stop].contiguous(),
                             mask,
-                            pos[:, start:stop],
+                            pos[..., start:stop],
                             np.arange(start, stop),
                             stop,
                             cache,
@@ -450,7 +515,7 @@ def run_torch_twin(attn, x, mask, pos, dy, decode: bool, dtype=None) -> dict[str
         with torch.no_grad():
             xt = torch.tensor(x, dtype=dt)
             for start, stop in _chunks(x.shape[1]):
-                y, cache = attn(xt[:, start:stop], m[:, start:stop], p[:, start:stop], cache=cache)
+                y, cache = attn(xt[:, start:stop], m[:, start:stop], p[..., start:stop], cache=cache)
                 ys.append(y)
         res["decode_out"] = _f64(torch.cat(ys, dim=1))
     return res
@@ -487,7 +552,7 @@ def run_jax_port(attn, x, mask, pos, dy, decode: bool) -> dict[str, np.ndarray]:
         for start, stop in _chunks(x.shape[1]):
             sl = slice(start, stop)
             y, cache = step(
-                params, jnp.asarray(x[:, sl], dt), jnp.asarray(mask[:, sl]), jnp.asarray(pos[:, sl]), cache
+                params, jnp.asarray(x[:, sl], dt), jnp.asarray(mask[:, sl]), jnp.asarray(pos[..., sl]), cache
             )
             ys.append(np.asarray(y, np.float64))
         res["decode_out"] = np.concatenate(ys, axis=1)
@@ -627,6 +692,8 @@ def check_hf_port(
         np.int64
     )
     pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+    if c.rope is not None and c.rope.mrope_section is not None:  # three distinct rows (t, h, w)
+        pos = np.stack([pos, pos // 2 + 1, (3 * pos) % 5]).astype(np.int64)
     real = mask.astype(bool)
     dy = rng.standard_normal(x.shape) * real[..., None]  # pad rows carry no gradient
     decode = c.causal if decode is None else decode

@@ -82,6 +82,13 @@ def unit_rms(x: jax.Array, eps: float) -> jax.Array:
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def clamp(x: jax.Array, limit: float) -> jax.Array:
+    """``x`` clamped to ``[-limit, limit]`` (the limit in x's dtype) with torch's gradient: 1 inside the
+    closed interval, 0 outside (``jnp.clip`` gives 0.5 where x equals the limit, a tie bf16 often makes)."""
+    lim = jnp.asarray(limit, x.dtype)
+    return jnp.where(x > lim, lim, jnp.where(x < -lim, -lim, x))
+
+
 def leading_pads(valid_BT: jax.Array) -> jax.Array:
     """int32 ``(B,)``: each row's padding tokens before its first real one."""
     return jnp.sum(jnp.cumsum(valid_BT.astype(jnp.int32), axis=1) == 0, axis=1).astype(jnp.int32)
@@ -383,7 +390,7 @@ class Attention(nnx.Module):
         x_BTE = x.astype(self.dtype or jnp.result_type(x.dtype, self.param_dtype))
         q, k, v = (project(p, x_BTE) for p in (self.q_proj, self.k_proj, self.v_proj))
         if c.clip_qkv is not None:
-            q, k, v = (jnp.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
+            q, k, v = (clamp(a, c.clip_qkv) for a in (q, k, v))
         if c.output_gate:  # per head: H query channels, then H gate channels
             q_gate = q.reshape(B, T, c.N, 2 * c.H)
             q, gate_BTD = q_gate[..., : c.H].reshape(B, T, -1), q_gate[..., c.H :].reshape(B, T, -1)

@@ -81,6 +81,12 @@ def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def clamp(x: torch.Tensor, limit: float) -> torch.Tensor:
+    """``x`` clamped to ``[-limit, limit]`` (the limit in x's dtype); gradient 1 inside the closed interval, 0
+    outside (``torch.clamp``'s)."""
+    return torch.clamp(x, -limit, limit)
+
+
 def leading_pads(valid_BT: torch.Tensor) -> torch.Tensor:
     """int64 ``(B,)``: each row's padding tokens before its first real one."""
     return torch.sum(torch.cumsum(valid_BT.to(torch.int64), dim=1) == 0, dim=1)
@@ -385,7 +391,7 @@ class Attention(nn.Module):
         x_BTE = x  # torch's Linear does not promote: x must have the parameters' dtype
         q, k, v = (project(p, x_BTE) for p in (self.q_proj, self.k_proj, self.v_proj))
         if c.clip_qkv is not None:
-            q, k, v = (torch.clamp(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
+            q, k, v = (clamp(a, c.clip_qkv) for a in (q, k, v))
         if c.output_gate:  # per head: H query channels, then H gate channels
             q_gate = q.view(B, T, c.N, 2 * c.H)
             q, gate_BTD = q_gate[..., : c.H].reshape(B, T, -1), q_gate[..., c.H :].reshape(B, T, -1)
