@@ -103,6 +103,9 @@ class AttentionConfig:
       alibi_slopes: ALiBi (Bloom, MPT, Falcon): one slope per query head, and ``slope_n · (s - t)`` added to
         the scaled logits of query index t and key index s (a per-row constant away from the families' own
         biases, which softmax cannot see); or None.
+      v_norm: an RMSNorm without a weight over each head of the values (Gemma 4; ``qk_norm_eps``).
+      k_eq_v: no ``v_proj``: the values are the key projection's output before the key norm and rotary
+        (Gemma 4's full layers with ``attention_k_eq_v``).
     """
 
     hidden_size: int
@@ -129,6 +132,8 @@ class AttentionConfig:
     chunk_size: int | None = None
     attn_temperature: tuple[float, float] | None = None
     alibi_slopes: tuple[float, ...] | None = None
+    v_norm: bool = False
+    k_eq_v: bool = False
 
     def __post_init__(self):
         for name in ("attn_temperature", "alibi_slopes"):  # lists (JSON) become hashable tuples
@@ -193,7 +198,7 @@ def check_config(c: AttentionConfig, name: str = NAME) -> None:
             )
     elif not _is_int(c.head_dim) or c.head_dim < 1:
         raise ValueError(f"{name}: head_dim must be a positive int or None; got head_dim={c.head_dim!r}")
-    for arg in ("q_bias", "k_bias", "v_bias", "o_bias", "sinks", "causal", "output_gate"):
+    for arg in ("q_bias", "k_bias", "v_bias", "o_bias", "sinks", "causal", "output_gate", "v_norm", "k_eq_v"):
         if not isinstance(getattr(c, arg), bool):
             raise ValueError(f"{name}: {arg} must be a bool; got {arg}={getattr(c, arg)!r}")
     if c.rope is not None:
@@ -245,6 +250,8 @@ def check_config(c: AttentionConfig, name: str = NAME) -> None:
             f"{name}: attn_temperature must be (floor_scale > 0, attn_scale) or None; got "
             f"attn_temperature={t!r}"
         )
+    if c.k_eq_v and c.v_bias:
+        raise ValueError(f"{name}: k_eq_v (values = the key projection) takes no v_bias; got v_bias=True")
     a = c.alibi_slopes
     if a is not None and (not isinstance(a, tuple) or len(a) != c.N or not all(_is_number(v) for v in a)):
         raise ValueError(
@@ -421,7 +428,7 @@ def state_dict_shapes(config: AttentionConfig) -> dict[str, tuple[int, ...]]:
     for proj, out, inp, bias in (
         ("q_proj", N * H * (2 if c.output_gate else 1), E, c.q_bias),
         ("k_proj", K * H, E, c.k_bias),
-        ("v_proj", K * H, E, c.v_bias),
+        *((("v_proj", K * H, E, c.v_bias),) if not c.k_eq_v else ()),
         ("o_proj", E, N * H, c.o_bias),
     ):
         shapes[f"{proj}.weight"] = (out, inp)

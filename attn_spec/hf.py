@@ -165,6 +165,13 @@ class Family:
         ``floor_scale``, ``attn_scale``).
       mrope: ``"contiguous"`` (Qwen2-VL) or ``"interleaved"`` (Qwen3-VL, Qwen3.5) multimodal RoPE, with
         ``mrope_default`` the sections the rotary embedding uses when ``rope_parameters`` has none.
+      per_layer: ``head_dim`` and ``num_key_value_heads`` may differ per layer (Gemma 4's
+        ``per_layer_config``, or ``global_head_dim`` / ``num_global_key_value_heads`` on full layers).
+      v_norm: a weightless RMSNorm on each value head (Gemma 4).
+      k_eq_v: the config key that makes full layers reuse the key projection as the values (Gemma 4's
+        ``attention_k_eq_v``).
+      kv_shared: the config key counting the last layers that read another layer's keys and values (Gemma
+        4's ``num_kv_shared_layers``): those layers are refused by name.
       rope_sliding_only: only ``sliding_attention`` layers rotate (the others are NoPE): ``"always"``
         (Cohere 2: no window at all means no rotary anywhere) or ``"with_window"`` (EXAONE 4: without a window
         every layer rotates).
@@ -203,6 +210,10 @@ class Family:
     temperature: bool = False
     mrope: str | None = None
     mrope_default: tuple | None = None
+    per_layer: bool = False
+    v_norm: bool = False
+    k_eq_v: str | None = None
+    kv_shared: str | None = None
     rope_sliding_only: str | None = None
     causal: str = "decoder"
     dropout: str = "attention_dropout"
@@ -382,6 +393,24 @@ FAMILY_TABLE: dict[str, Family] = {
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
+    "gemma4_text": Family(
+        window="layer",
+        layer_types=_gemma3_layer_types,
+        rope_per_layer_type=True,
+        partial=True,
+        qk_norm="head",
+        scale="one",
+        per_layer=True,
+        v_norm=True,
+        k_eq_v="attention_k_eq_v",
+        kv_shared="num_kv_shared_layers",
+        refuse=(
+            (
+                "use_bidirectional_attention",
+                "Gemma 4's bidirectional (all / vision) masks are not ported",
+            ),
+        ),
+    ),
     "llama4_text": Family(
         rope="interleaved",
         nope="no_rope_layers",
@@ -496,8 +525,15 @@ class _Cfg:
             if isinstance(self.obj, dict):
                 if k in self.obj:
                     return self.obj[k]
-            elif hasattr(self.obj, k):
-                return getattr(self.obj, k)
+            else:
+                try:
+                    if hasattr(self.obj, k):
+                        return getattr(self.obj, k)
+                except Exception as err:  # noqa: BLE001
+                    # A heterogeneous config (Gemma 4) refuses global reads of per-layer attributes: the
+                    # reader takes them from the layer's view (_layer_overrides).
+                    if type(err).__name__ != "AmbiguousGlobalPerLayerAttributeError":
+                        raise
         return self.defaults.get(key, default)
 
 
@@ -636,9 +672,22 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
     H = cfg.get("head_dim") or E // N
     if e.weights in ("neox", "conv1d", "bert"):  # these modules have no kv heads nor head_dim of their own
         K, H = N, E // N
-    kw: dict = {"hidden_size": E, "num_heads": N, "num_kv_heads": K, "head_dim": H}
     lt = layer_types(config, family)
     layer_type = lt[layer] if lt is not None else None
+    if e.per_layer:
+        over = _layer_overrides(cfg, layer, layer_type)
+        K, H = over.get("num_key_value_heads") or K, over.get("head_dim") or H
+    if e.kv_shared is not None and cfg.get(e.kv_shared):
+        first = n_layers - int(cfg.get(e.kv_shared))
+        if layer >= first:
+            raise _unsupported(
+                family,
+                e.kv_shared,
+                cfg.get(e.kv_shared),
+                f"layer {layer} reads the keys and values of an earlier layer (layers >= {first} share); "
+                "the layers before it port",
+            )
+    kw: dict = {"hidden_size": E, "num_heads": N, "num_kv_heads": K, "head_dim": H}
     if lt is not None and layer_type == "linear_attention":
         raise _unsupported(
             family,
@@ -703,7 +752,14 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
     if e.qk_norm != "none" and norm_on:
         kw.update(qk_norm=e.qk_norm, qk_norm_eps=float(cfg.get(e.qk_norm_eps, 1e-6)))
         kw["qk_norm_offset"] = e.qk_norm_offset
-    if e.scale == "query_pre_attn_scalar":
+    kw["v_norm"] = e.v_norm
+    if e.v_norm:
+        kw["qk_norm_eps"] = float(cfg.get(e.qk_norm_eps, 1e-6))
+    if e.k_eq_v is not None and cfg.get(e.k_eq_v, False) and layer_type != "sliding_attention":
+        kw["k_eq_v"] = True
+    if e.scale == "one":
+        kw["scale"] = 1.0
+    elif e.scale == "query_pre_attn_scalar":
         kw["query_pre_attn_scalar"] = cfg.get("query_pre_attn_scalar")
     elif e.scale == "attention_multiplier":
         kw["scale"] = float(cfg.get("attention_multiplier"))
@@ -726,6 +782,24 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
     elif e.causal == "vit":
         kw["causal"] = False
     return AttentionConfig(**kw)
+
+
+def _layer_overrides(cfg: _Cfg, layer: int, layer_type: str | None) -> dict:
+    """Gemma 4's per-layer ``head_dim`` / ``num_key_value_heads``: from a config object's ``per_layer_config``
+    view, a config.json's ``per_layer_config`` dict (string keys), or ``global_head_dim`` /
+    ``num_global_key_value_heads`` on full layers (what the config class derives them from)."""
+    plc = cfg.get("per_layer_config")
+    if isinstance(plc, dict):
+        return dict(plc.get(str(layer)) or plc.get(layer) or {})
+    if plc is not None:
+        view = plc[layer]
+        return {k: getattr(view, k, None) for k in ("head_dim", "num_key_value_heads")}
+    if layer_type == "full_attention":
+        out = {"head_dim": cfg.get("global_head_dim", 512)}
+        if cfg.get("attention_k_eq_v", False):
+            out["num_key_value_heads"] = cfg.get("num_global_key_value_heads")
+        return out
+    return {}
 
 
 def _rotary_layout(module, config, family: str, H: int) -> str:

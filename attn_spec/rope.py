@@ -9,8 +9,9 @@ Parameters carry Hugging Face's names (``config.rope_parameters`` in transformer
 before), so a config maps field by field: ``rope_type`` in :data:`ROPE_TYPES`, ``rope_theta``,
 ``partial_rotary_factor``, ``factor``, ``original_max_position_embeddings``, ``attention_factor``,
 ``beta_fast``/``beta_slow``/``mscale``/``mscale_all_dim``/``truncate`` (yarn), ``short_factor``/
-``long_factor`` (longrope), ``low_freq_factor``/``high_freq_factor`` (llama3), and the model's
-``max_position_embeddings`` (dynamic; longrope/yarn when ``factor`` is None).
+``long_factor`` (longrope), ``low_freq_factor``/``high_freq_factor`` (llama3), ``proportional`` (Gemma 4:
+a table as wide as the head whose frequencies past ``partial_rotary_factor · H / 2`` are zero), and the
+model's ``max_position_embeddings`` (dynamic; longrope/yarn when ``factor`` is None).
 
 Layouts (``layout=``):
 
@@ -50,7 +51,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 NAME = "RopeConfig"
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "proportional")
 LAYOUTS = ("half", "interleaved")
 SEQ_DEPENDENT = ("dynamic", "longrope")
 
@@ -62,12 +63,14 @@ _REQUIRED = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("original_max_position_embeddings",),
     "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+    "proportional": (),
 }
 _OPTIONAL = {
     "default": (),
     "linear": (),
     "dynamic": (),
     "llama3": ("max_position_embeddings",),
+    "proportional": ("factor", "max_position_embeddings"),
     "yarn": (
         "factor",
         "attention_factor",
@@ -167,7 +170,10 @@ class RopeConfig:
         return cls(**params)
 
     def rotary_dim(self, head_dim: int) -> int:
-        """R, the rotating channels of a head of width ``head_dim`` (transformers' ``int(H · factor)``)."""
+        """R, the rotating channels of a head of width ``head_dim`` (transformers' ``int(H · factor)``);
+        ``proportional`` (Gemma 4) always spans the head: its last frequencies are zero instead."""
+        if self.rope_type == "proportional":
+            return head_dim
         return int(head_dim * self.partial_rotary_factor)
 
 
@@ -423,6 +429,11 @@ def inv_freq(
         return default_inv_freq(base, R, dt), 1.0
     if t == "llama3":
         return _llama3(c, R, dt), 1.0
+    if t == "proportional":  # Gemma 4: θ^(-2i/H) for the first int(factor · H / 2) frequencies, then zeros
+        angles = int(c.partial_rotary_factor * head_dim // 2)
+        inv = np.zeros(R // 2, dt)
+        inv[:angles] = dt(1.0) / (dt(c.rope_theta) ** (np.arange(0, 2 * angles, 2).astype(dt) / dt(head_dim)))
+        return (inv / dt(c.factor if c.factor is not None else 1.0)).astype(dt), 1.0
     if t == "yarn":
         return _yarn(c, R, dt)
     long = seq_len is not None and seq_len > c.original_max_position_embeddings

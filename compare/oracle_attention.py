@@ -151,7 +151,8 @@ def attention_forward(
     valid = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     pos = np.broadcast_to(np.arange(T), (B, T)) if position_ids is None else np.asarray(position_ids)
     f = {"x": x, "params": params}
-    q0, k0, v0 = (_linear(x, params, p, r, rs) for p in ("q_proj", "k_proj", "v_proj"))
+    q0, k0 = _linear(x, params, "q_proj", r, rs), _linear(x, params, "k_proj", r, rs)
+    v0 = k0 if c.k_eq_v else _linear(x, params, "v_proj", r, rs)  # k_eq_v: values = the keys' projection
     if c.clip_qkv is not None:  # the bound in the dtype (as torch and jax compare); gradient 1 on [-lim, lim]
         lim = rs(np.float64(c.clip_qkv))
         f["clip"] = [np.abs(a) <= lim for a in (q0, k0, v0)]
@@ -170,6 +171,9 @@ def attention_forward(
         q, f["uq"], f["iq"] = _rms(q, params.get("q_norm.weight"), c, r)
         k, f["uk"], f["ik"] = _rms(k, params.get("k_norm.weight"), c, r)
         q, k = rs(q), rs(k)
+    if c.v_norm:
+        v, f["uv"], f["iv"] = _rms(v, None, c, r)
+        v = rs(v)
     if c.rope is not None:
         cos, sin = (r(a) for a in rope_tables(c, pos, dtype))
         f["cos"], f["sin"] = cos, sin
@@ -262,6 +266,8 @@ def attention_backward(
     dkr = r(np.einsum("bnts,bnth->bnsh", dz, f["q"]))
     dk = r(dkr.reshape(B, K, G, T, H).sum(2))
     dv = rs(dvr.reshape(B, K, G, T, H).sum(2))
+    if c.v_norm:
+        dv = rs(_rms_backward(dv, f["uv"], f["iv"], None, c, r)[0])
     dq, dk = rs(dq), rs(dk)
     if c.attn_temperature is not None:
         dq = rs(dq * f["temp"])
@@ -292,9 +298,13 @@ def attention_backward(
         dq0 = np.concatenate([dq0.reshape(B, T, N, H), dgate.reshape(B, T, N, H)], -1).reshape(B, T, -1)
     if c.clip_qkv is not None:  # clamp: gradient 1 inside [-clip, clip], 0 outside
         dq0, dk0, dv0 = (np.where(m, d, 0.0) for m, d in zip(f["clip"], (dq0, dk0, dv0)))
+    if c.k_eq_v:  # k0 fed the keys and the values
+        dk0 = rs(dk0 + dv0)
     x2 = x.reshape(-1, E)
     dx = None
     for proj, d in (("q_proj", dq0), ("k_proj", dk0), ("v_proj", dv0)):
+        if f"{proj}.weight" not in params:
+            continue
         d2 = d.reshape(-1, d.shape[-1])
         g[f"{proj}.weight"] = rs(d2.T @ x2)
         if f"{proj}.bias" in params:
@@ -317,7 +327,11 @@ def gradient_magnitudes(x, params, dy, bwd: dict) -> dict[str, float]:
     keyed like the gradients (``x`` and the parameter names)."""
     E = x.shape[-1]
     ax, ady = np.abs(x).reshape(-1, E), np.abs(dy).reshape(-1, E)
-    d = {p: np.abs(bwd[f"d{p[0]}0"]).reshape(ady.shape[0], -1) for p in ("q_proj", "k_proj", "v_proj")}
+    d = {
+        p: np.abs(bwd[f"d{p[0]}0"]).reshape(ady.shape[0], -1)
+        for p in ("q_proj", "k_proj", "v_proj")
+        if f"{p}.weight" in params
+    }
     out = {"x": sum(d[p] @ np.abs(params[f"{p}.weight"]) for p in d)}
     for name in params:
         if name == "o_proj.weight":

@@ -208,6 +208,26 @@ def tiny_config(family: str, **overrides):
         "stablelm": lambda: tf.StableLmConfig(**dec, use_qkv_bias=True),
         "cohere": lambda: tf.CohereConfig(**dec, attention_bias=True),
         "smollm3": lambda: tf.SmolLM3Config(**dec, no_rope_layers=[1, 0], pad_token_id=0),
+        "gemma4_text": lambda: tf.Gemma4TextConfig(
+            **dec,
+            head_dim=8,
+            global_head_dim=16,
+            num_global_key_value_heads=1,
+            attention_k_eq_v=True,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                "full_attention": {
+                    "rope_type": "proportional",
+                    "partial_rotary_factor": 0.5,
+                    "rope_theta": 1e6,
+                },
+            },
+            vocab_size_per_layer_input=64,
+            hidden_size_per_layer_input=8,
+            pad_token_id=0,
+        ),
         "llama4_text": lambda: tf.Llama4TextConfig(
             **dec,
             head_dim=8,
@@ -255,6 +275,38 @@ def tiny_config(family: str, **overrides):
         "qwen2_vl_text": lambda: tf.Qwen2VLTextConfig(
             **dec,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+        ),
+        "qwen2_5_vl_text": lambda: tf.Qwen2_5_VLTextConfig(
+            **dec,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1]},
+        ),
+        "qwen3_vl_moe_text": lambda: tf.Qwen3VLMoeTextConfig(
+            **dec,
+            head_dim=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 3, 1]},
+            num_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=16,
+        ),
+        "qwen3_5_moe_text": lambda: tf.Qwen3_5MoeTextConfig(
+            **dec,
+            head_dim=16,
+            layer_types=["full_attention", "linear_attention"],
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "partial_rotary_factor": 0.5,
+                "mrope_section": [1, 2, 1],
+            },
+            linear_num_value_heads=2,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            num_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            pad_token_id=0,
         ),
         "qwen3_vl_text": lambda: tf.Qwen3VLTextConfig(
             **dec,
@@ -409,6 +461,8 @@ def _hf_call(module, family, x, mask, pos, q_idx, S, cache=None):
         kwargs["position_embeddings"] = rotary(x, pos_t, layer_type) if layer_type else rotary(x, pos_t)
     if cache is not None:
         kwargs["layer_past" if family == "gpt_neox" else "cache"] = cache
+    if spec.entry(family).kv_shared is not None:  # Gemma 4's forward takes the layers' shared keys/values
+        kwargs["shared_kv_states"] = {}
     if spec.entry(family).causal == "bert":
         y = module.self(x, **kwargs)[0]
         return module.output.dense(y)
@@ -911,9 +965,7 @@ COVERAGE_CANDIDATES = (
     "opt",
     "xglm",
     "biogpt",
-    "llama4_text",
     "gemma3n_text",
-    "qwen2_vl_text",
 )
 _SHRINK = dict(
     hidden_size=32,

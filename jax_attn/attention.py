@@ -290,7 +290,8 @@ class Attention(nnx.Module):
       param_dtype: parameter dtype.
 
     Parameters (``torch_state_dict()`` keys, transformers' names, ``nn.Linear`` layout):
-    ``q_proj.weight (N·H, E)``, ``k_proj.weight (K·H, E)``, ``v_proj.weight (K·H, E)``,
+    ``q_proj.weight (N·H, E)`` (``2·N·H`` rows with ``output_gate``), ``k_proj.weight (K·H, E)``,
+    ``v_proj.weight (K·H, E)`` (none with ``k_eq_v``),
     ``o_proj.weight (E, N·H)``, ``<proj>.bias`` where configured, ``q_norm.weight``/``k_norm.weight``
     ((H,) or (N·H,)/(K·H,)) with QK-norm, ``sinks (N,)`` with sinks.
     """
@@ -310,7 +311,7 @@ class Attention(nnx.Module):
         kw = {"rngs": rngs, "param_dtype": param_dtype}
         self.q_proj = Linear(c.E, c.N * c.H * (2 if c.output_gate else 1), c.q_bias, **kw)
         self.k_proj = Linear(c.E, c.K * c.H, c.k_bias, **kw)
-        self.v_proj = Linear(c.E, c.K * c.H, c.v_bias, **kw)
+        self.v_proj = nnx.data(None if c.k_eq_v else Linear(c.E, c.K * c.H, c.v_bias, **kw))
         self.o_proj = Linear(c.N * c.H, c.E, c.o_bias, **kw)
         q_norm = k_norm = None
         if c.qk_norm in ("head", "full"):
@@ -388,7 +389,8 @@ class Attention(nnx.Module):
             lead_B = jnp.where(cache.lead == cache.index, cache.lead + lead_B, cache.lead)
 
         x_BTE = x.astype(self.dtype or jnp.result_type(x.dtype, self.param_dtype))
-        q, k, v = (project(p, x_BTE) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = project(self.q_proj, x_BTE), project(self.k_proj, x_BTE)
+        v = k if c.k_eq_v else project(self.v_proj, x_BTE)  # k_eq_v: the values are the keys' projection
         if c.clip_qkv is not None:
             q, k, v = (clamp(a, c.clip_qkv) for a in (q, k, v))
         if c.output_gate:  # per head: H query channels, then H gate channels
@@ -403,6 +405,8 @@ class Attention(nnx.Module):
             q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
         elif c.qk_norm == "unit":
             q_BNTH, k_BKTH = unit_rms(q_BNTH, c.qk_norm_eps), unit_rms(k_BKTH, c.qk_norm_eps)
+        if c.v_norm:
+            v_BKTH = unit_rms(v_BKTH, c.qk_norm_eps)
         if c.rope is not None:
             cos_BTR, sin_BTR = rope_cos_sin(c.rope, c.H, position_ids)
             q_BNTH = apply_rope(q_BNTH, cos_BTR, sin_BTR, c.rope.layout)

@@ -22,6 +22,7 @@ BLOCKED_CASES = [
     "fam_llama4_chunked_cache",
     "fam_bloom_alibi_cache",
     "attn_chunked",
+    "fam_gemma4_full",
 ]
 FUSED_CASES = ["fam_llama3", "fam_qwen3_cache_chunks", "fam_llama3_bf16"]
 

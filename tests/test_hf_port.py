@@ -33,7 +33,7 @@ CASES = [
     ("qwen2_moe", 0),  # = Qwen2: biases, window on layer 0 of layer_types
     ("qwen3_moe", 0),  # = Qwen3: per-head QK-norm
     ("gemma", 0),  # Gemma 1: head_dim 16 != E / N
-    ("olmo", 0),
+    ("olmo", 0),  # clip_qkv 0.8 clamps some q/k/v
     ("olmo3", 0),  # full-width QK-norm, window 3 on sliding layers, rope per layer type
     ("starcoder2", 0),  # four biases (use_bias), window 3
     ("granite", 0),  # attention_multiplier 0.2 = the logit scale, biases
@@ -55,6 +55,15 @@ CASES = [
     ("gptj", 0),  # interleaved rotary on rotary_dim 4 of 8, out_proj
     ("roberta", 0),
     ("xlm-roberta", 0),
+    # The mechanisms of 2025-2026 families (issue #22).
+    ("llama4_text", 0),  # chunked rope layer (chunk 3 < T), weightless qk-norm, interleaved rotary
+    ("llama4_text", 1),  # NoPE layer, full attention, temperature tuning (floor_scale 2)
+    ("qwen3_next", 0),  # gated output, 1 + w qk-norm, partial rotary 0.5
+    ("qwen3_5_text", 0),  # + interleaved mrope (sections 2, 1, 1) over 3-row positions
+    ("qwen2_vl_text", 0),  # contiguous mrope (1, 1, 2), q/k/v biases
+    ("qwen3_vl_text", 0),  # interleaved mrope (3, 2, 2), qk-norm
+    ("gemma4_text", 0),  # sliding layer: window 3, scale 1, v-norm
+    ("gemma4_text", 1),  # full layer: head 16, one kv head, values = keys' projection, proportional rope
 ]
 
 
@@ -87,7 +96,20 @@ def test_family_agrees_fp32(family, layer):
 
 @pytest.mark.parametrize(
     "family,layer",
-    [("llama", 0), ("gemma2", 0), ("gpt_oss", 0), ("gpt2", 0), ("glm", 0), ("granite", 0), ("smollm3", 1)],
+    [
+        ("llama", 0),
+        ("gemma2", 0),
+        ("gpt_oss", 0),
+        ("gpt2", 0),
+        ("glm", 0),
+        ("granite", 0),
+        ("smollm3", 1),
+        ("olmo", 0),
+        ("llama4_text", 0),
+        ("llama4_text", 1),
+        ("qwen3_5_text", 0),
+        ("gemma4_text", 1),
+    ],
 )
 def test_family_agrees_bf16(family, layer):
     _, record = _check(family, layer, "bfloat16")

@@ -292,7 +292,8 @@ class Attention(nn.Module):
       device, dtype: of the parameters.
 
     Parameters (``state_dict()`` keys, transformers' names, ``nn.Linear`` layout):
-    ``q_proj.weight (N·H, E)``, ``k_proj.weight (K·H, E)``, ``v_proj.weight (K·H, E)``,
+    ``q_proj.weight (N·H, E)`` (``2·N·H`` rows with ``output_gate``), ``k_proj.weight (K·H, E)``,
+    ``v_proj.weight (K·H, E)`` (none with ``k_eq_v``),
     ``o_proj.weight (E, N·H)``, ``<proj>.bias`` where configured, ``q_norm.weight``/``k_norm.weight``
     ((H,) or (N·H,)/(K·H,)) with QK-norm, ``sinks (N,)`` with sinks.
     """
@@ -311,7 +312,7 @@ class Attention(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(c.E, c.N * c.H * (2 if c.output_gate else 1), bias=c.q_bias, **kw)
         self.k_proj = nn.Linear(c.E, c.K * c.H, bias=c.k_bias, **kw)
-        self.v_proj = nn.Linear(c.E, c.K * c.H, bias=c.v_bias, **kw)
+        self.v_proj = None if c.k_eq_v else nn.Linear(c.E, c.K * c.H, bias=c.v_bias, **kw)
         self.o_proj = nn.Linear(c.N * c.H, c.E, bias=c.o_bias, **kw)
         self.q_norm = self.k_norm = None
         if c.qk_norm in ("head", "full"):
@@ -389,7 +390,8 @@ class Attention(nn.Module):
             lead_B = torch.where(cache.lead == start, cache.lead + lead_B, cache.lead)
 
         x_BTE = x  # torch's Linear does not promote: x must have the parameters' dtype
-        q, k, v = (project(p, x_BTE) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = project(self.q_proj, x_BTE), project(self.k_proj, x_BTE)
+        v = k if c.k_eq_v else project(self.v_proj, x_BTE)  # k_eq_v: the values are the keys' projection
         if c.clip_qkv is not None:
             q, k, v = (clamp(a, c.clip_qkv) for a in (q, k, v))
         if c.output_gate:  # per head: H query channels, then H gate channels
@@ -404,6 +406,8 @@ class Attention(nn.Module):
             q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
         elif c.qk_norm == "unit":
             q_BNTH, k_BKTH = unit_rms(q_BNTH, c.qk_norm_eps), unit_rms(k_BKTH, c.qk_norm_eps)
+        if c.v_norm:
+            v_BKTH = unit_rms(v_BKTH, c.qk_norm_eps)
         if c.rope is not None:
             cos_BTR, sin_BTR = rope_cos_sin(c.rope, c.H, position_ids)
             q_BNTH = apply_rope(q_BNTH, cos_BTR, sin_BTR, c.rope.layout)

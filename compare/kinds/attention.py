@@ -408,6 +408,25 @@ def _attention_cases() -> list[AttentionCase]:
             seed=392,
         ),
         a("attn_chunked_bf16", T=7, knobs=_knobs(chunk_size=2, qk_norm="unit"), dtype="bfloat16", seed=393),
+        a(
+            "fam_gemma4_full",
+            K=1,
+            H=8,
+            knobs=_knobs(qk_norm="head", scale=1.0, v_norm=True, k_eq_v=True),
+            rope=_rope(rope_type="proportional", partial_rotary_factor=0.5, rope_theta=1e6),
+            pad=2,
+            seed=394,
+            note="values = the key projection, v-norm, rope on 2 of 4 frequencies",
+        ),
+        a(
+            "fam_gemma4_sliding_cache",
+            H=8,
+            knobs=_knobs(qk_norm="head", scale=1.0, v_norm=True, sliding_window=3),
+            pad=1,
+            chunks=(2, 3, 1),
+            max_length=6,
+            seed=395,
+        ),
     ]
     return cases
 
