@@ -102,6 +102,10 @@ def _gemma3_layer_types(cfg, n):
     return ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(n)]
 
 
+def _gemma4_layer_types(cfg, n):
+    return ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
+
+
 def _olmo3_layer_types(cfg, n):
     return ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n)]
 
@@ -170,6 +174,7 @@ class Family:
       v_norm: a weightless RMSNorm on each value head (Gemma 4).
       k_eq_v: the config key that makes full layers reuse the key projection as the values (Gemma 4's
         ``attention_k_eq_v``).
+      last_layer_full: the config class forces the last layer to ``full_attention`` (Gemma 4).
       kv_shared: the config key counting the last layers that read another layer's keys and values (Gemma
         4's ``num_kv_shared_layers``): those layers are refused by name.
       rope_sliding_only: only ``sliding_attention`` layers rotate (the others are NoPE): ``"always"``
@@ -214,6 +219,7 @@ class Family:
     v_norm: bool = False
     k_eq_v: str | None = None
     kv_shared: str | None = None
+    last_layer_full: bool = False
     rope_sliding_only: str | None = None
     causal: str = "decoder"
     dropout: str = "attention_dropout"
@@ -395,7 +401,8 @@ FAMILY_TABLE: dict[str, Family] = {
     "xlm-roberta": _BERT,
     "gemma4_text": Family(
         window="layer",
-        layer_types=_gemma3_layer_types,
+        layer_types=_gemma4_layer_types,
+        last_layer_full=True,
         rope_per_layer_type=True,
         partial=True,
         qk_norm="head",
@@ -575,10 +582,12 @@ def layer_types(config, family: str) -> list[str] | None:
         return None
     lt = cfg.get("layer_types")
     if lt is not None:
-        return list(lt)
-    if e is not None and e.layer_types is not None:
-        return e.layer_types(cfg, cfg.get("num_hidden_layers"))
-    return None
+        lt = list(lt)
+    elif e is not None and e.layer_types is not None:
+        lt = e.layer_types(cfg, cfg.get("num_hidden_layers"))
+    if lt and e is not None and e.last_layer_full:
+        lt[-1] = "full_attention"
+    return lt
 
 
 def _rope_parameters(cfg: _Cfg, family: str, layer_type: str | None) -> dict:

@@ -115,7 +115,10 @@ def test_legacy_config_json_keys():
         (_llama_dict(model_type="t5"), "unsupported model_type='t5'"),
         (_llama_dict(rope_parameters={"rope_type": "su2", "rope_theta": 1e4}), "unknown rope_type='su2'"),
         (
-            _llama_dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1]}),
+            _llama_dict(
+                model_type="qwen2_vl_text",
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1]},
+            ),
             "mrope_section",
         ),
         (_llama_dict(model_type="mistral", layer_types=["full_attention"] * 2), "layer_types"),
@@ -311,3 +314,14 @@ def test_coverage_table_decides_unknown_families_from_their_modules():
     assert spec.entry("helium").rope == "interleaved"
     assert vault["status"] == "refused" and "attn_logit_softcapping" in vault["detail"]
     assert "| `helium` | ported (inferred from its module) |" in md
+
+
+def test_a_knob_the_family_does_not_read_is_ignored():
+    """LlamaRotaryEmbedding never reads mrope_section, LlamaAttention never reads attention_chunk_size: a
+    Llama config carrying them ports as plain Llama (a knob counts only where the family's code reads it)."""
+    cfg = _llama_dict(
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]},
+        attention_chunk_size=3,
+    )
+    _, c = spec.attention_config(cfg, 0)
+    assert c.rope.mrope_section is None and c.chunk_size is None
