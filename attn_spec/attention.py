@@ -45,14 +45,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from attn_spec.checks import FLOAT_DTYPES, INT_DTYPES, fmt_shape
+from attn_spec.dispatch import Choice, select
 from attn_spec.rope import RopeConfig, check_head_dim
 
 NAME = "Attention"
 IMPLEMENTATIONS = ("math", "fused", "blocked")
 QK_NORMS = ("none", "head", "full", "unit")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# implementation=None (auto): the math path up to this many logits per head (T·S), blocked above.
-AUTO_MATH_MAX_LOGITS = 2048 * 2048
 BLOCKED_AVAILABLE = True  # the FlexAttention engine of ``jax_attn.flex`` / ``torch_attn.flex``
 
 
@@ -261,7 +260,9 @@ def check_config(c: AttentionConfig, name: str = NAME) -> None:
 
 
 def check_implementation(implementation, config: AttentionConfig, name: str = NAME) -> str | None:
-    """Validate the constructor's ``implementation`` (None = auto, see :func:`select_implementation`)."""
+    """Validate the constructor's ``implementation`` (None or ``"auto"``: :func:`choose`)."""
+    if implementation == "auto":
+        implementation = None
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"{name}: implementation must be None (auto) or one of {IMPLEMENTATIONS}; got "
@@ -300,15 +301,24 @@ def check_blocked(config: AttentionConfig, name: str = NAME) -> None:
         )
 
 
-def select_implementation(implementation: str | None, config: AttentionConfig, T: int, S: int) -> str:
-    """The path a call takes: the constructor's choice, or for None the math path up to
-    :data:`AUTO_MATH_MAX_LOGITS` logits per head and the blocked path above (math while blocked is not
-    available, or with dropout)."""
-    if implementation is not None:
-        return implementation
-    if T * S > AUTO_MATH_MAX_LOGITS and BLOCKED_AVAILABLE and config.dropout == 0:
-        return "blocked"
-    return "math"
+def fused_allowed(config: AttentionConfig) -> bool:
+    """Whether the layer's math fits a fused kernel (``F.scaled_dot_product_attention``,
+    ``jax.nn.dot_product_attention``): a boolean mask and a plain softmax, so no soft-cap, sinks or ALiBi."""
+    return config.softcap is None and not config.sinks and config.alibi_slopes is None
+
+
+def choose(config: AttentionConfig, *, B: int, T: int, S: int, dropout: bool, fused: str | None) -> Choice:
+    """The automatic path of a call (``implementation=None``): :func:`attn_spec.dispatch.select`, the one
+    rule of every layer, on this call's facts: ``B·N·T·S`` logits, no weights returned, ``dropout`` active,
+    no float mask (ALiBi is a ``score_mod`` on the blocked path), and ``fused``, the twin's fused kernel when
+    it is the fast path here and the layer's math allows it (:func:`fused_allowed`)."""
+    return select(
+        logits=B * config.N * T * S,
+        need_weights=False,
+        dropout=dropout,
+        float_mask=False,
+        fused=fused if fused_allowed(config) else None,
+    )
 
 
 def check_input(x: tuple[tuple[int, ...], str], config: AttentionConfig, name: str = NAME) -> tuple[int, int]:

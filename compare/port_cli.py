@@ -33,6 +33,14 @@ def add_parser(sub) -> None:
         "the coverage table (ported with its worst error vs transformers, or refused with the knob)",
     )
     p.add_argument(
+        "--write-docs",
+        metavar="MD",
+        nargs="?",
+        const="docs/porting.md",
+        default=None,
+        help="with --families: also write the table into MD between its markers (default docs/porting.md)",
+    )
+    p.add_argument(
         "--layer",
         type=int,
         default=None,
@@ -222,5 +230,8 @@ def cmd_port_families(args) -> int:
     report.write_atomic(out / "port_families.md", md)
     report.write_atomic(out / "port_families.json", json.dumps(rows, indent=1, default=str))
     console.print(f"wrote {out}/port_families.md and port_families.json")
+    if args.write_docs:
+        port_hf.write_coverage_docs(md, args.write_docs)
+        console.print(f"wrote the table into {args.write_docs}")
     console.print(f"[{style}]{line}[/{style}]", soft_wrap=True)
     return 1 if bad else 0

@@ -1050,6 +1050,42 @@ def coverage_table(model_types=None, dtypes=("float32",)) -> tuple[list[dict], s
     return rows, coverage_markdown(rows, dtypes)
 
 
+COVERAGE_BEGIN = "<!-- coverage table: written by `python -m compare port --families --write-docs` -->"
+COVERAGE_END = "<!-- end of the coverage table -->"
+
+
+def write_coverage_docs(markdown: str, path) -> None:
+    """Replace the table between :data:`COVERAGE_BEGIN` and :data:`COVERAGE_END` in ``path`` (docs/porting.md)
+    by ``markdown``; ValueError when the markers are missing."""
+    from pathlib import Path
+
+    from compare import report
+
+    path = Path(path)
+    text = path.read_text()
+    if COVERAGE_BEGIN not in text or COVERAGE_END not in text:
+        raise ValueError(
+            f"write_coverage_docs: {path} lacks the markers {COVERAGE_BEGIN!r} / {COVERAGE_END!r}"
+        )
+    head, rest = text.split(COVERAGE_BEGIN, 1)
+    _, tail = rest.split(COVERAGE_END, 1)
+    report.write_atomic(path, f"{head}{COVERAGE_BEGIN}\n{markdown}{COVERAGE_END}{tail}")
+
+
+def read_coverage_docs(path) -> list[tuple[str, str, str]]:
+    """``(model_type, status, agrees)`` of each row of the table in ``path`` (what the docs claim)."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    block = text.split(COVERAGE_BEGIN, 1)[1].split(COVERAGE_END, 1)[0]
+    rows = []
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0].startswith("`"):
+            rows.append((cells[0].strip("`"), cells[1], cells[-2]))
+    return rows
+
+
 def coverage_markdown(rows, dtypes=("float32",)) -> str:
     head = " | ".join(f"worst vs transformers ({d})" for d in dtypes)
     out = [

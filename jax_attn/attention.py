@@ -42,9 +42,10 @@ from attn_spec.attention import (
     check_input,
     check_position_ids,
     check_state_dict,
-    select_implementation,
+    choose,
     state_dict_shapes,
 )
+from attn_spec.dispatch import ChoiceLog
 from jax_attn.causal import Linear, _concrete_index, _to_numpy
 from jax_attn.flex import create_block_mask, flex_attention
 from jax_attn.rope import apply_rope, rope_cos_sin
@@ -218,14 +219,18 @@ def dot_product_attention(
 
 
 def _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, scale) -> jax.Array:
+    """The fused kernel; ``keep_BTS`` None: plain causal attention (``is_causal``, no mask array)."""
     out_BTNH = jax.nn.dot_product_attention(
         q_BNTH.transpose(0, 2, 1, 3),
         k_BKSH.transpose(0, 2, 1, 3),
         v_BKSH.transpose(0, 2, 1, 3),
-        mask=keep_BTS[:, None],
+        mask=None if keep_BTS is None else keep_BTS[:, None],
         scale=scale,
+        is_causal=keep_BTS is None,
         implementation="xla",
     )
+    if keep_BTS is None:  # every causal row sees at least itself
+        return out_BTNH.transpose(0, 2, 1, 3).astype(q_BNTH.dtype)
     # XLA averages the values of a fully masked row; our convention (and torch's fused kernel) is zeros.
     any_BT = jnp.any(keep_BTS, axis=-1)
     return jnp.where(any_BT[:, None, :, None], out_BTNH.transpose(0, 2, 1, 3), 0.0).astype(q_BNTH.dtype)
@@ -282,8 +287,10 @@ class Attention(nnx.Module):
     Args:
       config: the layer (heads, head width, biases, rope, QK-norm, scale, soft-cap, window, sinks, causal,
         dropout).
-      implementation: None (auto: math up to ``AUTO_MATH_MAX_LOGITS`` logits per head, blocked above once
-        available), ``"math"`` (the readable dense core, every knob), ``"fused"``
+      implementation: None or ``"auto"`` (``attn_spec.attention.choose``, the one dispatch rule of
+        ``attn_spec.dispatch``, on each call's ``B·N·T·S`` logits: math when small, blocked above, since
+        XLA's fused path is not a fast path on CPU; the choice and its reason in ``last_choice`` and
+        ``repr``), ``"math"`` (the readable dense core, every knob), ``"fused"``
         (``jax.nn.dot_product_attention``, XLA: no soft-cap, sinks or dropout) or ``"blocked"``.
       rngs: ``nnx.Rngs`` for the initialization (``params``) and dropout (``dropout``) streams.
       dtype: computation dtype; None promotes the input's with the parameters'.
@@ -307,6 +314,7 @@ class Attention(nnx.Module):
     ):
         c = self.config = config
         self.implementation = check_implementation(implementation, c)
+        self.dispatch = ChoiceLog()  # the last automatic choice (implementation=None), shown in repr
         self.dtype, self.param_dtype = dtype, param_dtype
         kw = {"rngs": rngs, "param_dtype": param_dtype}
         self.q_proj = Linear(c.E, c.N * c.H * (2 if c.output_gate else 1), c.q_bias, **kw)
@@ -322,6 +330,12 @@ class Attention(nnx.Module):
         self.sinks = nnx.data(nnx.Param(jnp.zeros((c.N,), param_dtype)) if c.sinks else None)
         self.deterministic = False  # training mode, as a fresh torch module; eval() sets True
         self.rngs = rngs["dropout"].fork() if c.dropout > 0.0 else None
+
+    @property
+    def last_choice(self):
+        """The :class:`attn_spec.dispatch.Choice` of the last call (the traced call under ``jit``) when
+        ``implementation`` is None / ``"auto"``; None before the first call or with an explicit path."""
+        return self.dispatch.last
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens: zeros
@@ -423,7 +437,12 @@ class Attention(nnx.Module):
             v_BKSH = jnp.concatenate([cache.v.astype(dt), v_BKTH], axis=2)
             k_pos_S = jnp.concatenate([cache.pos, q_pos_T])
             k_valid_BS = jnp.concatenate([cache.valid, valid_BT], axis=1)
-        path = select_implementation(self.implementation, c, T, k_BKSH.shape[2])
+        path = self.implementation
+        if path is None:  # chosen from this call's shapes (static under jit: at trace time)
+            dropout_on = not self.deterministic and c.dropout > 0.0
+            choice = choose(c, B=B, T=T, S=k_BKSH.shape[2], dropout=dropout_on, fused=None)
+            self.dispatch.last = choice
+            path = choice.implementation
         if path == "blocked":
             check_blocked(c)
             sinks_N = None if self.sinks is None else self.sinks[...]
@@ -432,6 +451,9 @@ class Attention(nnx.Module):
             )
         else:
             keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c, lead_B)
+            plain_causal = cache is None and attention_mask is None and c.causal
+            if path == "fused" and plain_causal and c.sliding_window is None and c.chunk_size is None:
+                keep_BTS = None  # no padding, window or chunk: the kernel's own causal mask
             bias_NTS = None if c.alibi_slopes is None else alibi_bias(c, q_pos_T, k_pos_S)
             y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng, bias_NTS)
         y_BTD = y_BNTH.transpose(0, 2, 1, 3).reshape(B, T, c.N * c.H)

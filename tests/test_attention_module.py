@@ -14,7 +14,8 @@ from flax import nnx
 
 import jax_attn.attention as jatt
 import torch_attn.attention as tatt
-from attn_spec.attention import AttentionConfig, select_implementation
+from attn_spec.attention import AttentionConfig, choose
+from attn_spec.dispatch import LARGE_LOGITS, MATH_MAX_LOGITS
 from attn_spec.rope import RopeConfig, rotary_permutation
 
 TWINS = ["jax", "torch"]
@@ -209,11 +210,29 @@ def test_cache_errors(twin):
         m.init_cache(B, 0)
 
 
-def test_auto_is_math_below_the_size():
-    assert select_implementation(None, _config(), 128, 128) == "math"
-    assert select_implementation(None, _config(), 4096, 4096) == "blocked"
-    assert select_implementation(None, _config(dropout=0.1), 4096, 4096) == "math"  # blocked has no dropout
-    assert select_implementation("fused", _config(), 128, 128) == "fused"
+def test_auto_counts_every_logit_of_the_call():
+    """The one dispatch rule (attn_spec.dispatch.select) on B·N·T·S logits: the Llama-style layer of issue 24
+    (B4, 32 heads, T 2048: 2^29 logits) must not take the dense math path, whatever T·S per head is."""
+    c = AttentionConfig(hidden_size=2048, num_heads=32, num_kv_heads=8, head_dim=64)
+    assert choose(c, B=4, T=2048, S=2048, dropout=False, fused=None).implementation == "blocked"
+    assert choose(c, B=1, T=8, S=8, dropout=False, fused=None).implementation == "math"  # 2048 logits
+    assert 1 * 32 * 8 * 8 < MATH_MAX_LOGITS < 4 * 32 * 2048 * 2048 <= LARGE_LOGITS * 4
+    fused = "F.scaled_dot_product_attention"
+    assert choose(c, B=4, T=2048, S=2048, dropout=False, fused=fused).implementation == "fused"
+    for knob in ({"softcap": 30.0}, {"sinks": True}, {"alibi_slopes": (0.5,) * 32}):  # not in the kernel
+        c2 = AttentionConfig(hidden_size=2048, num_heads=32, num_kv_heads=8, head_dim=64, **knob)
+        assert choose(c2, B=4, T=2048, S=2048, dropout=False, fused=fused).implementation == "blocked"
+    assert choose(c, B=4, T=2048, S=2048, dropout=True, fused=fused).implementation == "math"
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_last_choice_and_repr_name_the_path(twin):
+    m = _module(twin, _config(), implementation=None)
+    assert m.last_choice is None
+    _run(twin, m, _x())
+    want = "fused" if twin == "torch" else "math"  # torch's F.sdpa is the fast path on CPU; XLA's is not
+    assert m.last_choice.implementation == want
+    assert f"last call: {want}" in repr(m)
 
 
 FULL = dict(

@@ -42,9 +42,10 @@ from attn_spec.attention import (
     check_input,
     check_position_ids,
     check_state_dict,
-    select_implementation,
+    choose,
     state_dict_shapes,
 )
+from attn_spec.dispatch import ChoiceLog, describe
 from torch_attn.flex import create_block_mask, flex_attention
 from torch_attn.rope import apply_rope, rope_cos_sin
 
@@ -217,14 +218,18 @@ def dot_product_attention(
 
 
 def _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, scale) -> torch.Tensor:
+    """The fused kernel; ``keep_BTS`` None: plain causal attention (``is_causal``, no mask array)."""
     out_BNTH = F.scaled_dot_product_attention(
         q_BNTH,
         k_BKSH,
         v_BKSH,
-        attn_mask=keep_BTS[:, None],
+        attn_mask=None if keep_BTS is None else keep_BTS[:, None],
         scale=scale,
+        is_causal=keep_BTS is None,
         enable_gqa=q_BNTH.shape[1] != k_BKSH.shape[1],
     )
+    if keep_BTS is None:  # every causal row sees at least itself
+        return out_BNTH.to(q_BNTH.dtype)
     # Fully masked rows: zeros (our convention), whatever the selected kernel does with them.
     any_BT = torch.any(keep_BTS, dim=-1)
     return torch.where(any_BT[:, None, :, None], out_BNTH, 0.0).to(q_BNTH.dtype)
@@ -286,8 +291,11 @@ class Attention(nn.Module):
     Args:
       config: the layer (heads, head width, biases, rope, QK-norm, scale, soft-cap, window, sinks, causal,
         dropout).
-      implementation: None (auto: math up to ``AUTO_MATH_MAX_LOGITS`` logits per head, blocked above once
-        available), ``"math"`` (the readable dense core, every knob), ``"fused"``
+      implementation: None or ``"auto"`` (``attn_spec.attention.choose``, the one dispatch rule of
+        ``attn_spec.dispatch``, on each call's ``B·N·T·S`` logits: ``F.scaled_dot_product_attention``
+        where the layer's math allows it (no soft-cap, sinks, ALiBi, dropout), else math when small and
+        blocked above; the choice and its reason in ``last_choice`` and ``repr``), ``"math"`` (the
+        readable dense core, every knob), ``"fused"``
         (``F.scaled_dot_product_attention``: no soft-cap, sinks or dropout) or ``"blocked"``.
       device, dtype: of the parameters.
 
@@ -309,6 +317,7 @@ class Attention(nn.Module):
         super().__init__()
         c = self.config = config
         self.implementation = check_implementation(implementation, c)
+        self.dispatch = ChoiceLog()  # the last automatic choice (implementation=None), shown in repr
         kw = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(c.E, c.N * c.H * (2 if c.output_gate else 1), bias=c.q_bias, **kw)
         self.k_proj = nn.Linear(c.E, c.K * c.H, bias=c.k_bias, **kw)
@@ -322,7 +331,13 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(c.N, **kw)) if c.sinks else None
 
     def extra_repr(self) -> str:
-        return f"implementation={self.implementation!r}, config={self.config}"
+        return f"implementation={describe(self.implementation, self.dispatch)}, config={self.config}"
+
+    @property
+    def last_choice(self):
+        """The :class:`attn_spec.dispatch.Choice` of the last call (eager) when
+        ``implementation`` is None / ``"auto"``; None before the first call or with an explicit path."""
+        return self.dispatch.last
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens: zeros
@@ -424,7 +439,13 @@ class Attention(nn.Module):
             v_BKSH = torch.cat([cache.v.to(dt), v_BKTH], dim=2)
             k_pos_S = torch.cat([cache.pos, q_pos_T])
             k_valid_BS = torch.cat([cache.valid, valid_BT], dim=1)
-        path = select_implementation(self.implementation, c, T, k_BKSH.shape[2])
+        path = self.implementation
+        if path is None:  # chosen from this call's shapes
+            fused = "F.scaled_dot_product_attention" if device.type in ("cpu", "cuda") else None
+            dropout_on = self.training and c.dropout > 0.0
+            choice = choose(c, B=B, T=T, S=k_BKSH.shape[2], dropout=dropout_on, fused=fused)
+            self.dispatch.last = choice
+            path = choice.implementation
         if path == "blocked":
             check_blocked(c)
             y_BNTH = _blocked_attention(
@@ -432,6 +453,9 @@ class Attention(nn.Module):
             )
         else:
             keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c, lead_B)
+            plain_causal = cache is None and attention_mask is None and c.causal
+            if path == "fused" and plain_causal and c.sliding_window is None and c.chunk_size is None:
+                keep_BTS = None  # no padding, window or chunk: the kernel's own causal mask
             bias_NTS = None if c.alibi_slopes is None else alibi_bias(c, q_pos_T, k_pos_S)
             y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator, bias_NTS)
         y_BTD = y_BNTH.transpose(1, 2).reshape(B, T, c.N * c.H)
