@@ -115,7 +115,10 @@ def test_legacy_config_json_keys():
         (_llama_dict(model_type="t5"), "unsupported model_type='t5'"),
         (_llama_dict(rope_parameters={"rope_type": "su2", "rope_theta": 1e4}), "unknown rope_type='su2'"),
         (
-            _llama_dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1]}),
+            _llama_dict(
+                model_type="qwen2_vl_text",
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1]},
+            ),
             "mrope_section",
         ),
         (_llama_dict(model_type="mistral", layer_types=["full_attention"] * 2), "layer_types"),
