@@ -25,8 +25,10 @@ qkv_rows    Phi-3 ``qkv_proj.weight (N·H + 2·K·H, E)``: q, k, v stacked by ro
             ``Wqkv`` (+ its bias, the same rows) and ``Wo``)
 neox        GPT-NeoX ``query_key_value.weight (N·3·H, E)``: per head, q, k, v (``(N, 3, H)`` rows); ``dense``
 conv1d      GPT-2 ``c_attn.weight (E, 3E)`` (``Conv1D``: (in, out), columns [q | k | v]); ``c_proj (E, E)``
-bert        ``BertAttention`` (BERT, RoBERTa, XLM-R): ``self.query/key/value``, ``output.dense`` (+
-            ``output.LayerNorm``, not ported: see :data:`BERT_POST_NORM`)
+bert        ``BertAttention`` (BERT, RoBERTa, XLM-R, CamemBERT, Data2VecText, ERNIE, ELECTRA,
+            BertGeneration, RoCBert): ``self.query/key/value``, ``output.dense`` (+
+            ``output.LayerNorm``, not ported: see :data:`BERT_POST_NORM`); YOLOS:
+            ``attention.query/key/value``, ``output.dense`` (no LayerNorm)
 ==========  ============================================================================================
 
 **A model_type with no entry** ports when its attention *module* fits (:func:`describe_module`; a bare
@@ -490,6 +492,13 @@ FAMILY_TABLE: dict[str, Family] = {
         defaults={"qkv_bias": True},
         encoder=True,
     ),
+    # BertAttention line for line (BertSelfAttention + BertSelfOutput with its post-LN).
+    "camembert": _BERT,
+    "data2vec-text": _BERT,
+    "ernie": _BERT,
+    "electra": _BERT,
+    "bert-generation": _BERT,
+    "roc_bert": _BERT,
     "llama4_text": Family(
         rope="interleaved",
         nope="no_rope_layers",

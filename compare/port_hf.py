@@ -332,6 +332,12 @@ def tiny_config(family: str, **overrides):
         "vivit": lambda: tf.VivitConfig(**vision, image_size=8, num_frames=2, tubelet_size=[1, 4, 4]),
         "pixio": lambda: tf.PixioConfig(**vision, image_size=8, patch_size=4),
         "yolos": lambda: tf.YolosConfig(**vision, image_size=[8, 8], patch_size=4, num_detection_tokens=2),
+        "camembert": lambda: tf.CamembertConfig(**common),
+        "data2vec-text": lambda: tf.Data2VecTextConfig(**common),
+        "ernie": lambda: tf.ErnieConfig(**common),
+        "electra": lambda: tf.ElectraConfig(**common, embedding_size=16),
+        "bert-generation": lambda: tf.BertGenerationConfig(**common),
+        "roc_bert": lambda: tf.RoCBertConfig(**common),
     }
     if family not in make:
         raise ValueError(f"tiny_config: unknown family {family!r}; known: {sorted(make)}")

@@ -1,6 +1,7 @@
 """Encoder families by mechanism (issue #22): ModernBERT (fused ``Wqkv``, rope per layer type, bidirectional
-local windows) and ModernBERT-decoder, and the ViT relatives that share ViT's attention (DeiT, DINOv2,
-ViT-MAE, ViT-MSN, I-JEPA, ViViT, Pixio; YOLOS in the older query/key/value layout): each against transformers
+local windows) and ModernBERT-decoder, the ViT relatives that share ViT's attention (DeiT, DINOv2, ViT-MAE,
+ViT-MSN, I-JEPA, ViViT, Pixio; YOLOS in the older query/key/value layout) and the BERT relatives that share
+BertAttention (CamemBERT, Data2VecText, ERNIE, ELECTRA, BertGeneration, RoCBert): each against transformers
 and the float64 reference, the window conventions against transformers' own mask builders, config.json
 reading, checkpoints and refusals."""
 
@@ -19,6 +20,7 @@ from attn_spec import hf as spec  # noqa: E402
 from compare import oracle_attention, port, port_hf  # noqa: E402
 
 VIT_RELATIVES = ("deit", "dinov2", "dinov2_with_registers", "vit_mae", "vit_msn", "ijepa", "vivit", "pixio")
+BERT_RELATIVES = ("camembert", "data2vec-text", "ernie", "electra", "bert-generation", "roc_bert")
 CASES = [
     ("modernbert", 0),  # local layer: |q - k| <= local_attention // 2 = 2 (our window 3), theta 1e4, biases
     ("modernbert", 1),  # global layer: theta 1.6e5, no window
@@ -26,11 +28,18 @@ CASES = [
     ("modernbert-decoder", 1),
     *[(f, 0) for f in VIT_RELATIVES],
     ("yolos", 0),  # attention.query/key/value, output.dense; no mask (an unpadded batch)
+    *[(f, 0) for f in BERT_RELATIVES],  # BertAttention, ported up to output.dense (post-LN outside)
 ]
+
+
+def _post_ln(family):
+    return spec.entry(family).causal == "bert"
 
 
 def _check(family, layer, dtype="float32", **kw):
     module, _ = port_hf.tiny_module(family, layer, dtype, seed=layer)
+    if _post_ln(family):
+        kw["post_norm_outside"] = True
     return module, port.check_port(module, print_table=False, **kw)
 
 
@@ -46,7 +55,7 @@ def test_family_agrees_fp32(family, layer):
     assert record.ok and record.round_trip_bit_exact, _bad(record)
     assert record.kind == f"hf:{family}"
     quantities = {a.quantity for a in record.agreements["jax_attn vs transformers"]}
-    params = {f"grad_{k}" for k in spec.state_dict_shapes(spec.describe_module(module)[1])}
+    params = {f"grad_{k}" for k in spec.state_dict_shapes(spec.describe_module(module, _post_ln(family))[1])}
     assert {"out", "grad_x"} | params <= quantities
     assert ("decode_out" in quantities) == (family not in spec.ENCODERS)
     for a in record.agreements["jax_attn vs reference"]:
