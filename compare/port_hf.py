@@ -960,8 +960,10 @@ def table_markdown(rows) -> str:
 # parameter or knob named by the reader).
 # ---------------------------------------------------------------------------------------------------------
 
-# Decoder model_types of transformers 5.x probed beyond the table (tiny models from their default configs):
-# the reader decides each from its attention module (attn_spec.hf, "A model_type with no entry").
+# Model_types of transformers 5.x probed beyond the table (tiny models from their default configs): the
+# reader decides each from its attention module (attn_spec.hf, "A model_type with no entry"). The encoders
+# last: ViT/BERT relatives whose attention is not ViT's or BERT's (BEiT and VideoMAE: no key bias, BEiT's
+# relative position bias; the pre-LN RoBERTa variants: a LayerNorm inside the attention block).
 COVERAGE_CANDIDATES = (
     "helium",
     "arcee",
@@ -998,6 +1000,11 @@ COVERAGE_CANDIDATES = (
     "llama4_text",
     "gemma3n_text",
     "qwen2_vl_text",
+    "beit",
+    "data2vec-vision",
+    "videomae",
+    "roberta-prelayernorm",
+    "xlm-roberta-xl",
 )
 _SHRINK = dict(
     hidden_size=32,
