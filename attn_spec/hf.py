@@ -21,11 +21,14 @@ Weight layouts (prefix = the module):
 ==========  ============================================================================================
 separate    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (renamed: ``dense`` for Phi, ``out_proj`` GPT-J),
             (+ ``q_norm``/``k_norm``; ``sinks``), transformers' ``nn.Linear`` layout (out, in)
-qkv_rows    Phi-3 ``qkv_proj.weight (N·H + 2·K·H, E)``: q, k, v stacked by rows; ``o_proj``
+qkv_rows    Phi-3 ``qkv_proj.weight (N·H + 2·K·H, E)``: q, k, v stacked by rows; ``o_proj`` (ModernBERT:
+            ``Wqkv`` (+ its bias, the same rows) and ``Wo``)
 neox        GPT-NeoX ``query_key_value.weight (N·3·H, E)``: per head, q, k, v (``(N, 3, H)`` rows); ``dense``
 conv1d      GPT-2 ``c_attn.weight (E, 3E)`` (``Conv1D``: (in, out), columns [q | k | v]); ``c_proj (E, E)``
-bert        ``BertAttention`` (BERT, RoBERTa, XLM-R): ``self.query/key/value``, ``output.dense`` (+
-            ``output.LayerNorm``, not ported: see :data:`BERT_POST_NORM`)
+bert        ``BertAttention`` (BERT, RoBERTa, XLM-R, CamemBERT, Data2VecText, ERNIE, ELECTRA,
+            BertGeneration, RoCBert): ``self.query/key/value``, ``output.dense`` (+
+            ``output.LayerNorm``, not ported: see :data:`BERT_POST_NORM`); YOLOS:
+            ``attention.query/key/value``, ``output.dense`` (no LayerNorm)
 ==========  ============================================================================================
 
 **A model_type with no entry** ports when its attention *module* fits (:func:`describe_module`; a bare
@@ -64,7 +67,13 @@ _ALIASES = {
     "max_position_embeddings": ("n_positions",),
 }
 # Where a layer's attention lives in a checkpoint's keys (after an optional model prefix).
-LAYER_INFIXES = ("layers.{i}.self_attn.", "layers.{i}.attention.", "h.{i}.attn.", "layer.{i}.attention.")
+LAYER_INFIXES = (
+    "layers.{i}.self_attn.",
+    "layers.{i}.attention.",
+    "h.{i}.attn.",
+    "layer.{i}.attention.",
+    "layers.{i}.attn.",
+)
 
 
 def _every_other(cfg, n):
@@ -128,6 +137,32 @@ def _hybrid_layer_types(cfg, n):
     return ["linear_attention" if (i + 1) % k else "full_attention" for i in range(n)]
 
 
+def _modernbert_layer_types(cfg, n):
+    """ModernBERT (encoder and decoder): the legacy ``global_attn_every_n_layers`` (default 3), layer 0
+    global."""
+    k = cfg.get("global_attn_every_n_layers", 3)
+    return ["sliding_attention" if i % k else "full_attention" for i in range(n)]
+
+
+def _modernbert_window(cfg):
+    """ModernBERT's ``local_attention`` is the whole symmetric window: the model's mask
+    (``create_bidirectional_sliding_window_mask`` with ``config.sliding_window = local_attention // 2``) keeps
+    ``|q - k| <= local_attention // 2``, i.e. ``|q - k| < local_attention // 2 + 1`` (the module's own
+    ``sliding_window``, what flash attention gets)."""
+    la = cfg.get("local_attention")
+    return la // 2 + 1 if la else None
+
+
+def _modernbert_decoder_window(cfg):
+    """ModernBERT-decoder: its config sets ``sliding_window = local_attention // 2`` (-1 without
+    ``local_attention``) and the causal mask keeps ``q - sliding_window < k <= q``, our convention as is."""
+    w = cfg.get("sliding_window")
+    if w is None:
+        la = cfg.get("local_attention")
+        w = la // 2 if la else -1
+    return w if w > 0 else None
+
+
 def _nope_list(cfg, n):
     """SmolLM3's ``no_rope_layers``: 1 = the layer rotates, 0 = NoPE (default: every 4th layer is NoPE)."""
     lst = cfg.get("no_rope_layers")
@@ -188,6 +223,10 @@ class Family:
       train_refuse: the same, only in training mode (output dropouts outside the attention).
       defaults: values the family's config class sets that a config.json may leave out.
       encoder: an encoder-only family (no KV cache, no decoding).
+      window_from: ``(knob, fn)``: the window of ``sliding_attention`` layers is ``fn(config)`` (our
+        convention), from ``knob`` rather than ``sliding_window`` as is (ModernBERT's ``local_attention``).
+      mha: the module has no kv heads nor head width of its own (``K = N``, ``H = E // N``, whatever the
+        config says).
     """
 
     weights: str = "separate"
@@ -228,6 +267,8 @@ class Family:
     train_refuse: tuple = ()
     defaults: dict = field(default_factory=dict)
     encoder: bool = False
+    window_from: tuple | None = None
+    mha: bool = False
 
 
 _LLAMA = Family()
@@ -246,6 +287,18 @@ _BERT = Family(
     causal="bert",
     dropout="attention_probs_dropout_prob",
     encoder=True,
+)
+_VIT = Family(
+    qkv_bias="qkv_bias",
+    o_bias=True,
+    rope=None,
+    causal="vit",
+    dropout="attention_probs_dropout_prob",
+    defaults={"qkv_bias": True},
+    encoder=True,
+)
+_MODERNBERT_DROPOUT = (
+    "the output dropout (out_drop, p=attention_dropout) in training mode is not ported; call .eval()"
 )
 _QWEN3 = Family(
     qk_norm="head", window="layer", window_gate="use_sliding_window", layer_types=_qwen_layer_types
@@ -399,6 +452,70 @@ FAMILY_TABLE: dict[str, Family] = {
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
+    # ModernBERT: a fused Wqkv (rows [all q; all k; all v], like Phi-3's qkv_proj, with a bias when
+    # attention_bias), rope per layer type (global_rope_theta / local_rope_theta in legacy configs),
+    # bidirectional sliding windows on the local layers (see _modernbert_window), Wo.
+    "modernbert": Family(
+        weights="qkv_rows",
+        renames=(("qkv_proj", "Wqkv"), ("o_proj", "Wo")),
+        window="layer",
+        window_from=("local_attention", _modernbert_window),
+        rope_per_layer_type=True,
+        layer_types=_modernbert_layer_types,
+        causal="vit",
+        train_refuse=(("attention_dropout", "ModernBertAttention's " + _MODERNBERT_DROPOUT),),
+        defaults={"local_attention": 128},
+        encoder=True,
+        mha=True,
+    ),
+    # ModernBERT-decoder: separate q/k/v projections, causal windows of sliding_window = local_attention // 2.
+    "modernbert-decoder": Family(
+        renames=(("o_proj", "Wo"),),
+        window="layer",
+        window_from=("local_attention", _modernbert_decoder_window),
+        rope_per_layer_type=True,
+        layer_types=_modernbert_layer_types,
+        train_refuse=(("attention_dropout", "ModernBertDecoderAttention's " + _MODERNBERT_DROPOUT),),
+        defaults={"local_attention": 128},
+        mha=True,
+    ),
+    # ViT's attention, line for line (q/k/v/o_proj, qkv_bias, scale head_dim ** -0.5; DINOv2's eager softmax
+    # runs in the input dtype rather than float32).
+    "deit": _VIT,
+    "dinov2": _VIT,
+    "dinov2_with_registers": _VIT,
+    "vit_mae": _VIT,
+    "vit_msn": _VIT,
+    "ijepa": _VIT,
+    "vivit": _VIT,
+    "pixio": _VIT,
+    # YOLOS keeps the older ViT layout (attention.query/key/value, output.dense + output dropout; no mask).
+    "yolos": Family(
+        weights="bert",
+        renames=(
+            ("q_proj", "attention.query"),
+            ("k_proj", "attention.key"),
+            ("v_proj", "attention.value"),
+            ("o_proj", "output.dense"),
+        ),
+        qkv_bias="qkv_bias",
+        o_bias=True,
+        rope=None,
+        causal="vit",
+        dropout="attention_probs_dropout_prob",
+        train_refuse=(
+            ("hidden_dropout_prob", "YolosSelfOutput's dropout in training mode is not ported; call .eval()"),
+        ),
+        defaults={"qkv_bias": True},
+        encoder=True,
+    ),
+    # BertAttention line for line (BertSelfAttention + BertSelfOutput with its post-LN).
+    "camembert": _BERT,
+    "data2vec-text": _BERT,
+    "ernie": _BERT,
+    "electra": _BERT,
+    "bert-generation": _BERT,
+    "roc_bert": _BERT,
     "gemma4_text": Family(
         window="layer",
         layer_types=_gemma4_layer_types,
@@ -481,15 +598,7 @@ FAMILY_TABLE: dict[str, Family] = {
     ),
     "qwen3_vl_text": Family(qk_norm="head", mrope="interleaved", mrope_default=(24, 20, 20)),
     "qwen3_vl_moe_text": Family(qk_norm="head", mrope="interleaved", mrope_default=(24, 20, 20)),
-    "vit": Family(
-        qkv_bias="qkv_bias",
-        o_bias=True,
-        rope=None,
-        causal="vit",
-        dropout="attention_probs_dropout_prob",
-        defaults={"qkv_bias": True},
-        encoder=True,
-    ),
+    "vit": _VIT,
 }
 FAMILIES = tuple(FAMILY_TABLE)
 ENCODERS = tuple(f for f, e in FAMILY_TABLE.items() if e.encoder)
@@ -599,6 +708,14 @@ def _rope_parameters(cfg: _Cfg, family: str, layer_type: str | None) -> dict:
     if e is not None and e.rope_per_layer_type:
         if isinstance(rp, dict) and layer_type in rp:
             rp = rp[layer_type]
+        elif family in ("modernbert", "modernbert-decoder"):  # legacy: global_/local_rope_theta
+            key, theta = (
+                ("local_rope_theta", 1e4)
+                if layer_type == "sliding_attention"
+                else ("global_rope_theta", 16e4)
+            )
+            rp = {"rope_type": "default", **(cfg.get("rope_scaling") or {})}
+            rp.setdefault("rope_theta", cfg.get(key, theta))
         elif family == "gemma3_text" and layer_type == "sliding_attention":  # legacy: rope_local_base_freq
             rp = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
         elif layer_type == "sliding_attention":  # legacy OLMo 3: rope_scaling applies to full layers only
@@ -679,7 +796,7 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
             raise _unsupported(family, knob, cfg.get(knob), why)
     K = cfg.get("num_key_value_heads") or N
     H = cfg.get("head_dim") or E // N
-    if e.weights in ("neox", "conv1d", "bert"):  # these modules have no kv heads nor head_dim of their own
+    if e.mha or e.weights in ("neox", "conv1d", "bert"):  # no kv heads nor head_dim of their own
         K, H = N, E // N
     lt = layer_types(config, family)
     layer_type = lt[layer] if lt is not None else None
@@ -739,13 +856,16 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
     window = cfg.get("sliding_window")
     if e.window_gate is not None and not cfg.get(e.window_gate, False):
         window = None
+    knob = "sliding_window"
+    if e.window_from is not None:
+        knob, window = e.window_from[0], e.window_from[1](cfg)
     if e.window == "config":
         kw["sliding_window"] = window or None
     elif e.window == "layer":
         kw["sliding_window"] = window if layer_type == "sliding_attention" else None
         if layer_type == "sliding_attention" and not window:
             raise _unsupported(
-                family, "sliding_window", window, f"layer {layer} is a sliding_attention layer"
+                family, knob, cfg.get(knob), f"layer {layer} is a sliding_attention layer and needs a window"
             )
 
     if e.chunk is not None and layer_type == "chunked_attention":
@@ -956,12 +1076,14 @@ def from_hf(sd: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
     out: dict[str, np.ndarray] = {}
     ren = dict(e.renames)
     if e.weights == "qkv_rows":
-        w = sd["qkv_proj.weight"]
-        out["q_proj.weight"], out["k_proj.weight"], out["v_proj.weight"] = (
-            w[: N * H],
-            w[N * H : N * H + K * H],
-            w[N * H + K * H :],
-        )
+        fused = ren.get("qkv_proj", "qkv_proj")
+        for suffix in ("weight", "bias") if c.q_bias else ("weight",):
+            w = sd[f"{fused}.{suffix}"]
+            out[f"q_proj.{suffix}"], out[f"k_proj.{suffix}"], out[f"v_proj.{suffix}"] = (
+                w[: N * H],
+                w[N * H : N * H + K * H],
+                w[N * H + K * H :],
+            )
     elif e.weights == "neox":
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             a = sd[f"query_key_value.{suffix}"]
@@ -991,8 +1113,10 @@ def to_hf(ours: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
     qkv = ("q_proj", "k_proj", "v_proj")
     done: set[str] = set()
     if e.weights == "qkv_rows":
-        out["qkv_proj.weight"] = np.concatenate([ours[f"{p}.weight"] for p in qkv], axis=0)
-        done |= {f"{p}.weight" for p in qkv}
+        fused = dict(e.renames).get("qkv_proj", "qkv_proj")
+        for suffix in ("weight", "bias") if c.q_bias else ("weight",):
+            out[f"{fused}.{suffix}"] = np.concatenate([ours[f"{p}.{suffix}"] for p in qkv], axis=0)
+            done |= {f"{p}.{suffix}" for p in qkv}
     elif e.weights == "neox":
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             parts = [ours[f"{p}.{suffix}"].reshape(N, H, *ours[f"{p}.{suffix}"].shape[1:]) for p in qkv]
@@ -1041,7 +1165,11 @@ def describe_module(module, post_norm_outside: bool = False) -> tuple[str, Atten
     """
     import dataclasses
 
-    config = getattr(module, "config", None) or getattr(getattr(module, "self", None), "config", None)
+    config = (
+        getattr(module, "config", None)
+        or getattr(getattr(module, "self", None), "config", None)
+        or getattr(getattr(module, "attention", None), "config", None)  # YOLOS
+    )
     if config is None:
         raise ValueError(
             f"{NAME}: expected a transformers attention module with a .config; got {type(module).__name__}"

@@ -44,6 +44,8 @@ from compare.tolerance import SLACK, Agreement, compare_arrays, tolerance
 
 B, T = 2, 7
 PAD = 2  # left pads of batch row 1
+# Families whose transformers module takes no attention mask (YOLOS passes None): checked on unpadded batches.
+NO_MASK = ("yolos",)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -60,6 +62,7 @@ def tiny_config(family: str, **overrides):
         hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64, vocab_size=64
     )
     dec = dict(common, num_key_value_heads=2, max_position_embeddings=64)
+    vision = {k: v for k, v in common.items() if k != "vocab_size"}
     llama3 = {
         "rope_type": "llama3",
         "rope_theta": 5e5,
@@ -313,9 +316,48 @@ def tiny_config(family: str, **overrides):
             head_dim=16,
             rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": [3, 2, 2]},
         ),
-        "vit": lambda: tf.ViTConfig(
-            **{k: v for k, v in common.items() if k != "vocab_size"}, image_size=8, patch_size=4
+        "vit": lambda: tf.ViTConfig(**vision, image_size=8, patch_size=4),
+        # Local layer first (window: |q - k| <= local_attention // 2 = 2, shorter than T), then a global one;
+        # the default thetas differ (local 1e4, global 1.6e5).
+        "modernbert": lambda: tf.ModernBertConfig(
+            **common,
+            local_attention=4,
+            layer_types=["sliding_attention", "full_attention"],
+            attention_bias=True,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
         ),
+        "modernbert-decoder": lambda: tf.ModernBertDecoderConfig(
+            **common,
+            local_attention=6,
+            layer_types=["sliding_attention", "full_attention"],
+            attention_bias=True,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+        ),
+        "deit": lambda: tf.DeiTConfig(**vision, image_size=8, patch_size=4),
+        "dinov2": lambda: tf.Dinov2Config(**vision, image_size=8, patch_size=4),
+        "dinov2_with_registers": lambda: tf.Dinov2WithRegistersConfig(**vision, image_size=8, patch_size=4),
+        "vit_mae": lambda: tf.ViTMAEConfig(**vision, image_size=8, patch_size=4, qkv_bias=False),
+        "vit_msn": lambda: tf.ViTMSNConfig(**vision, image_size=8, patch_size=4),
+        "ijepa": lambda: tf.IJepaConfig(**vision, image_size=8, patch_size=4),
+        "vivit": lambda: tf.VivitConfig(**vision, image_size=8, num_frames=2, tubelet_size=[1, 4, 4]),
+        "pixio": lambda: tf.PixioConfig(**vision, image_size=8, patch_size=4),
+        "yolos": lambda: tf.YolosConfig(**vision, image_size=[8, 8], patch_size=4, num_detection_tokens=2),
+        "camembert": lambda: tf.CamembertConfig(**common),
+        "data2vec-text": lambda: tf.Data2VecTextConfig(**common),
+        "ernie": lambda: tf.ErnieConfig(**common),
+        "electra": lambda: tf.ElectraConfig(**common, embedding_size=16),
+        "bert-generation": lambda: tf.BertGenerationConfig(**common),
+        "roc_bert": lambda: tf.RoCBertConfig(**common),
     }
     if family not in make:
         raise ValueError(f"tiny_config: unknown family {family!r}; known: {sorted(make)}")
@@ -435,6 +477,11 @@ def _keep(module, family: str, mask: np.ndarray, q_idx: np.ndarray, S: int):
             )  # create_chunked_causal_mask's
             base = mu.chunked_causal_mask_function(module.config.attention_chunk_size, lead)
         fn = mu.and_masks(base, pad)
+    elif layer_types is not None and layer_types[module.layer_idx] == "sliding_attention":
+        # ModernBERT: create_bidirectional_sliding_window_mask's function, with the config's sliding_window
+        # (local_attention // 2: |q - k| <= it), not the module's (+1, for flash attention) nor ours.
+        base = mu.sliding_window_bidirectional_mask_function(module.config.sliding_window)
+        fn = mu.and_masks(base, pad)
     else:
         fn = pad
     b, q, kv = np.meshgrid(np.arange(mask.shape[0]), q_idx, np.arange(S), indexing="ij")
@@ -453,6 +500,10 @@ def _hf_call(module, family, x, mask, pos, q_idx, S, cache=None):
     import torch
 
     keep = _keep(module, family, mask, q_idx, S)
+    if family in NO_MASK:  # the module takes no mask: only an unpadded batch is comparable
+        if not bool(keep.all()):
+            raise ValueError(f"{family}'s attention takes no attention mask: pass an unpadded batch")
+        return module(x)
     additive = torch.where(keep, 0.0, torch.finfo(x.dtype).min)[:, None].to(x.dtype)
     kwargs = {"attention_mask": additive}
     rotary, layer_type = _rotary(module, family)
@@ -471,7 +522,8 @@ def _hf_call(module, family, x, mask, pos, q_idx, S, cache=None):
 
 def _eager(module):
     """Run with the eager attention (the readable reference); returns a restore callable."""
-    cfg = module.self.config if hasattr(module, "self") else module.config
+    inner = getattr(module, "self", None) or getattr(module, "attention", None)
+    cfg = getattr(module, "config", None) or inner.config  # BERT: .self, YOLOS: .attention
     old = getattr(cfg, "_attn_implementation", None)
     cfg._attn_implementation = "eager"
     return lambda: setattr(cfg, "_attn_implementation", old)
@@ -740,7 +792,7 @@ def check_hf_port(
     x = np.asarray(x.detach().cpu().double() if hasattr(x, "detach") else x, np.float64)
     if attention_mask is None:
         attention_mask = np.ones(x.shape[:2], np.int64)
-        if x.shape[0] > 1:
+        if x.shape[0] > 1 and family not in NO_MASK:
             attention_mask[1, : min(PAD, x.shape[1] - 1)] = 0
     mask = np.asarray(attention_mask.cpu() if hasattr(attention_mask, "cpu") else attention_mask).astype(
         np.int64
@@ -930,8 +982,10 @@ def table_markdown(rows) -> str:
 # parameter or knob named by the reader).
 # ---------------------------------------------------------------------------------------------------------
 
-# Decoder model_types of transformers 5.x probed beyond the table (tiny models from their default configs):
-# the reader decides each from its attention module (attn_spec.hf, "A model_type with no entry").
+# Model_types of transformers 5.x probed beyond the table (tiny models from their default configs): the
+# reader decides each from its attention module (attn_spec.hf, "A model_type with no entry"). The encoders
+# last: ViT/BERT relatives whose attention is not ViT's or BERT's (BEiT and VideoMAE: no key bias, BEiT's
+# relative position bias; the pre-LN RoBERTa variants: a LayerNorm inside the attention block).
 COVERAGE_CANDIDATES = (
     "helium",
     "arcee",
@@ -966,6 +1020,11 @@ COVERAGE_CANDIDATES = (
     "xglm",
     "biogpt",
     "gemma3n_text",
+    "beit",
+    "data2vec-vision",
+    "videomae",
+    "roberta-prelayernorm",
+    "xlm-roberta-xl",
 )
 _SHRINK = dict(
     hidden_size=32,
