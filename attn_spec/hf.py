@@ -194,7 +194,13 @@ def _round_bf16(x: float) -> float:
 def falcon_alibi_slopes(num_heads: int, head_dim: int) -> tuple[float, ...]:
     """Falcon's ALiBi as our slopes: Bloom's slopes rounded to bfloat16 (``slopes.bfloat16()`` in its
     ``build_alibi_tensor``) and divided by ``sqrt(head_dim)`` (``FalconModel`` adds ``alibi / sqrt(H)`` to
-    the mask, after the logits were scaled)."""
+    the mask, after the logits were scaled).
+
+    Not expressed: Falcon's ``build_alibi_tensor`` multiplies in bfloat16 (in every model dtype): the key
+    position is rounded to bf16, then the product, so its bias is linear in the position only while both fit
+    bf16's 8 significant bits: with power-of-two slopes (up to 8 heads) up to position 256, otherwise only up
+    to position 2 (32 heads, H = 64: up to 0.06 logit off by position 256, 0.9 by 2048; at most
+    ``2^-7 · |slope · position| / sqrt(H)``). The port is exact ALiBi with these slopes."""
     return tuple(_round_bf16(s) / math.sqrt(head_dim) for s in bloom_alibi_slopes(num_heads))
 
 
@@ -521,8 +527,8 @@ FAMILY_TABLE: dict[str, Family] = {
         scale="attn_config.softmax_scale",
         dropout="attn_config.attn_pdrop",
     ),
-    # Falcon: ALiBi (alibi=True; slope · key position rounded to bf16 by its build_alibi_tensor, exact
-    # while the product fits bf16's 8 bits: see falcon_alibi_slopes) or rotary; one fused query_key_value
+    # Falcon: ALiBi (alibi=True; transformers rounds key positions and slope · position to bf16, the port not:
+    # see falcon_alibi_slopes) or rotary; one fused query_key_value
     # in the grouped layout (classic: one group per head; multi_query: one group; new_decoder_architecture:
     # num_kv_heads groups).
     "falcon": Family(
