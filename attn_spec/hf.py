@@ -9,11 +9,11 @@ pattern).
 
 **One reader, families as table entries.** :func:`attention_config` reads the knobs of the mechanisms
 ``AttentionConfig`` expresses (heads, kv heads, head width, biases, qk-norm kind, rotary parameters and
-layout, partial rotary, layer types, windows, soft-cap, logit scale, sinks, NoPE layers) through a family's
-:class:`Family` entry (:data:`FAMILY_TABLE`), which says *which* knobs the family's modeling code reads and
-under which names, where its weights live and what its config leaves implicit. A knob counts only where the
-family's modeling code reads it: Llama's rotary embedding never reads ``partial_rotary_factor``, so a
-LlamaConfig carrying one ports without partial rotary, as transformers runs it. MoE variants share their
+layout, partial rotary, layer types, windows, soft-cap, logit scale, sinks, NoPE layers, ALiBi) through a
+family's :class:`Family` entry (:data:`FAMILY_TABLE`), which says *which* knobs the family's modeling code
+reads and under which names, where its weights live and what its config leaves implicit. A knob counts only
+where the family's modeling code reads it: Llama's rotary embedding never reads ``partial_rotary_factor``, so
+a LlamaConfig carrying one ports without partial rotary, as transformers runs it. MoE variants share their
 dense sibling's entry (their attention is the same module).
 
 Weight layouts (prefix = the module):
@@ -22,8 +22,12 @@ Weight layouts (prefix = the module):
 separate    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (renamed: ``dense`` for Phi, ``out_proj`` GPT-J),
             (+ ``q_norm``/``k_norm``; ``sinks``), transformers' ``nn.Linear`` layout (out, in)
 qkv_rows    Phi-3 ``qkv_proj.weight (N·H + 2·K·H, E)``: q, k, v stacked by rows; ``o_proj`` (ModernBERT:
-            ``Wqkv`` (+ its bias, the same rows) and ``Wo``)
-neox        GPT-NeoX ``query_key_value.weight (N·3·H, E)``: per head, q, k, v (``(N, 3, H)`` rows); ``dense``
+            ``Wqkv`` (+ its bias, the same rows) and ``Wo``; MPT: ``Wqkv``, ``out_proj``)
+neox        GPT-NeoX, Bloom ``query_key_value.weight (N·3·H, E)``: per head, q, k, v (``(N, 3, H)`` rows);
+            ``dense``
+grouped     Falcon ``query_key_value.weight ((N + 2·K)·H, E)``: ``(K, N/K + 2, H)`` rows, each key/value
+            group's queries, then its key and its value (classic Falcon: K = N; ``multi_query``: K = 1);
+            ``dense``
 conv1d      GPT-2 ``c_attn.weight (E, 3E)`` (``Conv1D``: (in, out), columns [q | k | v]); ``c_proj (E, E)``
 bert        ``BertAttention`` (BERT, RoBERTa, XLM-R, CamemBERT, Data2VecText, ERNIE, ELECTRA,
             BertGeneration, RoCBert): ``self.query/key/value``, ``output.dense`` (+
@@ -46,6 +50,7 @@ Every config knob that changes the attention and that ``AttentionConfig`` cannot
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,9 +66,9 @@ BERT_POST_NORM = (
 )
 # Legacy/alias names of config.json keys (the config objects resolve them through their attribute_map).
 _ALIASES = {
-    "hidden_size": ("n_embd",),
-    "num_attention_heads": ("n_head",),
-    "num_hidden_layers": ("n_layer",),
+    "hidden_size": ("n_embd", "n_embed", "d_model"),
+    "num_attention_heads": ("n_head", "n_heads"),
+    "num_hidden_layers": ("n_layer", "n_layers"),
     "max_position_embeddings": ("n_positions",),
 }
 # Where a layer's attention lives in a checkpoint's keys (after an optional model prefix).
@@ -73,6 +78,8 @@ LAYER_INFIXES = (
     "h.{i}.attn.",
     "layer.{i}.attention.",
     "layers.{i}.attn.",
+    "h.{i}.self_attention.",  # Bloom, Falcon
+    "blocks.{i}.attn.",  # MPT
 )
 
 
@@ -172,14 +179,90 @@ def _nope_list(cfg, n):
     return list(lst)
 
 
+# ALiBi slopes, as each family's modeling code computes them (float32 arithmetic, as transformers does).
+
+
+def bloom_alibi_slopes(num_heads: int) -> tuple[float, ...]:
+    """Bloom's (and Falcon's) ``build_alibi_tensor`` slopes: for the largest power of two ``p <= N``, the
+    float32 base ``2^(-8/p)`` to the powers ``1..p``; the remaining ``N - p`` heads take the odd powers
+    ``1, 3, 5, ...`` of the base ``2^(-8/(2p))`` (each power of the float32 base rounded to float32, as
+    ``torch.pow`` gives it)."""
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"{NAME}: ALiBi needs num_heads >= 1; got {num_heads!r}")
+    p = 2 ** math.floor(math.log2(num_heads))
+    base = float(np.float32(2 ** (-(2 ** -(math.log2(p) - 3)))))
+    slopes = [float(np.float32(base**i)) for i in range(1, p + 1)]
+    if p != num_heads:
+        extra = float(np.float32(2 ** (-(2 ** -(math.log2(2 * p) - 3)))))
+        slopes += [float(np.float32(extra**i)) for i in range(1, 1 + 2 * min(p, num_heads - p), 2)]
+    return tuple(slopes)
+
+
+def mpt_alibi_slopes(num_heads: int, alibi_bias_max: float = 8) -> tuple[float, ...]:
+    """MPT's ``build_mpt_alibi_tensor`` slopes: for the power of two ``q >= N``, ``1 / 2^(i · max / q)`` for
+    ``i = 1..q`` (float32), then, when ``q != N``, the odd-indexed ones followed by the even-indexed ones,
+    the first ``N`` of them."""
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"{NAME}: ALiBi needs num_heads >= 1; got {num_heads!r}")
+    q = 2 ** math.ceil(math.log2(num_heads))
+    step = np.float32(alibi_bias_max / q)
+    exps = [np.float32(np.float32(i) * step) for i in range(1, q + 1)]  # float32 base · (max / q)
+    slopes = [float(np.float32(1.0) / np.float32(2.0 ** float(b))) for b in exps]
+    if q != num_heads:
+        slopes = (slopes[1::2] + slopes[0::2])[:num_heads]
+    return tuple(slopes)
+
+
+def _round_bf16(x: float) -> float:
+    """``x`` (a float32 value) rounded to bfloat16, to nearest even, as ``torch.Tensor.bfloat16``."""
+    bits = int(np.array(x, np.float32).view(np.uint32))
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return float(np.array(bits, np.uint32).view(np.float32))
+
+
+def falcon_alibi_slopes(num_heads: int, head_dim: int) -> tuple[float, ...]:
+    """Falcon's ALiBi as our slopes: Bloom's slopes rounded to bfloat16 (``slopes.bfloat16()`` in its
+    ``build_alibi_tensor``) and divided by ``sqrt(head_dim)`` (``FalconModel`` adds ``alibi / sqrt(H)`` to
+    the mask, after the logits were scaled).
+
+    Not expressed: Falcon's ``build_alibi_tensor`` multiplies in bfloat16 (in every model dtype): the key
+    position is rounded to bf16, then the product, so its bias is linear in the position only while both fit
+    bf16's 8 significant bits: with power-of-two slopes (up to 8 heads) up to position 256, otherwise only up
+    to position 2 (32 heads, H = 64: up to 0.06 logit off by position 256, 0.9 by 2048; at most
+    ``2^-7 · |slope · position| / sqrt(H)``). The port is exact ALiBi with these slopes."""
+    return tuple(_round_bf16(s) / math.sqrt(head_dim) for s in bloom_alibi_slopes(num_heads))
+
+
+def _falcon_kv_heads(cfg, n_heads: int, family: str) -> int:
+    """``FalconAttention``'s key/value heads: ``num_kv_heads`` with ``new_decoder_architecture``, else one
+    with ``multi_query``, else one per query head."""
+    kv = cfg.get("num_kv_heads") or n_heads
+    if cfg.get("new_decoder_architecture"):
+        return kv
+    if cfg.get("multi_query"):
+        return 1
+    if kv != n_heads:
+        raise _unsupported(
+            family,
+            "num_kv_heads",
+            kv,
+            "without multi_query or new_decoder_architecture FalconAttention's query_key_value has one key "
+            "head per query head, which its repeat_kv over num_kv_heads does not match (transformers cannot "
+            "run it)",
+        )
+    return n_heads
+
+
 @dataclass(frozen=True)
 class Family:
     """How one family's modeling code builds its attention from its config (one entry of
     :data:`FAMILY_TABLE`; the reader, :func:`attention_config`, is the same for all).
 
     Attributes:
-      weights: the weight layout: ``"separate"``, ``"qkv_rows"``, ``"neox"``, ``"conv1d"``, ``"bert"``.
-      renames: ``((ours, theirs), ...)`` projection names that differ from ``q_proj``… (separate layout).
+      weights: the weight layout: ``"separate"``, ``"qkv_rows"``, ``"neox"``, ``"grouped"``, ``"conv1d"``,
+        ``"bert"``.
+      renames: ``((ours, theirs), ...)`` projection names that differ from ``q_proj``… (``qkv_proj`` names
+        the fused matrix of the qkv_rows layout).
       qkv_bias, o_bias: a constant, or the config key the module reads (default in ``defaults``).
       rope: None (no rotary), ``"half"`` (rotate_half) or ``"interleaved"`` (pairs 2i, 2i + 1).
       partial: the rotary embedding reads ``partial_rotary_factor`` (else a config's value is ignored).
@@ -191,13 +274,20 @@ class Family:
       qk_norm, qk_norm_offset, qk_norm_eps: the RMSNorm kind (``"none"``, ``"head"``, ``"full"``), its weight
         offset (Gemma: 1) and the config key of its epsilon; ``qk_norm_switch``: a bool config key the norm
         needs on (GLM-4-MoE's ``use_qk_norm``).
-      scale: None (``head_dim ** -0.5``), ``"query_pre_attn_scalar"``, ``"attention_multiplier"`` (Granite:
-        the logit scale itself) or ``"gpt2"``.
+      scale: None (``head_dim ** -0.5``), ``"one"`` (Gemma 4), ``"query_pre_attn_scalar"``, ``"gpt2"``, or
+        the config key of the logit scale itself (Granite's ``attention_multiplier``, MPT's
+        ``attn_config.softmax_scale``; None there: ``head_dim ** -0.5``).
       softcap: reads ``attn_logit_softcapping``.
       sinks: a learned sink logit per head.
       nope: the per-layer list key (1 = rotary, 0 = NoPE: SmolLM3's and Llama 4's ``no_rope_layers``).
       qk_norm_rope_only: the qk-norm exists on rotary layers only (Llama 4).
-      clip: the config key of the q/k/v clamp (OLMo's ``clip_qkv``).
+      clip: the config key of the q/k/v clamp (OLMo's ``clip_qkv``); a dotted key reads a sub-config
+        (MPT's ``attn_config.clip_qkv``), as do ``dropout`` and ``scale``.
+      alibi: ALiBi instead of rotary, its slopes computed as ``"bloom"`` (Bloom's ``build_alibi_tensor``),
+        ``"mpt"`` (``build_mpt_alibi_tensor``) or ``"falcon"`` (Bloom's, rounded to bf16, over sqrt(H));
+        ``alibi_switch``: a bool config key ALiBi needs on (Falcon's ``alibi``; off, the family rotates).
+      kv_heads: reads the key/value head count (``(cfg, N, family) -> K``) where the config's flags decide it
+        (Falcon's ``multi_query`` / ``new_decoder_architecture``).
       gate: the sigmoid output gate carried by ``q_proj`` (Qwen3-Next, Qwen3.5).
       chunk: the config key of the chunk size of ``chunked_attention`` layers (Llama 4).
       temperature: Llama 4's attention-temperature tuning on NoPE layers (``attn_temperature_tuning``,
@@ -252,6 +342,9 @@ class Family:
     gate: bool = False
     chunk: str | None = None
     temperature: bool = False
+    alibi: str | None = None
+    alibi_switch: str | None = None
+    kv_heads: object = None
     mrope: str | None = None
     mrope_default: tuple | None = None
     per_layer: bool = False
@@ -449,6 +542,52 @@ FAMILY_TABLE: dict[str, Family] = {
             ("resid_pdrop", "GPT2Attention's output dropout in training mode is not ported; call .eval()"),
         ),
     ),
+    # BloomAttention adds its ``residual`` argument to its output (after a dropout of ``hidden_dropout``): the
+    # port stops at ``dense``, the caller adds the residual (the port check calls it with a zero residual).
+    "bloom": Family(
+        weights="neox",
+        renames=(("o_proj", "dense"),),
+        qkv_bias=True,
+        o_bias=True,
+        rope=None,
+        alibi="bloom",
+        train_refuse=(
+            (
+                "hidden_dropout",
+                "BloomAttention's dropout of its output (before it adds the residual) in training mode is "
+                "not ported; call .eval()",
+            ),
+        ),
+    ),
+    # MptAttention reads only softmax_scale, clip_qkv and attn_pdrop of attn_config: MptModel builds ALiBi
+    # whatever attn_config.alibi says, with build_mpt_alibi_tensor's default alibi_bias_max (8) whatever
+    # attn_config.alibi_bias_max says, and the module has no bias, qk-LayerNorm, prefix-LM or multi-query
+    # variant (no_bias, qk_ln, prefix_lm, attn_type are unread), so the port follows transformers there.
+    "mpt": Family(
+        weights="qkv_rows",
+        renames=(("qkv_proj", "Wqkv"), ("o_proj", "out_proj")),
+        qkv_bias=False,
+        o_bias=False,
+        rope=None,
+        alibi="mpt",
+        clip="attn_config.clip_qkv",
+        scale="attn_config.softmax_scale",
+        dropout="attn_config.attn_pdrop",
+    ),
+    # Falcon: ALiBi (alibi=True; transformers rounds key positions and slope · position to bf16, the port not:
+    # see falcon_alibi_slopes) or rotary; one fused query_key_value
+    # in the grouped layout (classic: one group per head; multi_query: one group; new_decoder_architecture:
+    # num_kv_heads groups).
+    "falcon": Family(
+        weights="grouped",
+        renames=(("o_proj", "dense"),),
+        qkv_bias="bias",
+        o_bias="bias",
+        alibi="falcon",
+        alibi_switch="alibi",
+        kv_heads=_falcon_kv_heads,
+        defaults={"multi_query": True, "new_decoder_architecture": False, "alibi": False, "bias": False},
+    ),
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
@@ -637,6 +776,11 @@ class _Cfg:
         self.defaults = defaults or {}
 
     def get(self, key, default=None):
+        if "." in key:  # a sub-config's key (MPT's attn_config.clip_qkv), an object or a dict
+            head, rest = key.split(".", 1)
+            sub = self.get(head)
+            val = None if sub is None else _Cfg(sub).get(rest)
+            return self.defaults.get(key, default) if val is None else val
         for k in (key, *_ALIASES.get(key, ())):
             if isinstance(self.obj, dict):
                 if k in self.obj:
@@ -796,8 +940,10 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
             raise _unsupported(family, knob, cfg.get(knob), why)
     K = cfg.get("num_key_value_heads") or N
     H = cfg.get("head_dim") or E // N
-    if e.mha or e.weights in ("neox", "conv1d", "bert"):  # no kv heads nor head_dim of their own
+    if e.mha or e.weights in ("neox", "conv1d", "bert", "grouped"):  # no kv heads nor head_dim of their own
         K, H = N, E // N
+    if e.kv_heads is not None:
+        K = e.kv_heads(cfg, N, family)
     lt = layer_types(config, family)
     layer_type = lt[layer] if lt is not None else None
     if e.per_layer:
@@ -827,8 +973,19 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
         raise _unsupported(family, f"layer_types[{layer}]", layer_type, f"known: {known_types}")
     kw["dropout"] = float(cfg.get(e.dropout, 0.0) or 0.0)
 
+    # ALiBi (then no rotary) where the family has it and its switch is on.
+    alibi_on = e.alibi is not None and (e.alibi_switch is None or bool(cfg.get(e.alibi_switch, False)))
+    if alibi_on:
+        kw["alibi_slopes"] = {
+            "bloom": lambda: bloom_alibi_slopes(N),
+            # MptModel calls build_mpt_alibi_tensor without attn_config.alibi_bias_max: its default, 8.
+            "mpt": lambda: mpt_alibi_slopes(N, 8),
+            "falcon": lambda: falcon_alibi_slopes(N, H),
+        }[e.alibi]()
+
     # Rotary: the layer's parameters, in the family's layout; NoPE layers have none.
     rope_on = e.rope is not None and (e.nope is None or bool(_nope_list(cfg, n_layers)[layer]))
+    rope_on = rope_on and not alibi_on
     if e.rope_sliding_only is not None:
         has_window = bool(cfg.get("sliding_window"))
         sliding = layer_type == "sliding_attention" and has_window
@@ -870,8 +1027,9 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
 
     if e.chunk is not None and layer_type == "chunked_attention":
         kw["chunk_size"] = int(cfg.get(e.chunk))
-    if e.clip is not None and cfg.get(e.clip) is not None:
-        kw["clip_qkv"] = float(cfg.get(e.clip))
+    clip = None if e.clip is None else cfg.get(e.clip)
+    if clip is not None and (clip or family != "mpt"):  # MptAttention clamps only when clip_qkv is truthy
+        kw["clip_qkv"] = float(clip)
     kw["output_gate"] = e.gate
     if e.temperature and not rope_on and cfg.get("attn_temperature_tuning", False):
         kw["attn_temperature"] = (float(cfg.get("floor_scale")), float(cfg.get("attn_scale")))
@@ -890,14 +1048,16 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
         kw["scale"] = 1.0
     elif e.scale == "query_pre_attn_scalar":
         kw["query_pre_attn_scalar"] = cfg.get("query_pre_attn_scalar")
-    elif e.scale == "attention_multiplier":
-        kw["scale"] = float(cfg.get("attention_multiplier"))
     elif e.scale == "gpt2":
         scale = (E // N) ** -0.5 if cfg.get("scale_attn_weights", True) else 1.0
         if cfg.get("scale_attn_by_inverse_layer_idx", False):
             scale /= float(layer + 1)
         kw["scale"] = scale
         # reorder_and_upcast_attn only changes the precision of the logits (fp32 either way here).
+    elif e.scale is not None:  # the config key of the logit scale itself (None: head_dim ** -0.5)
+        scale = cfg.get(e.scale)
+        if scale is not None:
+            kw["scale"] = float(scale)
     if e.softcap:
         kw["softcap"] = cfg.get("attn_logit_softcapping")
     kw["sinks"] = e.sinks
@@ -1084,6 +1244,14 @@ def from_hf(sd: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
                 w[N * H : N * H + K * H],
                 w[N * H + K * H :],
             )
+    elif e.weights == "grouped":  # (K, N/K + 2, H) rows: each group's queries, then its key and value
+        G = N // K
+        for suffix in ("weight", "bias") if c.q_bias else ("weight",):
+            a = sd[f"query_key_value.{suffix}"]
+            a = a.reshape(K, G + 2, H, *a.shape[1:])
+            out[f"q_proj.{suffix}"] = np.ascontiguousarray(a[:, :G].reshape(N * H, *a.shape[3:]))
+            out[f"k_proj.{suffix}"] = np.ascontiguousarray(a[:, G].reshape(K * H, *a.shape[3:]))
+            out[f"v_proj.{suffix}"] = np.ascontiguousarray(a[:, G + 1].reshape(K * H, *a.shape[3:]))
     elif e.weights == "neox":
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             a = sd[f"query_key_value.{suffix}"]
@@ -1106,16 +1274,26 @@ def from_hf(sd: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
 
 def to_hf(ours: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[str, np.ndarray]:
     """Ours → the family's attention state dict (inverse of :func:`from_hf`, bit-exact)."""
-    N, H = c.N, c.H
+    N, K, H = c.N, c.K, c.H
     e = entry(family)
+    ren = dict(e.renames)
     ours = {k: np.asarray(v) for k, v in ours.items()}
     out: dict[str, np.ndarray] = {}
     qkv = ("q_proj", "k_proj", "v_proj")
     done: set[str] = set()
     if e.weights == "qkv_rows":
-        fused = dict(e.renames).get("qkv_proj", "qkv_proj")
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
-            out[f"{fused}.{suffix}"] = np.concatenate([ours[f"{p}.{suffix}"] for p in qkv], axis=0)
+            fused = np.concatenate([ours[f"{p}.{suffix}"] for p in qkv], axis=0)
+            out[f"{ren.get('qkv_proj', 'qkv_proj')}.{suffix}"] = fused
+            done |= {f"{p}.{suffix}" for p in qkv}
+    elif e.weights == "grouped":
+        G = N // K
+        for suffix in ("weight", "bias") if c.q_bias else ("weight",):
+            rest = ours[f"q_proj.{suffix}"].shape[1:]
+            q = ours[f"q_proj.{suffix}"].reshape(K, G, H, *rest)
+            k = ours[f"k_proj.{suffix}"].reshape(K, 1, H, *rest)
+            v = ours[f"v_proj.{suffix}"].reshape(K, 1, H, *rest)
+            out[f"query_key_value.{suffix}"] = np.concatenate([q, k, v], axis=1).reshape(-1, *rest)
             done |= {f"{p}.{suffix}" for p in qkv}
     elif e.weights == "neox":
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
@@ -1128,7 +1306,6 @@ def to_hf(ours: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
         out["c_proj.weight"] = np.ascontiguousarray(ours["o_proj.weight"].T)
         out["c_proj.bias"] = ours["o_proj.bias"]
         done = set(ours)
-    ren = dict(e.renames)
     for key in state_dict_shapes(c):
         if key in done:
             continue
@@ -1154,14 +1331,44 @@ def layer_prefix(keys, layer: int) -> str:
     return found.pop()
 
 
+def _bloom_module_config(m) -> dict:
+    return {
+        "model_type": "bloom",
+        "hidden_size": int(m.hidden_size),
+        "n_head": int(m.num_heads),
+        "attention_dropout": float(m.attention_dropout.p),
+        "hidden_dropout": float(m.hidden_dropout),
+    }
+
+
+def _mpt_module_config(m) -> dict:
+    scale = float(m.softmax_scale)
+    default = 1 / math.sqrt(m.hidden_size / m.n_heads)  # what MptAttention makes of softmax_scale=None
+    return {
+        "model_type": "mpt",
+        "d_model": int(m.hidden_size),
+        "n_heads": int(m.n_heads),
+        "attn_config": {
+            "softmax_scale": None if scale == default else scale,
+            "clip_qkv": m.clip_qkv,
+            "attn_pdrop": float(m.attn_dropout_p),
+        },
+    }
+
+
+# Attention modules that keep no ``config``: the config knobs their forward reads, from their own attributes.
+_CONFIGLESS = {"BloomAttention": _bloom_module_config, "MptAttention": _mpt_module_config}
+
+
 def describe_module(module, post_norm_outside: bool = False) -> tuple[str, AttentionConfig]:
     """``(family, AttentionConfig)`` of a transformers attention module, read duck-typed: its ``config``, its
     ``layer_idx`` and the attributes that differ from the config (GPT-2 cross-attention, BERT's causal flag).
 
-    Accepted: the ``self_attn`` (``attention`` for GPT-NeoX, ``attn`` for GPT-2) of a decoder layer, ViT's
-    ``ViTAttention`` and BERT's (RoBERTa's, XLM-R's) attention block (with ``post_norm_outside=True``, see
-    :data:`BERT_POST_NORM`). A model_type with no family entry is decided from the module (see the module
-    docstring).
+    Accepted: the ``self_attn`` (``attention`` for GPT-NeoX, ``attn`` for GPT-2 and MPT, ``self_attention``
+    for Bloom and Falcon; Bloom's and MPT's modules keep no config: their own attributes are read) of a
+    decoder layer, ViT's ``ViTAttention`` and BERT's (RoBERTa's, XLM-R's) attention block (with
+    ``post_norm_outside=True``, see :data:`BERT_POST_NORM`). A model_type with no family entry is decided from
+    the module (see the module docstring).
     """
     import dataclasses
 
@@ -1170,6 +1377,8 @@ def describe_module(module, post_norm_outside: bool = False) -> tuple[str, Atten
         or getattr(getattr(module, "self", None), "config", None)
         or getattr(getattr(module, "attention", None), "config", None)  # YOLOS
     )
+    if config is None and type(module).__name__ in _CONFIGLESS:
+        config = _CONFIGLESS[type(module).__name__](module)
     if config is None:
         raise ValueError(
             f"{NAME}: expected a transformers attention module with a .config; got {type(module).__name__}"

@@ -125,6 +125,33 @@ def tiny_config(family: str, **overrides):
         "gptj": lambda: tf.GPTJConfig(
             n_embd=32, n_head=4, n_layer=2, vocab_size=64, n_positions=64, rotary_dim=4, pad_token_id=0
         ),
+        # ALiBi families. Bloom: 10 heads (a non-power of two: slopes 2^-1..2^-8, then 2^-0.5, 2^-1.5).
+        "bloom": lambda: tf.BloomConfig(hidden_size=40, n_head=10, n_layer=2, vocab_size=64, pad_token_id=0),
+        # MPT: 6 heads (its slopes reordered from 8), clip_qkv and softmax_scale on.
+        "mpt": lambda: tf.MptConfig(
+            d_model=48,
+            n_heads=6,
+            n_layers=2,
+            expansion_ratio=2,
+            max_seq_len=64,
+            vocab_size=64,
+            pad_token_id=0,
+            attn_config={"clip_qkv": 0.8, "softmax_scale": 0.3},
+        ),
+        # Falcon: ALiBi and the new decoder architecture (2 key/value groups of 2 heads), biases on; the
+        # other layouts and rotary by overrides (alibi=False, new_decoder_architecture=False, multi_query).
+        "falcon": lambda: tf.FalconConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            num_hidden_layers=2,
+            vocab_size=64,
+            max_position_embeddings=64,
+            alibi=True,
+            new_decoder_architecture=True,
+            bias=True,
+            pad_token_id=0,
+        ),
         "gpt2": lambda: tf.GPT2Config(
             n_embd=32, n_head=4, n_layer=2, vocab_size=64, scale_attn_by_inverse_layer_idx=True
         ),
@@ -371,9 +398,9 @@ def tiny_config(family: str, **overrides):
 def attention_of(model, layer: int):
     """The attention module of layer ``layer`` of a transformers model (base or with a head)."""
     base = getattr(model, "base_model", model)
-    if not any(hasattr(base, name) for name in ("layers", "h", "encoder")):
+    if not any(hasattr(base, name) for name in ("layers", "h", "blocks", "encoder")):
         base = getattr(base, "model", base)  # Llama 4: its base_model_prefix names no attribute
-    for path in ("layers", "h", "encoder.layer"):
+    for path in ("layers", "h", "blocks", "encoder.layer"):
         obj = base
         try:
             for part in path.split("."):
@@ -381,7 +408,7 @@ def attention_of(model, layer: int):
         except AttributeError:
             continue
         block = obj[layer]
-        for name in ("self_attn", "attention", "attn"):
+        for name in ("self_attn", "attention", "attn", "self_attention"):
             if hasattr(block, name):
                 return getattr(block, name)
     raise ValueError(f"attention_of: no attention layer {layer} in {type(model).__name__}")
@@ -467,7 +494,8 @@ def _keep(module, family: str, mask: np.ndarray, q_idx: np.ndarray, S: int):
 
     pad = mu.padding_mask_function(torch.from_numpy(mask[:, :S].astype(bool)))
     causal = _causal(module, family)
-    layer_types = getattr(module.config, "layer_types", None) if hasattr(module, "layer_idx") else None
+    config = getattr(module, "config", None)  # Bloom's and MPT's modules have none
+    layer_types = getattr(config, "layer_types", None) if hasattr(module, "layer_idx") else None
     if causal:
         w = _window(module, family)
         base = mu.causal_mask_function if w is None else mu.sliding_window_causal_mask_function(w)
@@ -510,8 +538,10 @@ def _hf_call(module, family, x, mask, pos, q_idx, S, cache=None):
     if rotary is not None:
         pos_t = torch.from_numpy(pos)
         kwargs["position_embeddings"] = rotary(x, pos_t, layer_type) if layer_type else rotary(x, pos_t)
+    if spec.entry(family).alibi is not None:
+        kwargs.update(_alibi_kwargs(module, family, x, mask[:, :S], keep))
     if cache is not None:
-        kwargs["layer_past" if family == "gpt_neox" else "cache"] = cache
+        kwargs["layer_past" if family in ("gpt_neox", "bloom", "falcon") else "cache"] = cache
     if spec.entry(family).kv_shared is not None:  # Gemma 4's forward takes the layers' shared keys/values
         kwargs["shared_kv_states"] = {}
     if spec.entry(family).causal == "bert":
@@ -520,10 +550,47 @@ def _hf_call(module, family, x, mask, pos, q_idx, S, cache=None):
     return module(x, **kwargs)[0]
 
 
+def _alibi_kwargs(module, family, x, mask, keep) -> dict:
+    """What the family's model hands its attention for ALiBi, built by the family's own functions from the
+    ``(B, S)`` padding mask, as its model's forward builds it:
+
+    - Bloom: ``alibi = build_alibi_tensor(mask)`` (``slope · (cumsum(mask) - 1)`` per key, in the dtype) and
+      ``residual``, which its attention adds to its output: zeros (the port stops at ``dense``; in eval mode
+      the dropout before that add is off, so the output is ``dense``'s exactly);
+    - MPT: ``position_bias = build_mpt_alibi_tensor(N, max_seq_len)`` (with its default ``alibi_bias_max``,
+      as ``MptModel`` calls it) and a boolean mask, True where masked (``MptModel``'s ``.to(torch.bool)`` of
+      the additive one);
+    - Falcon with ``alibi``: the additive mask is ``build_alibi_tensor(mask) / sqrt(H)`` where kept, the
+      dtype's minimum elsewhere (``FalconModel.forward``'s ``masked_fill``); without ``alibi``, nothing.
+    """
+    import math
+
+    import torch
+
+    mod = sys.modules[type(module).__module__]
+    mask_t = torch.from_numpy(np.ascontiguousarray(mask))
+    if family == "bloom":
+        if module.training and module.hidden_dropout:
+            raise ValueError("port check: BloomAttention's output dropout must be off (eval mode)")
+        alibi = mod.build_alibi_tensor(mask_t, module.num_heads, x.dtype)
+        return {"alibi": alibi, "residual": torch.zeros_like(x)}
+    if family == "mpt":
+        bias = mod.build_mpt_alibi_tensor(module.n_heads, module.max_seq_length, device=x.device)
+        return {"position_bias": bias, "attention_mask": ~keep[:, None]}
+    if family == "falcon" and module.config.alibi:
+        B, S = mask.shape
+        alibi = mod.build_alibi_tensor(mask_t, module.num_heads, x.dtype).reshape(B, -1, 1, S)
+        scaled = alibi / math.sqrt(module.config.hidden_size // module.num_heads)
+        return {"attention_mask": torch.masked_fill(scaled, ~keep[:, None], torch.finfo(x.dtype).min)}
+    return {}
+
+
 def _eager(module):
     """Run with the eager attention (the readable reference); returns a restore callable."""
     inner = getattr(module, "self", None) or getattr(module, "attention", None)
-    cfg = getattr(module, "config", None) or inner.config  # BERT: .self, YOLOS: .attention
+    cfg = getattr(module, "config", None) or getattr(inner, "config", None)  # BERT: .self, YOLOS: .attention
+    if cfg is None:  # Bloom's and MPT's attentions have only their own eager code
+        return lambda: None
     old = getattr(cfg, "_attn_implementation", None)
     cfg._attn_implementation = "eager"
     return lambda: setattr(cfg, "_attn_implementation", old)
@@ -1013,9 +1080,6 @@ COVERAGE_CANDIDATES = (
     "gpt_neo",
     "gpt_bigcode",
     "codegen",
-    "falcon",
-    "bloom",
-    "mpt",
     "opt",
     "xglm",
     "biogpt",
@@ -1075,7 +1139,7 @@ def coverage_table(model_types=None, dtypes=("float32",)) -> tuple[list[dict], s
     import torch
 
     rows = []
-    for mt in model_types or (*spec.FAMILIES, *COVERAGE_CANDIDATES):
+    for mt in dict.fromkeys(model_types or (*spec.FAMILIES, *COVERAGE_CANDIDATES)):
         row = {"model_type": mt, "status": "", "detail": "", "errors": {}, "ok": None}
         try:
             module = _probe(mt)
