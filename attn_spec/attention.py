@@ -21,6 +21,11 @@ Phi-3          ``rope=RopeConfig(rope_type="longrope", ...)``, ``partial_rotary_
 OLMo 2         ``qk_norm="full"`` (``q_norm`` of size N·H, ``k_norm`` of size K·H, before the head split)
 GPT-NeoX       ``partial_rotary_factor=0.25`` [rotary_pct], all four biases
 gpt-oss        ``rope_type="yarn"``, ``sinks=True``, ``sliding_window`` on alternate layers, biases
+Cohere         ``qk_norm="head"``, ``qk_norm_kind="layer"``, ``qk_norm_per_head=True`` [use_qk_norm,
+               layer_norm_eps] (CohereLayerNorm: a weight per head and channel, no bias); interleaved rope
+StableLM       the same norm [qk_layernorm] (StableLmLayerNormPerHead: one LayerNorm without bias per head)
+Phi/Persimmon  ``qk_norm="head"``, ``qk_norm_kind="layer"``, ``qk_norm_bias=True`` [qk_layernorm] (one
+               LayerNorm over each head's H channels, shared by the heads, with a bias)
 =============  ===============================================================================================
 
 Conventions (both twins, the oracle and the vectors):
@@ -51,6 +56,7 @@ from attn_spec.rope import RopeConfig, check_head_dim
 NAME = "Attention"
 IMPLEMENTATIONS = ("math", "fused", "blocked")
 QK_NORMS = ("none", "head", "full", "unit")
+QK_NORM_KINDS = ("rms", "layer")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BLOCKED_AVAILABLE = True  # the FlexAttention engine of ``jax_attn.flex`` / ``torch_attn.flex``
 
@@ -74,11 +80,12 @@ class AttentionConfig:
       head_dim: H (None: E // N, which must then divide).
       q_bias, k_bias, v_bias, o_bias: a bias on each projection.
       rope: rotary settings (:class:`attn_spec.rope.RopeConfig`) or None for no positions.
-      qk_norm: ``"none"``, ``"head"`` (RMSNorm over each head's H channels, weight (H,)), ``"full"``
-        (RMSNorm over the projected N·H / K·H width, before the head split) or ``"unit"`` (RMSNorm over each
-        head without a weight: Llama 4's L2 norm; it commutes with the rotation, so its place before or
-        after RoPE gives the same result).
-      qk_norm_eps: the RMSNorm epsilon.
+      qk_norm: ``"none"``, ``"head"`` (RMSNorm over each head's H channels, weight (H,); before RoPE),
+        ``"full"`` (RMSNorm over the projected N·H / K·H width, before the head split) or ``"unit"``
+        (RMSNorm over each head without a weight: Llama 4's L2 norm; it commutes with the rotation, so its
+        place before or after RoPE gives the same result). ``qk_norm_kind="layer"`` makes the weighted
+        kinds LayerNorms.
+      qk_norm_eps: the norm's epsilon.
       qk_norm_offset: the norm scales by ``offset + weight`` (0: Llama-style ``weight``; 1: Gemma's
         ``1 + weight``, whose weights start at zero).
       scale: the logit scale (None: ``query_pre_attn_scalar ** -0.5`` if given, else ``head_dim ** -0.5``).
@@ -105,6 +112,13 @@ class AttentionConfig:
       v_norm: an RMSNorm without a weight over each head of the values (Gemma 4; ``qk_norm_eps``).
       k_eq_v: no ``v_proj``: the values are the key projection's output before the key norm and rotary
         (Gemma 4's full layers with ``attention_k_eq_v``).
+      qk_norm_kind: the weighted qk-norm (``qk_norm="head"``/``"full"``) is an RMSNorm (``"rms"``) or a
+        LayerNorm (``"layer"``: the mean subtracted first, then divided by ``sqrt(variance + qk_norm_eps)``;
+        Cohere, StableLM, Phi, Persimmon). Both compute in float32 and round once to the input's dtype.
+      qk_norm_per_head: ``qk_norm="head"`` with a weight (and bias) per head and channel, ``q_norm.weight
+        (N, H)`` and ``k_norm.weight (K, H)`` (Cohere, StableLM), instead of one ``(H,)`` shared by the heads.
+      qk_norm_bias: the LayerNorm adds a bias ``q_norm.bias``/``k_norm.bias`` shaped like its weight (Phi,
+        Persimmon); ``qk_norm_kind="layer"`` only.
     """
 
     hidden_size: int
@@ -133,6 +147,9 @@ class AttentionConfig:
     alibi_slopes: tuple[float, ...] | None = None
     v_norm: bool = False
     k_eq_v: bool = False
+    qk_norm_kind: str = "rms"
+    qk_norm_per_head: bool = False
+    qk_norm_bias: bool = False
 
     def __post_init__(self):
         for name in ("attn_temperature", "alibi_slopes"):  # lists (JSON) become hashable tuples
@@ -256,6 +273,28 @@ def check_config(c: AttentionConfig, name: str = NAME) -> None:
         raise ValueError(
             f"{name}: alibi_slopes must be one number per query head (num_heads={c.N}) or None; got "
             f"alibi_slopes={a!r}"
+        )
+    if c.qk_norm_kind not in QK_NORM_KINDS:
+        raise ValueError(
+            f"{name}: qk_norm_kind must be one of {QK_NORM_KINDS}; got qk_norm_kind={c.qk_norm_kind!r}"
+        )
+    for arg in ("qk_norm_per_head", "qk_norm_bias"):
+        if not isinstance(getattr(c, arg), bool):
+            raise ValueError(f"{name}: {arg} must be a bool; got {arg}={getattr(c, arg)!r}")
+    if c.qk_norm_kind == "layer" and c.qk_norm not in ("head", "full"):
+        raise ValueError(
+            f"{name}: qk_norm_kind='layer' (a LayerNorm with a weight) needs qk_norm='head' or 'full'; got "
+            f"qk_norm={c.qk_norm!r}"
+        )
+    if c.qk_norm_per_head and c.qk_norm != "head":
+        raise ValueError(
+            f"{name}: qk_norm_per_head=True (a weight per head and channel) needs qk_norm='head'; got "
+            f"qk_norm={c.qk_norm!r}"
+        )
+    if c.qk_norm_bias and c.qk_norm_kind != "layer":
+        raise ValueError(
+            f"{name}: qk_norm_bias=True needs qk_norm_kind='layer' (an RMSNorm has no bias); got "
+            f"qk_norm_kind={c.qk_norm_kind!r}, qk_norm={c.qk_norm!r}"
         )
 
 
@@ -430,6 +469,18 @@ def check_cache(
         )
 
 
+def qk_norm_shapes(config: AttentionConfig) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The shapes of ``q_norm.weight`` and ``k_norm.weight`` (and of their biases): ``(H,)`` each for
+    ``qk_norm="head"``, ``(N, H)`` / ``(K, H)`` with ``qk_norm_per_head``, ``(N·H,)`` / ``(K·H,)`` for
+    ``"full"``; None without weighted qk-norm."""
+    c = config
+    if c.qk_norm == "head":
+        return ((c.N, c.H), (c.K, c.H)) if c.qk_norm_per_head else ((c.H,), (c.H,))
+    if c.qk_norm == "full":
+        return (c.N * c.H,), (c.K * c.H,)
+    return None
+
+
 def state_dict_shapes(config: AttentionConfig) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of the state dict, torch ``nn.Linear`` layout (out, in), transformers' names."""
     c = config
@@ -444,10 +495,12 @@ def state_dict_shapes(config: AttentionConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{proj}.weight"] = (out, inp)
         if bias:
             shapes[f"{proj}.bias"] = (out,)
-    if c.qk_norm == "head":
-        shapes["q_norm.weight"], shapes["k_norm.weight"] = (H,), (H,)
-    elif c.qk_norm == "full":
-        shapes["q_norm.weight"], shapes["k_norm.weight"] = (N * H,), (K * H,)
+    norm_shapes = qk_norm_shapes(c)
+    if norm_shapes is not None:
+        for which, shape in zip(("q_norm", "k_norm"), norm_shapes):
+            shapes[f"{which}.weight"] = shape
+            if c.qk_norm_bias:
+                shapes[f"{which}.bias"] = shape
     if c.sinks:
         shapes["sinks"] = (N,)
     return shapes

@@ -20,7 +20,8 @@ Weight layouts (prefix = the module):
 
 ==========  ============================================================================================
 separate    ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (renamed: ``dense`` for Phi, ``out_proj`` GPT-J),
-            (+ ``q_norm``/``k_norm``; ``sinks``), transformers' ``nn.Linear`` layout (out, in)
+            (+ ``q_norm``/``k_norm``, ``q_layernorm``/``k_layernorm`` for Phi, StableLM, Persimmon,
+            StableLM's per head as ``norms.{i}``; ``sinks``), transformers' ``nn.Linear`` layout (out, in)
 qkv_rows    Phi-3 ``qkv_proj.weight (N·H + 2·K·H, E)``: q, k, v stacked by rows; ``o_proj`` (ModernBERT:
             ``Wqkv`` (+ its bias, the same rows) and ``Wo``; MPT: ``Wqkv``, ``out_proj``)
 neox        GPT-NeoX, Bloom ``query_key_value.weight (N·3·H, E)``: per head, q, k, v (``(N, 3, H)`` rows);
@@ -261,8 +262,9 @@ class Family:
     Attributes:
       weights: the weight layout: ``"separate"``, ``"qkv_rows"``, ``"neox"``, ``"grouped"``, ``"conv1d"``,
         ``"bert"``.
-      renames: ``((ours, theirs), ...)`` projection names that differ from ``q_proj``… (``qkv_proj`` names
-        the fused matrix of the qkv_rows layout).
+      renames: ``((ours, theirs), ...)`` module names that differ from ours (``q_proj``… in the separate
+        layout, ``o_proj``, ``q_norm``/``k_norm``; ``qkv_proj`` names the fused matrix of the qkv_rows
+        layout).
       qkv_bias, o_bias: a constant, or the config key the module reads (default in ``defaults``).
       rope: None (no rotary), ``"half"`` (rotate_half) or ``"interleaved"`` (pairs 2i, 2i + 1).
       partial: the rotary embedding reads ``partial_rotary_factor`` (else a config's value is ignored).
@@ -271,9 +273,13 @@ class Family:
       window: None (the module has no window), ``"config"`` (``sliding_window`` in every layer) or
         ``"layer"`` (on ``sliding_attention`` layers of ``layer_types``).
       window_gate: a bool config key the window needs on (Qwen's ``use_sliding_window``).
-      qk_norm, qk_norm_offset, qk_norm_eps: the RMSNorm kind (``"none"``, ``"head"``, ``"full"``), its weight
-        offset (Gemma: 1) and the config key of its epsilon; ``qk_norm_switch``: a bool config key the norm
-        needs on (GLM-4-MoE's ``use_qk_norm``).
+      qk_norm, qk_norm_offset, qk_norm_eps: the qk-norm kind (``"none"``, ``"head"``, ``"full"``,
+        ``"unit"``), its weight offset (Gemma: 1) and the config key of its epsilon; ``qk_norm_switch``: a
+        bool config key the norm needs on (GLM-4-MoE's ``use_qk_norm``, StableLM's ``qk_layernorm``).
+      qk_norm_kind, qk_norm_per_head, qk_norm_bias: the norm is an RMSNorm (``"rms"``) or a LayerNorm
+        (``"layer"``), with a weight per head and channel, with a bias (``AttentionConfig``'s fields).
+      qk_norm_list: the per-head weights live in a ``ModuleList`` of one norm per head,
+        ``<q_norm>.norms.{i}.weight (H,)`` (StableLM's ``StableLmLayerNormPerHead``), stacked into ours.
       scale: None (``head_dim ** -0.5``), ``"one"`` (Gemma 4), ``"query_pre_attn_scalar"``, ``"gpt2"``, or
         the config key of the logit scale itself (Granite's ``attention_multiplier``, MPT's
         ``attn_config.softmax_scale``; None there: ``head_dim ** -0.5``).
@@ -333,6 +339,10 @@ class Family:
     qk_norm_switch: str | None = None
     qk_norm_offset: float = 0.0
     qk_norm_eps: str = "rms_norm_eps"
+    qk_norm_kind: str = "rms"
+    qk_norm_per_head: bool = False
+    qk_norm_bias: bool = False
+    qk_norm_list: bool = False
     scale: str | None = None
     softcap: bool = False
     sinks: bool = False
@@ -486,33 +496,57 @@ FAMILY_TABLE: dict[str, Family] = {
         rope_sliding_only="with_window",
         defaults={"rms_norm_eps": 1e-5},
     ),
+    # CohereLayerNorm: a weight (N, H) / (K, H), no bias, in float32; over each head, before the rotary.
     "cohere": Family(
         rope="interleaved",
-        refuse=(("use_qk_norm", "Cohere's q/k LayerNorm (a weight per head and channel) is not ported"),),
+        qk_norm="head",
+        qk_norm_switch="use_qk_norm",
+        qk_norm_eps="layer_norm_eps",
+        qk_norm_kind="layer",
+        qk_norm_per_head=True,
+        defaults={"layer_norm_eps": 1e-5},
     ),
+    # nn.LayerNorm(H) with a bias, one for all query heads (one for the key heads).
     "phi": Family(
-        renames=(("o_proj", "dense"),),
+        renames=(("o_proj", "dense"), ("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")),
         qkv_bias=True,
         o_bias=True,
         partial=True,
-        refuse=(("qk_layernorm", "Phi's q/k LayerNorm (with a bias, over each head) is not ported"),),
+        qk_norm="head",
+        qk_norm_switch="qk_layernorm",
+        qk_norm_eps="layer_norm_eps",
+        qk_norm_kind="layer",
+        qk_norm_bias=True,
+        defaults={"layer_norm_eps": 1e-5},
     ),
+    # StableLmLayerNormPerHead: a ModuleList of nn.LayerNorm(H, bias=False), one per head.
     "stablelm": Family(
+        renames=(("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")),
         qkv_bias="use_qkv_bias",
         o_bias=False,
         partial=True,
-        refuse=(
-            ("qk_layernorm", "StableLM's q/k LayerNorm per head (one LayerNorm for each head) is not ported"),
-        ),
+        qk_norm="head",
+        qk_norm_switch="qk_layernorm",
+        qk_norm_eps="layer_norm_eps",
+        qk_norm_kind="layer",
+        qk_norm_per_head=True,
+        qk_norm_list=True,
+        defaults={"layer_norm_eps": 1e-5},
     ),
     "nemotron": Family(partial=True),
+    # As Phi's norm; PersimmonConfig switches it on by default.
     "persimmon": Family(
         weights="neox",
-        renames=(("o_proj", "dense"),),
+        renames=(("o_proj", "dense"), ("q_norm", "q_layernorm"), ("k_norm", "k_layernorm")),
         qkv_bias=True,
         o_bias=True,
         partial=True,
-        refuse=(("qk_layernorm", "Persimmon's q/k LayerNorm (with a bias, over each head) is not ported"),),
+        qk_norm="head",
+        qk_norm_switch="qk_layernorm",
+        qk_norm_eps="layer_norm_eps",
+        qk_norm_kind="layer",
+        qk_norm_bias=True,
+        defaults={"qk_layernorm": True, "layer_norm_eps": 1e-5},
     ),
     "phi3": Family(weights="qkv_rows", qkv_bias=False, o_bias=False, partial=True, window="config"),
     "gpt_oss": Family(window="layer", layer_types=_every_other, sinks=True),
@@ -1039,6 +1073,9 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
     if e.qk_norm != "none" and norm_on:
         kw.update(qk_norm=e.qk_norm, qk_norm_eps=float(cfg.get(e.qk_norm_eps, 1e-6)))
         kw["qk_norm_offset"] = e.qk_norm_offset
+        kw.update(
+            qk_norm_kind=e.qk_norm_kind, qk_norm_per_head=e.qk_norm_per_head, qk_norm_bias=e.qk_norm_bias
+        )
     kw["v_norm"] = e.v_norm
     if e.v_norm:
         kw["qk_norm_eps"] = float(cfg.get(e.qk_norm_eps, 1e-6))
@@ -1268,7 +1305,12 @@ def from_hf(sd: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
     for key in state_dict_shapes(c):
         if key not in out:
             proj, _, suffix = key.partition(".")
-            out[key] = np.asarray(sd[f"{ren[proj]}.{suffix}" if proj in ren else key])
+            theirs = ren.get(proj, proj)
+            if e.qk_norm_list and proj in ("q_norm", "k_norm"):  # one norm per head: stacked (heads, H)
+                heads = state_dict_shapes(c)[key][0]
+                out[key] = np.stack([np.asarray(sd[f"{theirs}.norms.{i}.{suffix}"]) for i in range(heads)])
+            else:
+                out[key] = np.asarray(sd[f"{theirs}.{suffix}" if proj in ren else key])
     return out
 
 
@@ -1310,7 +1352,12 @@ def to_hf(ours: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
         if key in done:
             continue
         proj, _, suffix = key.partition(".")
-        out[f"{ren[proj]}.{suffix}" if proj in ren else key] = ours[key]
+        theirs = ren.get(proj, proj)
+        if e.qk_norm_list and proj in ("q_norm", "k_norm"):  # one norm per head: rows of ours
+            for i, row in enumerate(ours[key]):
+                out[f"{theirs}.norms.{i}.{suffix}"] = np.ascontiguousarray(row)
+        else:
+            out[f"{theirs}.{suffix}" if proj in ren else key] = ours[key]
     return out
 
 

@@ -8,15 +8,17 @@ heads, K key/value heads, G = N // K, H head width, R rotary width.
 
 Parameters are keyed like the twins' state dicts (transformers' names, torch's (out, in) layout):
 ``q_proj.weight (N·H, E)`` …, ``o_proj.weight (E, N·H)``, ``<proj>.bias``, ``q_norm.weight``,
-``k_norm.weight``, ``sinks (N,)``. The config is ``attn_spec.attention.AttentionConfig``; the rotary table
-is ``attn_spec.rope.inv_freq(..., dtype=np.float64)`` (the frequency formulas in float64).
+``k_norm.weight`` (and their ``.bias``), ``sinks (N,)``. The config is
+``attn_spec.attention.AttentionConfig``; the rotary table is ``attn_spec.rope.inv_freq(...,
+dtype=np.float64)`` (the frequency formulas in float64).
 
 Every step, forward (backward in reverse):
 
 1. ``q0 = x Wqᵀ + bq`` (and k0, v0), clamped to ``±clip_qkv``; with ``output_gate`` each head's second
-H features of q0 are its gate; 2. ``qk_norm="full"``: RMSNorm over the projected width;
-3. split heads; 4. ``qk_norm="head"`` / ``"unit"``: RMSNorm per head; 5. rotary on the first R channels
-(multimodal: each frequency's position row); 5b. Llama 4's temperature scales on q;
+H features of q0 are its gate; 2. ``qk_norm="full"``: RMSNorm (LayerNorm for ``qk_norm_kind="layer"``:
+the RMSNorm of ``x - mean(x)``, plus a bias) over the projected width; 3. split heads;
+4. ``qk_norm="head"`` / ``"unit"``: the same norm per head (weights shared, or per head); 5. rotary on the
+first R channels (multimodal: each frequency's position row); 5b. Llama 4's temperature scales on q;
 6. ``z = scale · q·k`` (key/value head ``n // G`` for query head n); 7. soft-cap ``c·tanh(z/c)``;
 7b. ALiBi ``+ slope_n · (s - t)``; 8. masked softmax (causal, window or chunk, padding) whose denominator
 also holds ``exp(sink_n)``; fully masked rows give zeros; 9. dropout (injected keep-mask);
@@ -30,6 +32,8 @@ import numpy as np
 from attn_spec.attention import AttentionConfig, left_pads, temperature_scales
 from attn_spec.rope import inv_freq, mrope_rows
 from compare.oracle import _rounder
+
+NORM_PARAMS = ("q_norm.weight", "k_norm.weight", "q_norm.bias", "k_norm.bias")
 
 
 def keep_mask(config: AttentionConfig, valid_BT: np.ndarray) -> np.ndarray:
@@ -92,23 +96,58 @@ def _rope_backward(g_BnTH, cos, sin, layout, r):
     return np.concatenate([back, g_BnTH[..., R:]], -1)
 
 
+def _per_head(w):
+    """A norm weight for ``x (B, heads, T, H)``: a per-head ``(heads, H)`` one broadcast over the tokens."""
+    return w[:, None, :] if w.ndim == 2 else w
+
+
+def _param_sum(a, w):
+    """``a`` (shaped like the normed x) summed over every axis the weight ``w`` is broadcast along."""
+    return a.sum(axis=(0, 2)) if w.ndim == 2 else a.reshape(-1, w.shape[0]).sum(0)
+
+
 def _rms(x, w, config, r):
     """RMSNorm over the last axis scaled by ``offset + w`` (``w`` None: no scale, ``qk_norm="unit"``)."""
     inv = r(1.0 / np.sqrt(r(np.mean(r(x * x), -1, keepdims=True) + config.qk_norm_eps)))
     u = r(x * inv)
     if w is None:
         return u, u, inv
-    return r(u * (config.qk_norm_offset + w)), u, inv
+    return r(u * (config.qk_norm_offset + _per_head(w))), u, inv
 
 
 def _rms_backward(dy, u, inv, w, config, r):
-    du = dy if w is None else r(dy * (config.qk_norm_offset + w))
+    du = dy if w is None else r(dy * (config.qk_norm_offset + _per_head(w)))
     dx = r(inv * r(du - r(u * np.mean(r(du * u), -1, keepdims=True))))
     if w is None:
         return dx, None, None
-    dw = r(dy * u).reshape(-1, w.shape[0]).sum(0)
-    terms = np.abs(dy * u).reshape(-1, w.shape[0]).sum(0)  # the sizes the tolerance policy scales by
+    dw = _param_sum(r(dy * u), w)
+    terms = _param_sum(np.abs(dy * u), w)  # the sizes the tolerance policy scales by
     return dx, r(dw), terms
+
+
+def _norm(x, params, which, config, r):
+    """The weighted qk-norm ``which`` (``"q_norm"``/``"k_norm"``) over the last axis: an RMSNorm, or for
+    ``qk_norm_kind="layer"`` a LayerNorm, the RMSNorm of the centered ``x - mean(x)``, plus its bias.
+    Returns ``(y, u, inv)``: ``u`` the normalized x, ``inv`` the inverse root of its centered mean square."""
+    if config.qk_norm_kind == "layer":
+        x = r(x - r(np.mean(x, -1, keepdims=True)))
+    y, u, inv = _rms(x, params[f"{which}.weight"], config, r)
+    if f"{which}.bias" in params:
+        y = r(y + _per_head(params[f"{which}.bias"]))
+    return y, u, inv
+
+
+def _norm_backward(dy, u, inv, params, which, config, r, g):
+    """The backward of :func:`_norm`: returns ``dx`` and records in ``g`` the weight's (and bias's) gradient
+    with ``terms_<name>``, the sums of |terms| of each. Centering is an orthogonal projection, its own
+    transpose: the LayerNorm's ``dx`` is the RMSNorm's, centered."""
+    w = params[f"{which}.weight"]
+    dx, g[f"{which}.weight"], g[f"terms_{which}.weight"] = _rms_backward(dy, u, inv, w, config, r)
+    if config.qk_norm_kind == "layer":
+        dx = r(dx - r(np.mean(dx, -1, keepdims=True)))
+    if f"{which}.bias" in params:
+        g[f"{which}.bias"], g[f"terms_{which}.bias"] = r(_param_sum(dy, w)), _param_sum(np.abs(dy), w)
+    return dx
 
 
 def _linear(x, params, proj, r, rs=None):
@@ -161,15 +200,19 @@ def attention_forward(
         qg = q0.reshape(B, T, N, 2 * H)
         q0, f["gate"] = qg[..., :H].reshape(B, T, N * H), qg[..., H:].reshape(B, T, N * H)
     if c.qk_norm == "full":
-        q0, f["uq"], f["iq"] = _rms(q0, params["q_norm.weight"], c, r)
-        k0, f["uk"], f["ik"] = _rms(k0, params["k_norm.weight"], c, r)
+        q0, f["uq"], f["iq"] = _norm(q0, params, "q_norm", c, r)
+        k0, f["uk"], f["ik"] = _norm(k0, params, "k_norm", c, r)
         q0, k0 = rs(q0), rs(k0)
     q = q0.reshape(B, T, N, H).transpose(0, 2, 1, 3)
     k = k0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
     v = v0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
-    if c.qk_norm in ("head", "unit"):
-        q, f["uq"], f["iq"] = _rms(q, params.get("q_norm.weight"), c, r)
-        k, f["uk"], f["ik"] = _rms(k, params.get("k_norm.weight"), c, r)
+    if c.qk_norm == "head":
+        q, f["uq"], f["iq"] = _norm(q, params, "q_norm", c, r)
+        k, f["uk"], f["ik"] = _norm(k, params, "k_norm", c, r)
+        q, k = rs(q), rs(k)
+    elif c.qk_norm == "unit":
+        q, f["uq"], f["iq"] = _rms(q, None, c, r)
+        k, f["uk"], f["ik"] = _rms(k, None, c, r)
         q, k = rs(q), rs(k)
     if c.v_norm:
         v, f["uv"], f["iv"] = _rms(v, None, c, r)
@@ -230,7 +273,7 @@ def attention_backward(
 ) -> dict:
     """Gradients of ``sum(out * dy)`` w.r.t. ``x`` and every parameter (their names), plus, for the
     tolerance policy's term sizes, the gradients at the projections' outputs ``dq0, dk0, dv0 (B, T, ·)``,
-    ``o`` and ``terms_<name>`` (sums of |terms|) for the norm weights and sinks."""
+    ``o`` and ``terms_<name>`` (sums of |terms|) for the norm weights and biases and the sinks."""
     c, rs = config, _rounder(dtype)
     r = _rounder(None) if storage_only else rs
     f = attention_forward(x, params, c, attention_mask, position_ids, dropout_mask, dtype, storage_only)
@@ -278,22 +321,14 @@ def attention_backward(
         dq = _rms_backward(dq, f["uq"], f["iq"], None, c, r)[0]
         dk = _rms_backward(dk, f["uk"], f["ik"], None, c, r)[0]
     if c.qk_norm == "head":
-        dq, g["q_norm.weight"], g["terms_q_norm.weight"] = _rms_backward(
-            dq, f["uq"], f["iq"], params["q_norm.weight"], c, r
-        )
-        dk, g["k_norm.weight"], g["terms_k_norm.weight"] = _rms_backward(
-            dk, f["uk"], f["ik"], params["k_norm.weight"], c, r
-        )
+        dq = _norm_backward(dq, f["uq"], f["iq"], params, "q_norm", c, r, g)
+        dk = _norm_backward(dk, f["uk"], f["ik"], params, "k_norm", c, r, g)
     dq0 = dq.transpose(0, 2, 1, 3).reshape(B, T, N * H)
     dk0 = dk.transpose(0, 2, 1, 3).reshape(B, T, K * H)
     dv0 = dv.transpose(0, 2, 1, 3).reshape(B, T, K * H)
     if c.qk_norm == "full":
-        dq0, g["q_norm.weight"], g["terms_q_norm.weight"] = _rms_backward(
-            dq0, f["uq"], f["iq"], params["q_norm.weight"], c, r
-        )
-        dk0, g["k_norm.weight"], g["terms_k_norm.weight"] = _rms_backward(
-            dk0, f["uk"], f["ik"], params["k_norm.weight"], c, r
-        )
+        dq0 = _norm_backward(dq0, f["uq"], f["iq"], params, "q_norm", c, r, g)
+        dk0 = _norm_backward(dk0, f["uk"], f["ik"], params, "k_norm", c, r, g)
     if c.output_gate:  # back to q_proj's layout: per head H query then H gate features
         dq0 = np.concatenate([dq0.reshape(B, T, N, H), dgate.reshape(B, T, N, H)], -1).reshape(B, T, -1)
     if c.clip_qkv is not None:  # clamp: gradient 1 inside [-clip, clip], 0 outside
@@ -312,7 +347,7 @@ def attention_backward(
         term = r(d @ params[f"{proj}.weight"])
         dx = term if dx is None else r(dx + term)
     dx = rs(dx)
-    for name in ("q_norm.weight", "k_norm.weight", "sinks"):
+    for name in NORM_PARAMS + ("sinks",):
         if name in g:
             g[name] = rs(g[name])
     g["x"] = dx
@@ -338,7 +373,7 @@ def gradient_magnitudes(x, params, dy, bwd: dict) -> dict[str, float]:
             terms = ady.T @ np.abs(bwd["o"]).reshape(ady.shape[0], -1)
         elif name == "o_proj.bias":
             terms = ady.sum(axis=0)
-        elif name in ("q_norm.weight", "k_norm.weight", "sinks"):
+        elif name in NORM_PARAMS + ("sinks",):
             terms = bwd[f"terms_{name}"]
         elif name.endswith(".weight"):
             terms = d[name.split(".")[0]].T @ ax

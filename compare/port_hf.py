@@ -185,7 +185,7 @@ def tiny_config(family: str, **overrides):
             pad_token_id=0,
             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
         ),
-        "persimmon": lambda: tf.PersimmonConfig(**common, qk_layernorm=False, pad_token_id=0),
+        "persimmon": lambda: tf.PersimmonConfig(**common, qk_layernorm=True, pad_token_id=0),
         "cohere2": lambda: tf.Cohere2Config(
             **dec, sliding_window=3, layer_types=["sliding_attention", "full_attention"], pad_token_id=0
         ),
@@ -234,9 +234,9 @@ def tiny_config(family: str, **overrides):
             pad_token_id=0,
             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
         ),
-        "phi": lambda: tf.PhiConfig(**dec),
-        "stablelm": lambda: tf.StableLmConfig(**dec, use_qkv_bias=True),
-        "cohere": lambda: tf.CohereConfig(**dec, attention_bias=True),
+        "phi": lambda: tf.PhiConfig(**dec, qk_layernorm=True),
+        "stablelm": lambda: tf.StableLmConfig(**dec, use_qkv_bias=True, qk_layernorm=True),
+        "cohere": lambda: tf.CohereConfig(**dec, attention_bias=True, use_qk_norm=True),
         "smollm3": lambda: tf.SmolLM3Config(**dec, no_rope_layers=[1, 0], pad_token_id=0),
         "gemma4_text": lambda: tf.Gemma4TextConfig(
             **dec,
@@ -417,14 +417,18 @@ def attention_of(model, layer: int):
 def randomize_(module, seed: int = 0):
     """Weights of order one (transformers' 0.02 init makes attention almost uniform, a weak test): projections
     ``N(0, 1/sqrt(in))``·1.5, biases and sinks ``N(0, 0.5)``, norm weights ``1 + N(0, 0.3)`` (Gemma: ``N(0,
-    0.3)``, its norm scales by 1 + w)."""
+    0.3)``, its norm scales by 1 + w; StableLM's per-head ``norms.{i}.weight`` too)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             r = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith("norm.weight") or "LayerNorm" in name:
+            if (
+                name.endswith("norm.weight")
+                or "LayerNorm" in name
+                or (".norms." in name and name.endswith(".weight"))
+            ):
                 gemma = type(module).__name__.startswith("Gemma")
                 val = r * 0.3 + (0.0 if gemma else 1.0)
             elif p.ndim == 2:

@@ -9,8 +9,9 @@ Dimension key (see ``attn_spec``):
     S  keys attended             K  key/value heads, G = N // K
     C  cache slots               H  head width (head_dim), R rotary width
 
-Order of operations (as transformers' decoder layers): ``q/k/v_proj`` → ``qk_norm="full"`` RMSNorm →
-split heads → ``qk_norm="head"`` RMSNorm → rotary on q and k → (cache) → attention → merge heads → ``o_proj``.
+Order of operations (as transformers' decoder layers): ``q/k/v_proj`` → ``qk_norm="full"`` norm →
+split heads → ``qk_norm="head"`` norm → rotary on q and k → (cache) → attention → merge heads → ``o_proj``
+(the norms are RMSNorms, or LayerNorms with ``qk_norm_kind="layer"``).
 
 KV cache: ``cache = attn.init_cache(B, max_length)`` holds ``C`` slots: ``max_length``, or ``min(window,
 max_length)`` for a sliding-window layer, used as a ring (slot = position mod C), so the memory of a window
@@ -43,6 +44,7 @@ from attn_spec.attention import (
     check_position_ids,
     check_state_dict,
     choose,
+    qk_norm_shapes,
     state_dict_shapes,
 )
 from attn_spec.dispatch import ChoiceLog
@@ -109,17 +111,46 @@ def alibi_bias(config: AttentionConfig, q_pos_T: jax.Array, k_pos_S: jax.Array) 
     return slopes * (k_pos_S[None, None, :] - q_pos_T[None, :, None]).astype(jnp.float32)
 
 
-class RMSNorm(nnx.Module):
-    """RMSNorm over the last axis in float32, scaled by ``offset + weight`` and cast back."""
+def per_head(w: jax.Array) -> jax.Array:
+    """A norm's weight or bias in float32, shaped for ``x (B, heads, T, H)``: a per-head ``(heads, H)`` one
+    broadcast over the tokens; a 1-D one as it is."""
+    w = w.astype(jnp.float32)
+    return w[:, None, :] if w.ndim == 2 else w
 
-    def __init__(self, size: int, eps: float, offset: float, *, param_dtype):
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis in float32, scaled by ``offset + weight`` and cast back. ``size``: the
+    weight's shape (an int: ``(size,)``; ``(heads, H)``: a weight per head of ``x (B, heads, T, H)``)."""
+
+    def __init__(self, size: int | tuple[int, ...], eps: float, offset: float, *, param_dtype):
         self.eps, self.offset = eps, offset
-        self.weight = nnx.Param(jnp.full((size,), 1.0 - offset, param_dtype))
+        self.weight = nnx.Param(jnp.full(size, 1.0 - offset, param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        return (normed * (self.offset + per_head(self.weight[...]))).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis in float32 (the mean subtracted, then divided by ``sqrt(variance +
+    eps)``), scaled by ``offset + weight``, plus ``bias`` when it has one, and cast back once (as Cohere's
+    ``CohereLayerNorm`` and torch's ``nn.LayerNorm`` on bf16 inputs compute it). ``size`` as in
+    :class:`RMSNorm`; the bias has the weight's shape."""
+
+    def __init__(self, size: int | tuple[int, ...], eps: float, offset: float, bias: bool, *, param_dtype):
+        self.eps, self.offset = eps, offset
+        self.weight = nnx.Param(jnp.full(size, 1.0 - offset, param_dtype))
+        self.bias = nnx.data(nnx.Param(jnp.zeros(size, param_dtype)) if bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
+        y = normed * (self.offset + per_head(self.weight[...]))
+        if self.bias is not None:
+            y = y + per_head(self.bias[...])
+        return y.astype(x.dtype)
 
 
 def project(linear: Linear, x: jax.Array) -> jax.Array:
@@ -300,7 +331,8 @@ class Attention(nnx.Module):
     ``q_proj.weight (N·H, E)`` (``2·N·H`` rows with ``output_gate``), ``k_proj.weight (K·H, E)``,
     ``v_proj.weight (K·H, E)`` (none with ``k_eq_v``),
     ``o_proj.weight (E, N·H)``, ``<proj>.bias`` where configured, ``q_norm.weight``/``k_norm.weight``
-    ((H,) or (N·H,)/(K·H,)) with QK-norm, ``sinks (N,)`` with sinks.
+    ((H,), (N, H)/(K, H) per head, or (N·H,)/(K·H,)) with QK-norm and ``q_norm.bias``/``k_norm.bias`` of
+    the same shapes with ``qk_norm_bias``, ``sinks (N,)`` with sinks.
     """
 
     def __init__(
@@ -323,9 +355,14 @@ class Attention(nnx.Module):
         self.o_proj = Linear(c.N * c.H, c.E, c.o_bias, **kw)
         q_norm = k_norm = None
         if c.qk_norm in ("head", "full"):
-            width_q, width_k = (c.H, c.H) if c.qk_norm == "head" else (c.N * c.H, c.K * c.H)
-            q_norm = RMSNorm(width_q, c.qk_norm_eps, c.qk_norm_offset, param_dtype=param_dtype)
-            k_norm = RMSNorm(width_k, c.qk_norm_eps, c.qk_norm_offset, param_dtype=param_dtype)
+            shape_q, shape_k = qk_norm_shapes(c)
+            if c.qk_norm_kind == "layer":
+                eps, offset, bias = c.qk_norm_eps, c.qk_norm_offset, c.qk_norm_bias
+                q_norm = LayerNorm(shape_q, eps, offset, bias, param_dtype=param_dtype)
+                k_norm = LayerNorm(shape_k, eps, offset, bias, param_dtype=param_dtype)
+            else:
+                q_norm = RMSNorm(shape_q, c.qk_norm_eps, c.qk_norm_offset, param_dtype=param_dtype)
+                k_norm = RMSNorm(shape_k, c.qk_norm_eps, c.qk_norm_offset, param_dtype=param_dtype)
         self.q_norm, self.k_norm = nnx.data(q_norm), nnx.data(k_norm)
         self.sinks = nnx.data(nnx.Param(jnp.zeros((c.N,), param_dtype)) if c.sinks else None)
         self.deterministic = False  # training mode, as a fresh torch module; eval() sets True

@@ -264,14 +264,13 @@ def test_new_families_map_their_knobs():
 @pytest.mark.parametrize(
     "family,knob",
     [
-        ("phi", "qk_layernorm"),
-        ("stablelm", "qk_layernorm"),
-        ("cohere", "use_qk_norm"),
-        ("persimmon", "qk_layernorm"),
+        ("gemma2", "use_bidirectional_attention"),
+        ("gemma3_text", "use_bidirectional_attention"),
+        ("gemma4_text", "use_bidirectional_attention"),
     ],
 )
 def test_knobs_of_new_families_raise(family, knob):
-    cfg = port_hf.tiny_config(family, **{knob: True})
+    cfg = port_hf.tiny_config(family, **{knob: "vision" if family == "gemma4_text" else True})
     with pytest.raises(ValueError, match=f"{family} config knob {knob}="):
         spec.attention_config(cfg, 0)
 
@@ -294,7 +293,7 @@ def test_unknown_model_type_ports_by_mechanism():
     module.config.attn_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="attn_logit_softcapping=30.0"):
         spec.describe_module(module)
-    module, _ = port_hf.tiny_module("phi", 0)
+    module, _ = port_hf.tiny_module("phi", 0, qk_layernorm=False)
     module.config.model_type = "never_seen_phi"
     with pytest.raises(ValueError, match="partial_rotary_factor=0.5"):
         spec.describe_module(module)

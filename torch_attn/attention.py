@@ -9,8 +9,9 @@ Dimension key (see ``attn_spec``):
     S  keys attended             K  key/value heads, G = N // K
     C  cache slots               H  head width (head_dim), R rotary width
 
-Order of operations (as transformers' decoder layers): ``q/k/v_proj`` → ``qk_norm="full"`` RMSNorm →
-split heads → ``qk_norm="head"`` RMSNorm → rotary on q and k → (cache) → attention → merge heads → ``o_proj``.
+Order of operations (as transformers' decoder layers): ``q/k/v_proj`` → ``qk_norm="full"`` norm →
+split heads → ``qk_norm="head"`` norm → rotary on q and k → (cache) → attention → merge heads → ``o_proj``
+(the norms are RMSNorms, or LayerNorms with ``qk_norm_kind="layer"``).
 
 KV cache: ``cache = attn.init_cache(B, max_length)`` holds ``C`` slots: ``max_length``, or ``min(window,
 max_length)`` for a sliding-window layer, used as a ring (slot = position mod C), so the memory of a window
@@ -43,6 +44,7 @@ from attn_spec.attention import (
     check_position_ids,
     check_state_dict,
     choose,
+    qk_norm_shapes,
     state_dict_shapes,
 )
 from attn_spec.dispatch import ChoiceLog, describe
@@ -107,18 +109,52 @@ def alibi_bias(config: AttentionConfig, q_pos_T: torch.Tensor, k_pos_S: torch.Te
     return slopes * (k_pos_S[None, None, :] - q_pos_T[None, :, None]).to(torch.float32)
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm over the last axis in float32, scaled by ``offset + weight`` and cast back."""
+def per_head(w: torch.Tensor) -> torch.Tensor:
+    """A norm's weight or bias in float32, shaped for ``x (B, heads, T, H)``: a per-head ``(heads, H)`` one
+    broadcast over the tokens; a 1-D one as it is."""
+    w = w.to(torch.float32)
+    return w[:, None, :] if w.ndim == 2 else w
 
-    def __init__(self, size: int, eps: float, offset: float, *, device=None, dtype=None):
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis in float32, scaled by ``offset + weight`` and cast back. ``size``: the
+    weight's shape (an int: ``(size,)``; ``(heads, H)``: a weight per head of ``x (B, heads, T, H)``)."""
+
+    def __init__(self, size: int | tuple[int, ...], eps: float, offset: float, *, device=None, dtype=None):
         super().__init__()
         self.eps, self.offset = eps, offset
-        self.weight = nn.Parameter(torch.full((size,), 1.0 - offset, device=device, dtype=dtype))
+        shape = (size,) if isinstance(size, int) else tuple(size)
+        self.weight = nn.Parameter(torch.full(shape, 1.0 - offset, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.to(torch.float32)
         normed = x32 * torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True) + self.eps)
-        return (normed * (self.offset + self.weight.to(torch.float32))).to(x.dtype)
+        return (normed * (self.offset + per_head(self.weight))).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis in float32 (the mean subtracted, then divided by ``sqrt(variance +
+    eps)``), scaled by ``offset + weight``, plus ``bias`` when it has one, and cast back once (as Cohere's
+    ``CohereLayerNorm`` and torch's ``nn.LayerNorm`` on bf16 inputs compute it). ``size`` as in
+    :class:`RMSNorm`; the bias has the weight's shape."""
+
+    def __init__(
+        self, size: int | tuple[int, ...], eps: float, offset: float, bias: bool, *, device=None, dtype=None
+    ):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        shape = (size,) if isinstance(size, int) else tuple(size)
+        self.weight = nn.Parameter(torch.full(shape, 1.0 - offset, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        centered = x32 - torch.mean(x32, dim=-1, keepdim=True)
+        normed = centered * torch.rsqrt(torch.mean(centered * centered, dim=-1, keepdim=True) + self.eps)
+        y = normed * (self.offset + per_head(self.weight))
+        if self.bias is not None:
+            y = y + per_head(self.bias)
+        return y.to(x.dtype)
 
 
 def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -303,7 +339,8 @@ class Attention(nn.Module):
     ``q_proj.weight (N·H, E)`` (``2·N·H`` rows with ``output_gate``), ``k_proj.weight (K·H, E)``,
     ``v_proj.weight (K·H, E)`` (none with ``k_eq_v``),
     ``o_proj.weight (E, N·H)``, ``<proj>.bias`` where configured, ``q_norm.weight``/``k_norm.weight``
-    ((H,) or (N·H,)/(K·H,)) with QK-norm, ``sinks (N,)`` with sinks.
+    ((H,), (N, H)/(K, H) per head, or (N·H,)/(K·H,)) with QK-norm and ``q_norm.bias``/``k_norm.bias`` of
+    the same shapes with ``qk_norm_bias``, ``sinks (N,)`` with sinks.
     """
 
     def __init__(
@@ -325,9 +362,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.N * c.H, c.E, bias=c.o_bias, **kw)
         self.q_norm = self.k_norm = None
         if c.qk_norm in ("head", "full"):
-            width_q, width_k = (c.H, c.H) if c.qk_norm == "head" else (c.N * c.H, c.K * c.H)
-            self.q_norm = RMSNorm(width_q, c.qk_norm_eps, c.qk_norm_offset, **kw)
-            self.k_norm = RMSNorm(width_k, c.qk_norm_eps, c.qk_norm_offset, **kw)
+            shape_q, shape_k = qk_norm_shapes(c)
+            if c.qk_norm_kind == "layer":
+                eps, offset, bias = c.qk_norm_eps, c.qk_norm_offset, c.qk_norm_bias
+                self.q_norm = LayerNorm(shape_q, eps, offset, bias, **kw)
+                self.k_norm = LayerNorm(shape_k, eps, offset, bias, **kw)
+            else:
+                self.q_norm = RMSNorm(shape_q, c.qk_norm_eps, c.qk_norm_offset, **kw)
+                self.k_norm = RMSNorm(shape_k, c.qk_norm_eps, c.qk_norm_offset, **kw)
         self.sinks = nn.Parameter(torch.zeros(c.N, **kw)) if c.sinks else None
 
     def extra_repr(self) -> str:

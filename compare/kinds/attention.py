@@ -93,6 +93,8 @@ def build_inputs(case: AttentionCase) -> dict[str, np.ndarray]:
     for name, shape in state_dict_shapes(c).items():
         if name.endswith("norm.weight"):  # around the norm's identity scale
             arrays[name] = (1.0 - c.qk_norm_offset) + 0.3 * rng.standard_normal(shape)
+        elif name.endswith("norm.bias"):  # small shifts
+            arrays[name] = 0.2 * rng.standard_normal(shape)
         elif name == "sinks":
             arrays[name] = rng.standard_normal(shape)
         else:  # scaled like torch's Linear init (std ~ 1/sqrt(in)): activations of order 1
@@ -415,7 +417,7 @@ def _attention_cases() -> list[AttentionCase]:
             knobs=_knobs(qk_norm="head", scale=1.0, v_norm=True, k_eq_v=True),
             rope=_rope(rope_type="proportional", partial_rotary_factor=0.5, rope_theta=1e6),
             pad=2,
-            seed=394,
+            seed=401,
             note="values = the key projection, v-norm, rope on 2 of 4 frequencies",
         ),
         a(
@@ -425,7 +427,52 @@ def _attention_cases() -> list[AttentionCase]:
             pad=1,
             chunks=(2, 3, 1),
             max_length=6,
+            seed=402,
+        ),
+        # LayerNorm qk-norm (issue 22: Cohere, StableLM, Phi, Persimmon).
+        a(
+            "attn_qknorm_layer_head",
+            H=8,
+            knobs=_knobs(qk_norm="head", qk_norm_kind="layer", qk_norm_bias=True, qk_norm_eps=1e-5, **BIASES),
+            rope=_rope(partial_rotary_factor=0.5),
+            pad=1,
+            seed=394,
+            note="Phi / Persimmon: one LayerNorm (H,) with a bias shared by the heads, partial rotary",
+        ),
+        a(
+            "attn_qknorm_layer_full",
+            knobs=_knobs(qk_norm="full", qk_norm_kind="layer", qk_norm_bias=True),
             seed=395,
+            note="LayerNorm over the projected N·H / K·H width",
+        ),
+        a(
+            "fam_cohere_qknorm",
+            knobs=_knobs(qk_norm="head", qk_norm_kind="layer", qk_norm_per_head=True, qk_norm_eps=1e-5),
+            rope=_rope(layout="interleaved"),
+            pad=2,
+            seed=396,
+            note="CohereLayerNorm: weights (N, H) / (K, H), no bias",
+        ),
+        a(
+            "fam_stablelm_qknorm_cache",
+            T=7,
+            H=8,
+            knobs=_knobs(qk_norm="head", qk_norm_kind="layer", qk_norm_per_head=True, qk_norm_bias=True),
+            rope=_rope(partial_rotary_factor=0.25),
+            pad=1,
+            chunks=(3, 1, 2, 1),
+            max_length=8,
+            seed=397,
+            note="one LayerNorm per head (StableLM; with biases), through a KV cache",
+        ),
+        a(
+            "fam_persimmon_qknorm_bf16",
+            H=8,
+            knobs=_knobs(qk_norm="head", qk_norm_kind="layer", qk_norm_bias=True, **BIASES),
+            rope=_rope(partial_rotary_factor=0.5),
+            pad=1,
+            dtype="bfloat16",
+            seed=398,
         ),
     ]
     return cases
