@@ -215,6 +215,37 @@ def _layers(model) -> list:
     return [attention_of(model, i) for i in range(n)]
 
 
+def _post_ln(family: str) -> bool:
+    """BERT and the families sharing its block: the port stops at ``output.dense``, the post-LN stays."""
+    return family in spec.FAMILY_TABLE and spec.FAMILY_TABLE[family].causal == "bert"
+
+
+def _check_every_layer_ports(model, family) -> None:
+    """ValueError naming the layers the in-model check cannot replace (a hybrid model's linear-attention
+    layers, Gemma 4's KV-shared layers, a knob the reader refuses) and why, before anything runs: the
+    end-to-end comparison replaces every attention layer."""
+    from compare.port_hf import attention_of
+
+    n = spec._Cfg(spec.text_config(model.config)).get("num_hidden_layers")
+    refused = {}
+    for i in range(n):
+        try:
+            spec.describe_module(attention_of(model, i), post_norm_outside=_post_ln(family))
+        except ValueError as err:
+            refused[i] = str(err)
+            try:  # no attention module there: the reader says what the layer is
+                spec.attention_config(model.config, i)
+            except ValueError as why:
+                refused[i] = str(why)
+    if refused:
+        first = next(iter(refused))
+        raise ValueError(
+            f"compare port: {len(refused)} of {n} layers cannot be ported (layers {sorted(refused)[:12]}"
+            f"{' ...' if len(refused) > 12 else ''}), so the model cannot run on the ports end to end; "
+            f"layer {first}: {refused[first]}. Check a ported layer alone with --layer N"
+        )
+
+
 def _hidden_in(args, kwargs):
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
@@ -248,7 +279,7 @@ def capture(model, family, input_ids, mask, pos):
             ys[i] = (out[0] if isinstance(out, tuple) else out).detach().double().numpy()
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append((module.output.dense if family == "bert" else module).register_forward_hook(post))
+        handles.append((module.output.dense if _post_ln(family) else module).register_forward_hook(post))
     try:
         output = _run(model, family, input_ids, mask, pos)
     finally:
@@ -281,7 +312,7 @@ class _Bridge:
                     if index not in caches:
                         caches[index] = port.init_cache(x.shape[0], context["max_length"])
                     y, caches[index] = port(x, context["mask"], context["pos"], caches[index])
-                if self.family == "bert":  # the post-LN block around the ported self-attention + dense
+                if _post_ln(self.family):  # the post-LN block around the ported self-attention + dense
                     out = self.original[0].output
                     y = out.LayerNorm(out.dropout(y) + x)
                 return y, None
@@ -361,7 +392,7 @@ class _TorchPort:
 
 def _ports(module, family, which: str):
     """The default ports of one layer (the path a user gets), in eval mode."""
-    bert = family == "bert"
+    bert = _post_ln(family)
     if which == "jax_attn":
         import jax_attn.hf as jhf
 
@@ -560,6 +591,7 @@ def check_model(
         max_new_tokens=max_new_tokens if decoder else 0,
     )
     say(f"running {record.model} ({dtype}) on {len(lengths)} prompts of {lengths} tokens")
+    _check_every_layer_ports(model, family)
     captured, _ = capture(model, family, input_ids, mask, pos)
     modules = _layers(model)
     layer_ports = []

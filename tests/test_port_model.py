@@ -62,10 +62,27 @@ def test_correct_ports_agree_in_the_model(checkpoints, family):
 # Further families through the whole model (their attention modules are called in other ways: GPT-2's
 # positional hidden states, GPT-NeoX's layer_past, Phi-3's fused qkv and longrope past its original length,
 # gpt-oss's sinks and windows).
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "phi3", "gpt_oss", "qwen3"])
+@pytest.mark.parametrize(
+    "family", ["gpt2", "gpt_neox", "phi3", "gpt_oss", "qwen3", "llama4_text", "gemma4_text", "roberta"]
+)
 def test_more_families_agree_in_the_model(tmp_path, family):
     record = port_model.check_model(_save(tmp_path, family), PROMPTS, max_new_tokens=3)
     _assert_agrees(record, family)
+
+
+def test_a_hybrid_model_is_refused_naming_its_linear_layers(tmp_path):
+    """Qwen3.5 interleaves Gated DeltaNet layers: the model cannot run end to end on attention ports, and the
+    check says which layers and why before running anything."""
+    import transformers as tf
+
+    cfg = port_hf.tiny_config("qwen3_5_text")
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path / "q")
+    _tokenizer(cfg.vocab_size).save_pretrained(tmp_path / "q")
+    with pytest.raises(
+        ValueError, match=r"1 of 2 layers cannot be ported \(layers \[1\]\).*linear_attention"
+    ):
+        port_model.check_model(tmp_path / "q", PROMPTS, max_new_tokens=2)
 
 
 def _assert_agrees(record, family):
@@ -77,7 +94,7 @@ def _assert_agrees(record, family):
         assert set(r.ok) == {"transformers", "jax_attn", "torch_attn"}
         assert all(0 <= r.ratio(i) <= 1 for i in r.ok)
     assert [e.impl for e in record.end_to_end] == ["jax_attn", "torch_attn"]
-    if family != "bert":
+    if family not in ("bert", "roberta"):  # encoders: no logits, no tokens
         # top-1 is an argmax of computed floats: a near tie may flip on another CPU; a wrong port moves many
         assert all(e.top1_agreement >= 0.9 for e in record.end_to_end)
         assert np.shape(record.generated["jax_attn"]) == (3, record.max_new_tokens)
