@@ -112,6 +112,8 @@ class AttentionConfig:
       v_norm: an RMSNorm without a weight over each head of the values (Gemma 4; ``qk_norm_eps``).
       k_eq_v: no ``v_proj``: the values are the key projection's output before the key norm and rotary
         (Gemma 4's full layers with ``attention_k_eq_v``).
+      qk_norm_after_rope: the per-head qk-norm (``qk_norm="head"``) applies to the rotated q and k (Hunyuan)
+        instead of before the rotation.
       qk_norm_kind: the weighted qk-norm (``qk_norm="head"``/``"full"``) is an RMSNorm (``"rms"``) or a
         LayerNorm (``"layer"``: the mean subtracted first, then divided by ``sqrt(variance + qk_norm_eps)``;
         Cohere, StableLM, Phi, Persimmon). Both compute in float32 and round once to the input's dtype.
@@ -147,6 +149,7 @@ class AttentionConfig:
     alibi_slopes: tuple[float, ...] | None = None
     v_norm: bool = False
     k_eq_v: bool = False
+    qk_norm_after_rope: bool = False
     qk_norm_kind: str = "rms"
     qk_norm_per_head: bool = False
     qk_norm_bias: bool = False
@@ -265,6 +268,11 @@ def check_config(c: AttentionConfig, name: str = NAME) -> None:
         raise ValueError(
             f"{name}: attn_temperature must be (floor_scale > 0, attn_scale) or None; got "
             f"attn_temperature={t!r}"
+        )
+    if not isinstance(c.qk_norm_after_rope, bool) or (c.qk_norm_after_rope and c.qk_norm != "head"):
+        raise ValueError(
+            f"{name}: qk_norm_after_rope must be a bool, True only with qk_norm='head'; got "
+            f"qk_norm_after_rope={c.qk_norm_after_rope!r}, qk_norm={c.qk_norm!r}"
         )
     if c.k_eq_v and c.v_bias:
         raise ValueError(f"{name}: k_eq_v (values = the key projection) takes no v_bias; got v_bias=True")

@@ -123,6 +123,10 @@ def _gemma4_layer_types(cfg, n):
     return ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
 
 
+def _cwm_layer_types(cfg, n):
+    return ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
+
+
 def _olmo3_layer_types(cfg, n):
     return ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n)]
 
@@ -278,6 +282,7 @@ class Family:
         bool config key the norm needs on (GLM-4-MoE's ``use_qk_norm``, StableLM's ``qk_layernorm``).
       qk_norm_kind, qk_norm_per_head, qk_norm_bias: the norm is an RMSNorm (``"rms"``) or a LayerNorm
         (``"layer"``), with a weight per head and channel, with a bias (``AttentionConfig``'s fields).
+      qk_norm_after_rope: the per-head norm applies to the rotated q and k (Hunyuan).
       qk_norm_list: the per-head weights live in a ``ModuleList`` of one norm per head,
         ``<q_norm>.norms.{i}.weight (H,)`` (StableLM's ``StableLmLayerNormPerHead``), stacked into ours.
       scale: None (``head_dim ** -0.5``), ``"one"`` (Gemma 4), ``"query_pre_attn_scalar"``, ``"gpt2"``, or
@@ -343,6 +348,7 @@ class Family:
     qk_norm_per_head: bool = False
     qk_norm_bias: bool = False
     qk_norm_list: bool = False
+    qk_norm_after_rope: bool = False
     scale: str | None = None
     softcap: bool = False
     sinks: bool = False
@@ -375,6 +381,11 @@ class Family:
 
 
 _LLAMA = Family()
+_HUNYUAN = Family(  # Hunyuan: per-head RMSNorms named query/key_layernorm, applied after the rotation
+    renames=(("q_norm", "query_layernorm"), ("k_norm", "key_layernorm")),
+    qk_norm="head",
+    qk_norm_after_rope=True,
+)
 _BIDIRECTIONAL = (("use_bidirectional_attention", "the bidirectional sliding-window mask is not ported"),)
 _BERT = Family(
     weights="bert",
@@ -416,6 +427,30 @@ FAMILY_TABLE: dict[str, Family] = {
     ),
     "mixtral": Family(qkv_bias=False, o_bias=False, window="config"),
     "ministral": Family(qkv_bias=False, o_bias=False, window="layer", layer_types=_all_sliding_if_window),
+    "cwm": Family(qkv_bias=False, o_bias=False, window="layer", layer_types=_cwm_layer_types),
+    "vaultgemma": Family(
+        window="layer",
+        layer_types=_every_other,
+        scale="query_pre_attn_scalar",
+        softcap=True,
+        defaults={"query_pre_attn_scalar": 256},
+    ),
+    "hunyuan_v1_dense": _HUNYUAN,
+    "hunyuan_v1_moe": _HUNYUAN,
+    "opt": Family(
+        renames=(("o_proj", "out_proj"),),
+        qkv_bias="enable_bias",
+        o_bias="enable_bias",
+        rope=None,
+        defaults={"enable_bias": True},
+    ),
+    "biogpt": Family(
+        renames=(("o_proj", "out_proj"),),
+        qkv_bias=True,
+        o_bias=True,
+        rope=None,
+        dropout="attention_probs_dropout_prob",
+    ),
     "starcoder2": Family(
         qkv_bias="use_bias",
         o_bias="use_bias",
@@ -1076,6 +1111,7 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
         kw.update(
             qk_norm_kind=e.qk_norm_kind, qk_norm_per_head=e.qk_norm_per_head, qk_norm_bias=e.qk_norm_bias
         )
+        kw["qk_norm_after_rope"] = e.qk_norm_after_rope
     kw["v_norm"] = e.v_norm
     if e.v_norm:
         kw["qk_norm_eps"] = float(cfg.get(e.qk_norm_eps, 1e-6))

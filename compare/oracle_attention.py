@@ -206,7 +206,7 @@ def attention_forward(
     q = q0.reshape(B, T, N, H).transpose(0, 2, 1, 3)
     k = k0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
     v = v0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
-    if c.qk_norm == "head":
+    if c.qk_norm == "head" and not c.qk_norm_after_rope:
         q, f["uq"], f["iq"] = _norm(q, params, "q_norm", c, r)
         k, f["uk"], f["ik"] = _norm(k, params, "k_norm", c, r)
         q, k = rs(q), rs(k)
@@ -221,6 +221,10 @@ def attention_forward(
         cos, sin = (r(a) for a in rope_tables(c, pos, dtype))
         f["cos"], f["sin"] = cos, sin
         q, k = rs(_rope(q, cos, sin, c.rope.layout, r)), rs(_rope(k, cos, sin, c.rope.layout, r))
+    if c.qk_norm_after_rope:  # Hunyuan: the rotated heads are normed
+        q, f["uq"], f["iq"] = _norm(q, params, "q_norm", c, r)
+        k, f["uk"], f["ik"] = _norm(k, params, "k_norm", c, r)
+        q, k = rs(q), rs(k)
     if c.attn_temperature is not None:  # by sequence index (not position_ids), float32 in the twins
         f["temp"] = r(temperature_scales(c, np.arange(T)))[None, None, :, None]
         q = rs(q * f["temp"])
@@ -314,13 +318,16 @@ def attention_backward(
     dq, dk = rs(dq), rs(dk)
     if c.attn_temperature is not None:
         dq = rs(dq * f["temp"])
+    if c.qk_norm_after_rope:
+        dq = rs(_norm_backward(dq, f["uq"], f["iq"], params, "q_norm", c, r, g))
+        dk = rs(_norm_backward(dk, f["uk"], f["ik"], params, "k_norm", c, r, g))
     if c.rope is not None:
         dq = rs(_rope_backward(dq, f["cos"], f["sin"], c.rope.layout, r))
         dk = rs(_rope_backward(dk, f["cos"], f["sin"], c.rope.layout, r))
     if c.qk_norm == "unit":
         dq = _rms_backward(dq, f["uq"], f["iq"], None, c, r)[0]
         dk = _rms_backward(dk, f["uk"], f["ik"], None, c, r)[0]
-    if c.qk_norm == "head":
+    if c.qk_norm == "head" and not c.qk_norm_after_rope:
         dq = _norm_backward(dq, f["uq"], f["iq"], params, "q_norm", c, r, g)
         dk = _norm_backward(dk, f["uk"], f["ik"], params, "k_norm", c, r, g)
     dq0 = dq.transpose(0, 2, 1, 3).reshape(B, T, N * H)

@@ -258,6 +258,18 @@ def tiny_config(family: str, **overrides):
             hidden_size_per_layer_input=8,
             pad_token_id=0,
         ),
+        "cwm": lambda: tf.CwmConfig(
+            **dec, head_dim=8, sliding_window=3, layer_types=["sliding_attention", "full_attention"]
+        ),
+        "vaultgemma": lambda: tf.VaultGemmaConfig(
+            **dec, head_dim=16, query_pre_attn_scalar=12, attn_logit_softcapping=2.0, sliding_window=3
+        ),
+        "hunyuan_v1_dense": lambda: tf.HunYuanDenseV1Config(**dec, head_dim=8, pad_token_id=0),
+        "hunyuan_v1_moe": lambda: tf.HunYuanMoEV1Config(
+            **dec, head_dim=8, num_experts=2, moe_topk=1, moe_intermediate_size=16, pad_token_id=0
+        ),
+        "opt": lambda: tf.OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=32, pad_token_id=0),
+        "biogpt": lambda: tf.BioGptConfig(**common, pad_token_id=0),
         "llama4_text": lambda: tf.Llama4TextConfig(
             **dec,
             head_dim=8,
@@ -400,7 +412,7 @@ def attention_of(model, layer: int):
     base = getattr(model, "base_model", model)
     if not any(hasattr(base, name) for name in ("layers", "h", "blocks", "encoder")):
         base = getattr(base, "model", base)  # Llama 4: its base_model_prefix names no attribute
-    for path in ("layers", "h", "blocks", "encoder.layer"):
+    for path in ("layers", "h", "blocks", "encoder.layer", "decoder.layers"):
         obj = base
         try:
             for part in path.split("."):
@@ -1064,13 +1076,9 @@ COVERAGE_CANDIDATES = (
     "seed_oss",
     "ernie4_5",
     "ernie4_5_moe",
-    "hunyuan_v1_dense",
-    "hunyuan_v1_moe",
     "internlm3",
     "mellum",
     "nanochat",
-    "cwm",
-    "vaultgemma",
     "olmoe",
     "flex_olmo",
     "phimoe",
@@ -1084,9 +1092,7 @@ COVERAGE_CANDIDATES = (
     "gpt_neo",
     "gpt_bigcode",
     "codegen",
-    "opt",
     "xglm",
-    "biogpt",
     "gemma3n_text",
     "beit",
     "data2vec-vision",

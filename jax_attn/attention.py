@@ -452,7 +452,7 @@ class Attention(nnx.Module):
         q_BNTH = q.reshape(B, T, c.N, c.H).transpose(0, 2, 1, 3)
         k_BKTH = k.reshape(B, T, c.K, c.H).transpose(0, 2, 1, 3)
         v_BKTH = v.reshape(B, T, c.K, c.H).transpose(0, 2, 1, 3)
-        if c.qk_norm == "head":
+        if c.qk_norm == "head" and not c.qk_norm_after_rope:
             q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
         elif c.qk_norm == "unit":
             q_BNTH, k_BKTH = unit_rms(q_BNTH, c.qk_norm_eps), unit_rms(k_BKTH, c.qk_norm_eps)
@@ -462,6 +462,8 @@ class Attention(nnx.Module):
             cos_BTR, sin_BTR = rope_cos_sin(c.rope, c.H, position_ids)
             q_BNTH = apply_rope(q_BNTH, cos_BTR, sin_BTR, c.rope.layout)
             k_BKTH = apply_rope(k_BKTH, cos_BTR, sin_BTR, c.rope.layout)
+        if c.qk_norm_after_rope:  # Hunyuan: the rotated heads are normed
+            q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
         if c.attn_temperature is not None:
             scale_T = temperature_scales(c, q_pos_T)[None, None, :, None]
             q_BNTH = (q_BNTH * scale_T).astype(q_BNTH.dtype)

@@ -64,6 +64,11 @@ CASES = [
     ("qwen3_vl_text", 0),  # interleaved mrope (3, 2, 2), qk-norm
     ("gemma4_text", 0),  # sliding layer: window 3, scale 1, v-norm
     ("gemma4_text", 1),  # full layer: head 16, one kv head, values = keys' projection, proportional rope
+    ("cwm", 0),  # windows on sliding_attention layers (every 4th full by default)
+    ("vaultgemma", 0),  # Gemma 2's soft-cap and query_pre_attn_scalar, window 3
+    ("hunyuan_v1_dense", 0),  # per-head RMSNorms after the rotation (query/key_layernorm)
+    ("opt", 0),  # out_proj, biases, no rotary, model.decoder.layers
+    ("biogpt", 0),
 ]
 
 

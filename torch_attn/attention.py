@@ -459,7 +459,7 @@ class Attention(nn.Module):
         q_BNTH = q.view(B, T, c.N, c.H).transpose(1, 2)
         k_BKTH = k.view(B, T, c.K, c.H).transpose(1, 2)
         v_BKTH = v.view(B, T, c.K, c.H).transpose(1, 2)
-        if c.qk_norm == "head":
+        if c.qk_norm == "head" and not c.qk_norm_after_rope:
             q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
         elif c.qk_norm == "unit":
             q_BNTH, k_BKTH = unit_rms(q_BNTH, c.qk_norm_eps), unit_rms(k_BKTH, c.qk_norm_eps)
@@ -469,6 +469,8 @@ class Attention(nn.Module):
             cos_BTR, sin_BTR = rope_cos_sin(c.rope, c.H, position_ids)
             q_BNTH = apply_rope(q_BNTH, cos_BTR, sin_BTR, c.rope.layout)
             k_BKTH = apply_rope(k_BKTH, cos_BTR, sin_BTR, c.rope.layout)
+        if c.qk_norm_after_rope:  # Hunyuan: the rotated heads are normed
+            q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
         if c.attn_temperature is not None:
             scale_T = temperature_scales(c, q_pos_T)[None, None, :, None]
             q_BNTH = (q_BNTH * scale_T).to(q_BNTH.dtype)

@@ -429,6 +429,15 @@ def _attention_cases() -> list[AttentionCase]:
             max_length=6,
             seed=402,
         ),
+        a(
+            "attn_qknorm_after_rope",
+            knobs=_knobs(qk_norm="head", qk_norm_after_rope=True),
+            pad=1,
+            chunks=(4, 2),
+            max_length=6,
+            seed=403,
+            note="Hunyuan: the rotated heads are normed, through a KV cache",
+        ),
         # LayerNorm qk-norm (issue 22: Cohere, StableLM, Phi, Persimmon).
         a(
             "attn_qknorm_layer_head",
