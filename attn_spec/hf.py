@@ -437,6 +437,22 @@ FAMILY_TABLE: dict[str, Family] = {
     ),
     "hunyuan_v1_dense": _HUNYUAN,
     "hunyuan_v1_moe": _HUNYUAN,
+    "gpt_bigcode": Family(
+        weights="bigcode",
+        renames=(("qkv_proj", "c_attn"), ("query_key_value", "c_attn"), ("o_proj", "c_proj")),
+        qkv_bias=True,
+        o_bias=True,
+        rope=None,
+        scale="gpt2",
+        kv_heads=lambda cfg, n, family: 1 if cfg.get("multi_query", True) else n,
+        dropout="attn_pdrop",
+        train_refuse=(
+            (
+                "resid_pdrop",
+                "GPTBigCodeAttention's output dropout in training mode is not ported; call .eval()",
+            ),
+        ),
+    ),
     "opt": Family(
         renames=(("o_proj", "out_proj"),),
         qkv_bias="enable_bias",
@@ -1009,7 +1025,13 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
             raise _unsupported(family, knob, cfg.get(knob), why)
     K = cfg.get("num_key_value_heads") or N
     H = cfg.get("head_dim") or E // N
-    if e.mha or e.weights in ("neox", "conv1d", "bert", "grouped"):  # no kv heads nor head_dim of their own
+    if e.mha or e.weights in (
+        "neox",
+        "conv1d",
+        "bert",
+        "grouped",
+        "bigcode",
+    ):  # no kv heads nor head_dim of their own
         K, H = N, E // N
     if e.kv_heads is not None:
         K = e.kv_heads(cfg, N, family)
@@ -1301,14 +1323,23 @@ def hf_state_dict_keys(family: str, c: AttentionConfig) -> list[str]:
     return list(to_hf({k: np.zeros(s, np.float32) for k, s in state_dict_shapes(c).items()}, family, c))
 
 
+def _layout(e: Family, c: AttentionConfig) -> str:
+    """The weight layout of this layer: GPT-BigCode's ``c_attn`` is rows [all q; k; v] with multi-query (one
+    key/value head, ``qkv_rows``) and per head [q, k, v] otherwise (``neox``)."""
+    if e.weights == "bigcode":
+        return "qkv_rows" if c.K < c.N else "neox"
+    return e.weights
+
+
 def from_hf(sd: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[str, np.ndarray]:
     """The family's attention state dict → ours (``q_proj.weight (N·H, E)``…); data movement only."""
     _check_keys(family, sd, hf_state_dict_keys(family, c))
     E, N, K, H = c.E, c.N, c.K, c.H
     e = entry(family)
+    layout = _layout(e, c)
     out: dict[str, np.ndarray] = {}
     ren = dict(e.renames)
-    if e.weights == "qkv_rows":
+    if layout == "qkv_rows":
         fused = ren.get("qkv_proj", "qkv_proj")
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             w = sd[f"{fused}.{suffix}"]
@@ -1317,7 +1348,7 @@ def from_hf(sd: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
                 w[N * H : N * H + K * H],
                 w[N * H + K * H :],
             )
-    elif e.weights == "grouped":  # (K, N/K + 2, H) rows: each group's queries, then its key and value
+    elif layout == "grouped":  # (K, N/K + 2, H) rows: each group's queries, then its key and value
         G = N // K
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             a = sd[f"query_key_value.{suffix}"]
@@ -1325,13 +1356,13 @@ def from_hf(sd: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
             out[f"q_proj.{suffix}"] = np.ascontiguousarray(a[:, :G].reshape(N * H, *a.shape[3:]))
             out[f"k_proj.{suffix}"] = np.ascontiguousarray(a[:, G].reshape(K * H, *a.shape[3:]))
             out[f"v_proj.{suffix}"] = np.ascontiguousarray(a[:, G + 1].reshape(K * H, *a.shape[3:]))
-    elif e.weights == "neox":
+    elif layout == "neox":
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
-            a = sd[f"query_key_value.{suffix}"]
+            a = sd[f"{ren.get('query_key_value', 'query_key_value')}.{suffix}"]
             a = a.reshape(N, 3, H, *a.shape[1:])
             for j, p in enumerate(("q_proj", "k_proj", "v_proj")):
                 out[f"{p}.{suffix}"] = np.ascontiguousarray(a[:, j].reshape(N * H, *a.shape[3:]))
-    elif e.weights == "conv1d":
+    elif layout == "conv1d":
         w, b = sd["c_attn.weight"], sd["c_attn.bias"]  # Conv1D: (in, out)
         for j, p in enumerate(("q_proj", "k_proj", "v_proj")):
             out[f"{p}.weight"] = np.ascontiguousarray(w[:, j * E : (j + 1) * E].T)
@@ -1354,17 +1385,18 @@ def to_hf(ours: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
     """Ours → the family's attention state dict (inverse of :func:`from_hf`, bit-exact)."""
     N, K, H = c.N, c.K, c.H
     e = entry(family)
+    layout = _layout(e, c)
     ren = dict(e.renames)
     ours = {k: np.asarray(v) for k, v in ours.items()}
     out: dict[str, np.ndarray] = {}
     qkv = ("q_proj", "k_proj", "v_proj")
     done: set[str] = set()
-    if e.weights == "qkv_rows":
+    if layout == "qkv_rows":
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             fused = np.concatenate([ours[f"{p}.{suffix}"] for p in qkv], axis=0)
             out[f"{ren.get('qkv_proj', 'qkv_proj')}.{suffix}"] = fused
             done |= {f"{p}.{suffix}" for p in qkv}
-    elif e.weights == "grouped":
+    elif layout == "grouped":
         G = N // K
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             rest = ours[f"q_proj.{suffix}"].shape[1:]
@@ -1373,12 +1405,13 @@ def to_hf(ours: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
             v = ours[f"v_proj.{suffix}"].reshape(K, 1, H, *rest)
             out[f"query_key_value.{suffix}"] = np.concatenate([q, k, v], axis=1).reshape(-1, *rest)
             done |= {f"{p}.{suffix}" for p in qkv}
-    elif e.weights == "neox":
+    elif layout == "neox":
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             parts = [ours[f"{p}.{suffix}"].reshape(N, H, *ours[f"{p}.{suffix}"].shape[1:]) for p in qkv]
-            out[f"query_key_value.{suffix}"] = np.stack(parts, axis=1).reshape(3 * N * H, *parts[0].shape[2:])
+            fused = np.stack(parts, axis=1).reshape(3 * N * H, *parts[0].shape[2:])
+            out[f"{ren.get('query_key_value', 'query_key_value')}.{suffix}"] = fused
             done |= {f"{p}.{suffix}" for p in qkv}
-    elif e.weights == "conv1d":
+    elif layout == "conv1d":
         out["c_attn.weight"] = np.concatenate([ours[f"{p}.weight"].T for p in qkv], axis=1)
         out["c_attn.bias"] = np.concatenate([ours[f"{p}.bias"] for p in qkv])
         out["c_proj.weight"] = np.ascontiguousarray(ours["o_proj.weight"].T)

@@ -268,6 +268,9 @@ def tiny_config(family: str, **overrides):
         "hunyuan_v1_moe": lambda: tf.HunYuanMoEV1Config(
             **dec, head_dim=8, num_experts=2, moe_topk=1, moe_intermediate_size=16, pad_token_id=0
         ),
+        "gpt_bigcode": lambda: tf.GPTBigCodeConfig(
+            n_embd=32, n_head=4, n_layer=2, vocab_size=64, n_positions=64, multi_query=True
+        ),
         "opt": lambda: tf.OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=32, pad_token_id=0),
         "biogpt": lambda: tf.BioGptConfig(**common, pad_token_id=0),
         "llama4_text": lambda: tf.Llama4TextConfig(
@@ -557,7 +560,7 @@ def _hf_call(module, family, x, mask, pos, q_idx, S, cache=None):
     if spec.entry(family).alibi is not None:
         kwargs.update(_alibi_kwargs(module, family, x, mask[:, :S], keep))
     if cache is not None:
-        kwargs["layer_past" if family in ("gpt_neox", "bloom", "falcon") else "cache"] = cache
+        kwargs["layer_past" if family in ("gpt_neox", "bloom", "falcon", "gpt_bigcode") else "cache"] = cache
     if spec.entry(family).kv_shared is not None:  # Gemma 4's forward takes the layers' shared keys/values
         kwargs["shared_kv_states"] = {}
     if spec.entry(family).causal == "bert":
@@ -1090,7 +1093,6 @@ COVERAGE_CANDIDATES = (
     "dots1",
     "minimax",
     "gpt_neo",
-    "gpt_bigcode",
     "codegen",
     "xglm",
     "gemma3n_text",

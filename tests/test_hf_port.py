@@ -69,6 +69,7 @@ CASES = [
     ("hunyuan_v1_dense", 0),  # per-head RMSNorms after the rotation (query/key_layernorm)
     ("opt", 0),  # out_proj, biases, no rotary, model.decoder.layers
     ("biogpt", 0),
+    ("gpt_bigcode", 0),  # multi-query c_attn: rows [all q; k; v] (one key/value head), c_proj
 ]
 
 
@@ -235,3 +236,19 @@ def test_check_port_argument_errors():
     module, _ = port_hf.tiny_module("vit", 0)
     with pytest.raises(ValueError, match="takes x"):
         port.check_port(module, attn_mask=object(), print_table=False)
+
+
+def test_gpt_bigcode_without_multi_query_is_per_head_fused():
+    """GPT-BigCode's c_attn is per head [q, k, v] when multi_query=False (the neox layout), rows [q; k; v]
+    with one key/value head otherwise: both port and agree with transformers."""
+    import transformers as tf
+
+    cfg = tf.GPTBigCodeConfig(
+        n_embd=32, n_head=4, n_layer=1, vocab_size=64, n_positions=64, multi_query=False
+    )
+    cfg._attn_implementation = "eager"
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    module = port_hf.randomize_(port_hf.attention_of(model, 0), 0)
+    assert spec.describe_module(module)[1].num_kv_heads == 4
+    record = port.check_port(module, print_table=False)
+    assert record.ok and record.round_trip_bit_exact
