@@ -123,6 +123,18 @@ def _gemma4_layer_types(cfg, n):
     return ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
 
 
+def _gpt_neo_layers(cfg, n):
+    """GPT-Neo's ``attention_layers`` ("global"/"local" per layer), or their expansion of ``attention_types``
+    (``[[["global", "local"], repeat], ...]``) as its config class does."""
+    layers = cfg.get("attention_layers")
+    if layers:
+        return list(layers)
+    out = []
+    for kinds, repeat in cfg.get("attention_types") or [[["global", "local"], n // 2]]:
+        out += list(kinds) * repeat
+    return out
+
+
 def _cwm_layer_types(cfg, n):
     return ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
 
@@ -437,6 +449,40 @@ FAMILY_TABLE: dict[str, Family] = {
     ),
     "hunyuan_v1_dense": _HUNYUAN,
     "hunyuan_v1_moe": _HUNYUAN,
+    # GPT-Neo: unscaled logits, "local" layers see window_size keys (tril XOR tril(-window_size)), fp32
+    # logits; the module is GPTNeoAttention around GPTNeoSelfAttention (attention.q_proj ...).
+    "gpt_neo": Family(
+        renames=(
+            ("q_proj", "attention.q_proj"),
+            ("k_proj", "attention.k_proj"),
+            ("v_proj", "attention.v_proj"),
+            ("o_proj", "attention.out_proj"),
+        ),
+        qkv_bias=False,
+        o_bias=True,
+        rope=None,
+        scale="one",
+        window="layer",
+        window_from=("window_size", lambda cfg: cfg.get("window_size")),
+        layer_types=lambda cfg, n: [
+            "sliding_attention" if t == "local" else "full_attention" for t in _gpt_neo_layers(cfg, n)
+        ],
+        dropout="attention_dropout",
+        mha=True,
+        train_refuse=(
+            (
+                "resid_dropout",
+                "GPTNeoSelfAttention's output dropout in training mode is not ported; call .eval()",
+            ),
+        ),
+    ),
+    "mellum": Family(
+        qk_norm="head",
+        window="layer",
+        layer_types=lambda cfg, n: ["full_attention"] * n,
+        rope_per_layer_type=True,
+        partial=True,
+    ),
     "gpt_bigcode": Family(
         weights="bigcode",
         renames=(("qkv_proj", "c_attn"), ("query_key_value", "c_attn"), ("o_proj", "c_proj")),

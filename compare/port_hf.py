@@ -268,6 +268,26 @@ def tiny_config(family: str, **overrides):
         "hunyuan_v1_moe": lambda: tf.HunYuanMoEV1Config(
             **dec, head_dim=8, num_experts=2, moe_topk=1, moe_intermediate_size=16, pad_token_id=0
         ),
+        "gpt_neo": lambda: tf.GPTNeoConfig(
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            attention_types=[[["local", "global"], 1]],
+            window_size=3,
+            vocab_size=64,
+            max_position_embeddings=64,
+            intermediate_size=64,
+        ),
+        "mellum": lambda: tf.MellumConfig(
+            **dec,
+            head_dim=8,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"],
+            num_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=16,
+            pad_token_id=0,
+        ),
         "gpt_bigcode": lambda: tf.GPTBigCodeConfig(
             n_embd=32, n_head=4, n_layer=2, vocab_size=64, n_positions=64, multi_query=True
         ),
@@ -560,7 +580,9 @@ def _hf_call(module, family, x, mask, pos, q_idx, S, cache=None):
     if spec.entry(family).alibi is not None:
         kwargs.update(_alibi_kwargs(module, family, x, mask[:, :S], keep))
     if cache is not None:
-        kwargs["layer_past" if family in ("gpt_neox", "bloom", "falcon", "gpt_bigcode") else "cache"] = cache
+        kwargs[
+            "layer_past" if family in ("gpt_neox", "bloom", "falcon", "gpt_bigcode", "gpt_neo") else "cache"
+        ] = cache
     if spec.entry(family).kv_shared is not None:  # Gemma 4's forward takes the layers' shared keys/values
         kwargs["shared_kv_states"] = {}
     if spec.entry(family).causal == "bert":
@@ -1080,7 +1102,6 @@ COVERAGE_CANDIDATES = (
     "ernie4_5",
     "ernie4_5_moe",
     "internlm3",
-    "mellum",
     "nanochat",
     "olmoe",
     "flex_olmo",
@@ -1092,7 +1113,6 @@ COVERAGE_CANDIDATES = (
     "doge",
     "dots1",
     "minimax",
-    "gpt_neo",
     "codegen",
     "xglm",
     "gemma3n_text",

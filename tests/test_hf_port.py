@@ -70,6 +70,10 @@ CASES = [
     ("opt", 0),  # out_proj, biases, no rotary, model.decoder.layers
     ("biogpt", 0),
     ("gpt_bigcode", 0),  # multi-query c_attn: rows [all q; k; v] (one key/value head), c_proj
+    ("gpt_neo", 0),  # local layer: window 3, unscaled logits, attention.out_proj
+    ("gpt_neo", 1),  # global layer
+    ("mellum", 0),  # sliding layer: rope per layer type, per-head qk-norm, window 3
+    ("mellum", 1),
 ]
 
 
