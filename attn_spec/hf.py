@@ -1575,6 +1575,8 @@ def describe_module(module, post_norm_outside: bool = False) -> tuple[str, Atten
         layer = getattr(inner, "layer_idx", None)
     else:
         layer = getattr(module, "layer_idx", None)
+        if layer is None:  # GPT-Neo's attention keeps layer_id
+            layer = getattr(module, "layer_id", None)
     if e.weights == "conv1d" and getattr(module, "is_cross_attention", False):
         raise _unsupported(family, "is_cross_attention", True, "cross-attention is not ported")
     for knob, why in e.train_refuse:
