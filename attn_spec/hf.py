@@ -135,6 +135,11 @@ def _gpt_neo_layers(cfg, n):
     return out
 
 
+def _dots1_layer_types(cfg, n):
+    w, first = cfg.get("sliding_window"), cfg.get("max_window_layers", 62)
+    return ["sliding_attention" if w is not None and i >= first else "full_attention" for i in range(n)]
+
+
 def _cwm_layer_types(cfg, n):
     return ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(n)]
 
@@ -475,6 +480,16 @@ FAMILY_TABLE: dict[str, Family] = {
                 "GPTNeoSelfAttention's output dropout in training mode is not ported; call .eval()",
             ),
         ),
+    ),
+    "dots1": Family(qk_norm="head", window="layer", layer_types=_dots1_layer_types),
+    # MiniMax: softmax layers (Mixtral's attention, a config-wide window) between lightning (linear) layers.
+    "minimax": Family(
+        qkv_bias=False,
+        o_bias=False,
+        window="config",
+        layer_types=lambda cfg, n: [
+            "full_attention" if (i + 1) % 2 else "linear_attention" for i in range(n)
+        ],
     ),
     "mellum": Family(
         qk_norm="head",

@@ -74,6 +74,8 @@ CASES = [
     ("gpt_neo", 1),  # global layer
     ("mellum", 0),  # sliding layer: rope per layer type, per-head qk-norm, window 3
     ("mellum", 1),
+    ("dots1", 0),  # per-head qk-norm, window 3 past max_window_layers
+    ("minimax", 0),  # a softmax layer (config-wide window 3) of a model with lightning-attention layers
 ]
 
 
