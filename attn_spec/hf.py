@@ -481,6 +481,16 @@ FAMILY_TABLE: dict[str, Family] = {
             ),
         ),
     ),
+    # XGLM: BART-style attention (q/k/v/out_proj with biases, sinusoidal positions outside the layer); the
+    # module keeps no config (its attributes are read).
+    "xglm": Family(
+        renames=(("o_proj", "out_proj"),),
+        qkv_bias="attention_bias",
+        o_bias="attention_bias",
+        rope=None,
+        mha=True,
+        defaults={"attention_bias": True},
+    ),
     "dots1": Family(qk_norm="head", window="layer", layer_types=_dots1_layer_types),
     # MiniMax: softmax layers (Mixtral's attention, a config-wide window) between lightning (linear) layers.
     "minimax": Family(
@@ -1533,8 +1543,22 @@ def _mpt_module_config(m) -> dict:
     }
 
 
+def _xglm_module_config(m) -> dict:
+    return {
+        "model_type": "xglm",
+        "hidden_size": int(m.embed_dim),
+        "num_attention_heads": int(m.num_heads),
+        "attention_dropout": float(m.dropout or 0.0),
+        "attention_bias": m.q_proj.bias is not None,
+    }
+
+
 # Attention modules that keep no ``config``: the config knobs their forward reads, from their own attributes.
-_CONFIGLESS = {"BloomAttention": _bloom_module_config, "MptAttention": _mpt_module_config}
+_CONFIGLESS = {
+    "BloomAttention": _bloom_module_config,
+    "MptAttention": _mpt_module_config,
+    "XGLMAttention": _xglm_module_config,
+}
 
 
 def describe_module(module, post_norm_outside: bool = False) -> tuple[str, AttentionConfig]:

@@ -278,6 +278,9 @@ def tiny_config(family: str, **overrides):
             max_position_embeddings=64,
             intermediate_size=64,
         ),
+        "xglm": lambda: tf.XGLMConfig(
+            d_model=32, attention_heads=4, num_layers=2, ffn_dim=64, vocab_size=64, max_position_embeddings=64
+        ),
         "dots1": lambda: tf.Dots1Config(
             **dec,
             head_dim=8,
@@ -1132,7 +1135,6 @@ COVERAGE_CANDIDATES = (
     "diffllama",
     "doge",
     "codegen",
-    "xglm",
     "gemma3n_text",
     "beit",
     "data2vec-vision",

@@ -76,6 +76,7 @@ CASES = [
     ("mellum", 1),
     ("dots1", 0),  # per-head qk-norm, window 3 past max_window_layers
     ("minimax", 0),  # a softmax layer (config-wide window 3) of a model with lightning-attention layers
+    ("xglm", 0),  # a module with no config: its attributes read; out_proj, biases
 ]
 
 
