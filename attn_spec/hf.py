@@ -81,6 +81,7 @@ LAYER_INFIXES = (
     "layers.{i}.attn.",
     "h.{i}.self_attention.",  # Bloom, Falcon
     "blocks.{i}.attn.",  # MPT
+    "blocks.{i}.norm_attn_norm.attn.",  # DBRX
 )
 
 
@@ -490,6 +491,17 @@ FAMILY_TABLE: dict[str, Family] = {
         rope=None,
         mha=True,
         defaults={"attention_bias": True},
+    ),
+    # DBRX: Wqkv rows [all q; k; v] clamped to +-clip_qkv, out_proj, kv heads in attn_config.
+    "dbrx": Family(
+        weights="qkv_rows",
+        renames=(("qkv_proj", "Wqkv"), ("o_proj", "out_proj")),
+        qkv_bias=False,
+        o_bias=False,
+        clip="attn_config.clip_qkv",
+        mha=True,
+        kv_heads=lambda cfg, n, family: cfg.get("attn_config.kv_n_heads") or n,
+        dropout="attn_config.attn_pdrop",
     ),
     "dots1": Family(qk_norm="head", window="layer", layer_types=_dots1_layer_types),
     # MiniMax: softmax layers (Mixtral's attention, a config-wide window) between lightning (linear) layers.

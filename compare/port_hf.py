@@ -281,6 +281,15 @@ def tiny_config(family: str, **overrides):
         "xglm": lambda: tf.XGLMConfig(
             d_model=32, attention_heads=4, num_layers=2, ffn_dim=64, vocab_size=64, max_position_embeddings=64
         ),
+        "dbrx": lambda: tf.DbrxConfig(
+            d_model=32,
+            n_heads=4,
+            n_layers=2,
+            max_seq_len=64,
+            vocab_size=64,
+            attn_config={"kv_n_heads": 2, "clip_qkv": 0.8, "rope_theta": 1e4},
+            ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 2, "moe_top_k": 1},
+        ),
         "dots1": lambda: tf.Dots1Config(
             **dec,
             head_dim=8,
@@ -466,6 +475,7 @@ def attention_of(model, layer: int):
         except AttributeError:
             continue
         block = obj[layer]
+        block = getattr(block, "norm_attn_norm", block)  # DBRX nests its attention one level down
         for name in ("self_attn", "attention", "attn", "self_attention"):
             if hasattr(block, name):
                 return getattr(block, name)
@@ -1130,7 +1140,6 @@ COVERAGE_CANDIDATES = (
     "flex_olmo",
     "phimoe",
     "jetmoe",
-    "dbrx",
     "bitnet",
     "diffllama",
     "doge",

@@ -77,6 +77,7 @@ CASES = [
     ("dots1", 0),  # per-head qk-norm, window 3 past max_window_layers
     ("minimax", 0),  # a softmax layer (config-wide window 3) of a model with lightning-attention layers
     ("xglm", 0),  # a module with no config: its attributes read; out_proj, biases
+    ("dbrx", 0),  # Wqkv rows [q; k; v] clamped to 0.8, GQA from attn_config.kv_n_heads
 ]
 
 
