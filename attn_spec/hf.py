@@ -698,6 +698,20 @@ FAMILY_TABLE: dict[str, Family] = {
             ("resid_pdrop", "GPTJAttention's output dropout in training mode is not ported; call .eval()"),
         ),
     ),
+    # CodeGen: GPT-J's attention with a qkv_proj laid out for 4 model-parallel shards (per shard q, v, k).
+    "codegen": Family(
+        weights="codegen",
+        renames=(("o_proj", "out_proj"),),
+        qkv_bias=False,
+        o_bias=False,
+        rope="interleaved",
+        rotary_dim="rotary_dim",
+        dropout="attn_pdrop",
+        mha=True,
+        train_refuse=(
+            ("resid_pdrop", "CodeGenAttention's output dropout in training mode is not ported; call .eval()"),
+        ),
+    ),
     "gpt2": Family(
         weights="conv1d",
         renames=(("o_proj", "c_proj"),),
@@ -1168,6 +1182,8 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
         rp = _rope_parameters(cfg, family, layer_type)
         if e.rotary_dim is not None:
             rd = cfg.get(e.rotary_dim)
+            if not rd and e.weights == "codegen":  # CodeGen then rotates the whole head
+                rd = H
             if not rd:  # GPT-J then builds a table as wide as the model, not a head
                 raise _unsupported(family, e.rotary_dim, rd, "the rotary width must be given (<= head_dim)")
             rp["partial_rotary_factor"] = rd / H
@@ -1406,6 +1422,9 @@ def hf_state_dict_keys(family: str, c: AttentionConfig) -> list[str]:
     return list(to_hf({k: np.zeros(s, np.float32) for k, s in state_dict_shapes(c).items()}, family, c))
 
 
+CODEGEN_SHARDS = 4  # CodeGenAttention.mp_num
+
+
 def _layout(e: Family, c: AttentionConfig) -> str:
     """The weight layout of this layer: GPT-BigCode's ``c_attn`` is rows [all q; k; v] with multi-query (one
     key/value head, ``qkv_rows``) and per head [q, k, v] otherwise (``neox``)."""
@@ -1439,6 +1458,10 @@ def from_hf(sd: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
             out[f"q_proj.{suffix}"] = np.ascontiguousarray(a[:, :G].reshape(N * H, *a.shape[3:]))
             out[f"k_proj.{suffix}"] = np.ascontiguousarray(a[:, G].reshape(K * H, *a.shape[3:]))
             out[f"v_proj.{suffix}"] = np.ascontiguousarray(a[:, G + 1].reshape(K * H, *a.shape[3:]))
+    elif layout == "codegen":  # rows (4 shards, [q, v, k], E / 4): heads are shard-major
+        w = sd["qkv_proj.weight"].reshape(CODEGEN_SHARDS, 3, -1, sd["qkv_proj.weight"].shape[1])
+        for j, p in enumerate(("q_proj", "v_proj", "k_proj")):
+            out[f"{p}.weight"] = np.ascontiguousarray(w[:, j].reshape(-1, w.shape[-1]))
     elif layout == "neox":
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             a = sd[f"{ren.get('query_key_value', 'query_key_value')}.{suffix}"]
@@ -1488,6 +1511,11 @@ def to_hf(ours: dict[str, np.ndarray], family: str, c: AttentionConfig) -> dict[
             v = ours[f"v_proj.{suffix}"].reshape(K, 1, H, *rest)
             out[f"query_key_value.{suffix}"] = np.concatenate([q, k, v], axis=1).reshape(-1, *rest)
             done |= {f"{p}.{suffix}" for p in qkv}
+    elif layout == "codegen":
+        parts = [ours[f"{p}.weight"].reshape(CODEGEN_SHARDS, -1, ours[f"{p}.weight"].shape[1]) for p in qkv]
+        q, k, v = parts
+        out["qkv_proj.weight"] = np.stack([q, v, k], axis=1).reshape(-1, q.shape[-1])
+        done |= {f"{p}.weight" for p in qkv}
     elif layout == "neox":
         for suffix in ("weight", "bias") if c.q_bias else ("weight",):
             parts = [ours[f"{p}.{suffix}"].reshape(N, H, *ours[f"{p}.{suffix}"].shape[1:]) for p in qkv]

@@ -152,6 +152,16 @@ def tiny_config(family: str, **overrides):
             bias=True,
             pad_token_id=0,
         ),
+        "codegen": lambda: tf.CodeGenConfig(
+            n_embd=32,
+            n_head=4,
+            n_layer=2,
+            vocab_size=64,
+            n_positions=64,
+            n_ctx=64,
+            rotary_dim=4,
+            pad_token_id=0,
+        ),
         "gpt2": lambda: tf.GPT2Config(
             n_embd=32, n_head=4, n_layer=2, vocab_size=64, scale_attn_by_inverse_layer_idx=True
         ),
@@ -1143,7 +1153,6 @@ COVERAGE_CANDIDATES = (
     "bitnet",
     "diffllama",
     "doge",
-    "codegen",
     "gemma3n_text",
     "beit",
     "data2vec-vision",

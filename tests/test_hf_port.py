@@ -78,6 +78,7 @@ CASES = [
     ("minimax", 0),  # a softmax layer (config-wide window 3) of a model with lightning-attention layers
     ("xglm", 0),  # a module with no config: its attributes read; out_proj, biases
     ("dbrx", 0),  # Wqkv rows [q; k; v] clamped to 0.8, GQA from attn_config.kv_n_heads
+    ("codegen", 0),  # qkv_proj in 4 shards of [q, v, k], GPT-J's interleaved rotary on rotary_dim 4 of 8
 ]
 
 
