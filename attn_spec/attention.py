@@ -348,6 +348,12 @@ def check_blocked(config: AttentionConfig, name: str = NAME) -> None:
         )
 
 
+#: The largest dense ``(B, T, S)`` boolean mask (bytes) a twin builds to call its fused kernel automatically
+#: (padding, a cache, windows, chunks); above it the automatic choice takes the blocked path, whose memory is
+#: bounded by a block (plain causal calls need no mask array and stay fused).
+FUSED_MASK_MAX = 2**27
+
+
 def fused_allowed(config: AttentionConfig) -> bool:
     """Whether the layer's math fits a fused kernel (``F.scaled_dot_product_attention``,
     ``jax.nn.dot_product_attention``): a boolean mask and a plain softmax, so no soft-cap, sinks or ALiBi."""

@@ -476,6 +476,9 @@ class Attention(nnx.Module):
             v_BKSH = jnp.concatenate([cache.v.astype(dt), v_BKTH], axis=2)
             k_pos_S = jnp.concatenate([cache.pos, q_pos_T])
             k_valid_BS = jnp.concatenate([cache.valid, valid_BT], axis=1)
+        # No padding, cache, window or chunk: the fused kernel's own causal mask (no mask array) serves.
+        plain_causal = cache is None and attention_mask is None and c.causal
+        plain_causal = plain_causal and c.sliding_window is None and c.chunk_size is None
         path = self.implementation
         if path is None:  # chosen from this call's shapes (static under jit: at trace time)
             dropout_on = not self.deterministic and c.dropout > 0.0
@@ -490,8 +493,7 @@ class Attention(nnx.Module):
             )
         else:
             keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c, lead_B)
-            plain_causal = cache is None and attention_mask is None and c.causal
-            if path == "fused" and plain_causal and c.sliding_window is None and c.chunk_size is None:
+            if path == "fused" and plain_causal:
                 keep_BTS = None  # no padding, window or chunk: the kernel's own causal mask
             bias_NTS = None if c.alibi_slopes is None else alibi_bias(c, q_pos_T, k_pos_S)
             y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng, bias_NTS)

@@ -373,3 +373,25 @@ def test_blocked_equals_math_across_many_blocks(twin):
     want = _run(twin, _module(twin, c, sd), x, mask, pos)
     got = _run(twin, _module(twin, c, sd, implementation="blocked"), x, mask, pos)
     assert np.abs(got - want).max() <= 1e-5 * max(1, np.abs(want).max())
+
+
+def test_torch_builds_no_large_mask_for_its_fused_kernel(monkeypatch):
+    """The torch twin calls F.scaled_dot_product_attention automatically with no mask array (plain causal)
+    or a small one; a call whose (B, T, S) mask would pass FUSED_MASK_MAX does not build it (math when small,
+    as here, blocked when large)."""
+    m = _module("torch", _config(), implementation=None)
+    x = _x()
+    mask = np.ones((B, T), np.int64)
+    mask[1, :2] = 0
+    _run("torch", m, x)
+    assert m.last_choice.implementation == "fused"
+    _run("torch", m, x, mask)
+    assert m.last_choice.implementation == "fused"  # B·T·S is tiny here
+    monkeypatch.setattr(tatt, "FUSED_MASK_MAX", B * T * T - 1)
+    y_blocked = _run("torch", m, x, mask)
+    assert m.last_choice.implementation == "math"
+    _run("torch", m, x)
+    assert m.last_choice.implementation == "fused"  # plain causal: no mask array at all
+    ref = _run("torch", _module("torch", _config(), sd=dict(m.state_dict())), x, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(y_blocked[real], ref[real], rtol=1e-5, atol=1e-5)

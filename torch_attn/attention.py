@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attn_spec.attention import (
+    FUSED_MASK_MAX,
     AttentionConfig,
     cache_slots,
     check_attention_mask,
@@ -483,9 +484,14 @@ class Attention(nn.Module):
             v_BKSH = torch.cat([cache.v.to(dt), v_BKTH], dim=2)
             k_pos_S = torch.cat([cache.pos, q_pos_T])
             k_valid_BS = torch.cat([cache.valid, valid_BT], dim=1)
+        # No padding, cache, window or chunk: the fused kernel's own causal mask (no mask array) serves.
+        plain_causal = cache is None and attention_mask is None and c.causal
+        plain_causal = plain_causal and c.sliding_window is None and c.chunk_size is None
         path = self.implementation
         if path is None:  # chosen from this call's shapes
-            fused = "F.scaled_dot_product_attention" if device.type in ("cpu", "cuda") else None
+            fused = None  # the kernel is the fast path on CPU and CUDA, with no mask array or a small one
+            if device.type in ("cpu", "cuda") and (plain_causal or B * T * k_BKSH.shape[2] <= FUSED_MASK_MAX):
+                fused = "F.scaled_dot_product_attention"
             dropout_on = self.training and c.dropout > 0.0
             choice = choose(c, B=B, T=T, S=k_BKSH.shape[2], dropout=dropout_on, fused=fused)
             self.dispatch.last = choice
@@ -497,8 +503,7 @@ class Attention(nn.Module):
             )
         else:
             keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c, lead_B)
-            plain_causal = cache is None and attention_mask is None and c.causal
-            if path == "fused" and plain_causal and c.sliding_window is None and c.chunk_size is None:
+            if path == "fused" and plain_causal:
                 keep_BTS = None  # no padding, window or chunk: the kernel's own causal mask
             bias_NTS = None if c.alibi_slopes is None else alibi_bias(c, q_pos_T, k_pos_S)
             y_BNTH = self._attend(path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator, bias_NTS)
