@@ -304,13 +304,13 @@ def test_unknown_model_type_ports_by_mechanism():
 
 def test_coverage_table_decides_unknown_families_from_their_modules():
     """Helium (no entry) rotates interleaved: its layout is told by running its own rotary code, and the port
-    agrees with transformers; VaultGemma's config sets attn_logit_softcapping, which only its code explains:
-    refused."""
-    rows, md = port_hf.coverage_table(["helium", "vaultgemma"])
-    helium, vault = rows
+    agrees with transformers; BitNet's attention carries a sub-norm before o_proj that no mechanism
+    expresses: refused, naming the parameter."""
+    rows, md = port_hf.coverage_table(["helium", "bitnet"])
+    helium, bitnet = rows
     assert helium["status"].startswith("ported") and helium["ok"] and helium["errors"]["float32"] < 1e-4
     assert spec.entry("helium").rope == "interleaved"
-    assert vault["status"] == "refused" and "attn_logit_softcapping" in vault["detail"]
+    assert bitnet["status"] == "refused" and "attn_sub_norm.weight" in bitnet["detail"]
     assert "| `helium` | ported (inferred from its module) |" in md
 
 
