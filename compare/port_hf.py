@@ -1336,6 +1336,20 @@ _SHRINK = dict(
 )
 
 
+# Coverage rows of a key/value-shared layer: name -> (family, layer of tiny_module(..., shared_kv=True)).
+SHARED_KV_PROBES = {"gemma4_text/kv_shared": ("gemma4_text", 2)}
+
+
+def _probe_pair(name: str):
+    """``(module, producer)``: :func:`_probe`'s module and None, or for a :data:`SHARED_KV_PROBES` row the
+    shared layer of the four-layer tiny Gemma 4 and the layer whose keys and values it reads."""
+    if name in SHARED_KV_PROBES:
+        family, layer = SHARED_KV_PROBES[name]
+        module, model = tiny_module(family, layer, shared_kv=True)
+        return module, producer_of(model, layer)
+    return _probe(name), None
+
+
 def _probe(model_type: str):
     """Layer 0's attention of a tiny ``model_type`` model: :func:`tiny_module` for the table's families,
     else the default config shrunk (only the keys it has)."""
@@ -1357,7 +1371,8 @@ def _probe(model_type: str):
 
 
 def coverage_table(model_types=None, dtypes=("float32",)) -> tuple[list[dict], str]:
-    """``(rows, markdown)``: for each model_type (default: :data:`attn_spec.hf.FAMILIES` and
+    """``(rows, markdown)``: for each model_type (default: :data:`attn_spec.hf.FAMILIES`,
+    :data:`SHARED_KV_PROBES` (a key/value-shared layer, checked with its producer) and
     :data:`COVERAGE_CANDIDATES`), its tiny layer-0 attention ported and judged by :func:`check_hf_port`
     against transformers (worst error of both ports vs transformers over outputs, gradients and decode, per
     dtype, and whether the whole record agrees), or the reader's refusal (the parameter or knob it names), or
@@ -1365,10 +1380,11 @@ def coverage_table(model_types=None, dtypes=("float32",)) -> tuple[list[dict], s
     import torch
 
     rows = []
-    for mt in dict.fromkeys(model_types or (*spec.FAMILIES, *COVERAGE_CANDIDATES)):
+    default = (*spec.FAMILIES, *SHARED_KV_PROBES, *COVERAGE_CANDIDATES)
+    for mt in dict.fromkeys(model_types or default):
         row = {"model_type": mt, "status": "", "detail": "", "errors": {}, "ok": None}
         try:
-            module = _probe(mt)
+            module, producer = _probe_pair(mt)
         except Exception as err:  # noqa: BLE001 (any failure to build is reported, not raised)
             row.update(status="not built", detail=f"{type(err).__name__}: {str(err)[:160]}")
             rows.append(row)
@@ -1380,12 +1396,18 @@ def coverage_table(model_types=None, dtypes=("float32",)) -> tuple[list[dict], s
             row.update(status="refused", detail=str(err).removeprefix(spec.NAME + ": ")[:240])
             rows.append(row)
             continue
-        row["status"] = "ported" if mt in spec.FAMILY_TABLE else "ported (inferred from its module)"
+        known = mt in spec.FAMILY_TABLE or mt in SHARED_KV_PROBES
+        row["status"] = "ported" if known else "ported (inferred from its module)"
         oks = []
         for dtype in dtypes:
             try:
+                if producer is not None:
+                    producer = producer.to(getattr(torch, dtype))
                 rec = check_hf_port(
-                    module.to(getattr(torch, dtype)), post_norm_outside=post_ln, print_table=False
+                    module.to(getattr(torch, dtype)),
+                    post_norm_outside=post_ln,
+                    print_table=False,
+                    producer=producer,
                 )
             except Exception as err:  # noqa: BLE001
                 row["detail"] = f"check failed: {type(err).__name__}: {str(err)[:160]}"
