@@ -1118,10 +1118,14 @@ def kv_producer(config, layer: int) -> int | None:
     layer shared: the keys come from another model, e.g. Gemma4Assistant's target)."""
     config = text_config(config)
     family = family_of(config)
-    e = entry(family)
+    e = FAMILY_TABLE.get(family) or _INFERRED.get(family)
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        raise ValueError(f"{NAME}: layer must be an int >= 0; got layer={layer!r}")
+    if e is None or e.kv_shared is None:  # families without key/value sharing (or not known to share)
+        return None
     cfg = _Cfg(config, e.defaults)
     n_layers = cfg.get("num_hidden_layers")
-    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0 or layer >= n_layers:
+    if layer >= n_layers:
         raise ValueError(f"{NAME}: layer must be an int in [0, {n_layers}); got layer={layer!r}")
     if not _is_kv_shared(cfg, e, layer, n_layers):
         return None

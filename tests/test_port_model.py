@@ -68,6 +68,22 @@ def test_more_families_agree_in_the_model(tmp_path, family):
     _assert_agrees(record, family)
 
 
+def test_gemma4_key_value_shared_layers_agree_in_the_model(tmp_path):
+    """Layers 2 and 3 of the four-layer tiny Gemma 4 read layers 0's and 1's keys and values: judged on their
+    real inputs against the oracle consumer of the oracle producer, and end to end (the bridges hand each
+    producer port's ``SharedKV`` to its consumers, through the producers' caches when decoding)."""
+    _, model = port_hf.tiny_module("gemma4_text", 0, shared_kv=True)
+    for i in range(4):
+        port_hf.randomize_(port_hf.attention_of(model, i), 20 + i)
+    d = tmp_path / "gemma4_shared"
+    model.save_pretrained(d)
+    _tokenizer(model.config.vocab_size).save_pretrained(d)
+    record = port_model.check_model(d, PROMPTS, max_new_tokens=3)
+    assert record.ok, record.verdict()
+    assert [("kv-shared" in r.config) for r in record.layers] == [False, False, True, True]
+    assert all(e.tokens_identical for e in record.end_to_end)
+
+
 def _assert_agrees(record, family):
     assert record.ok, record.verdict()
     assert record.verdict().startswith("ALL AGREE: 2 attention layers")
