@@ -121,6 +121,11 @@ class AttentionConfig:
         (N, H)`` and ``k_norm.weight (K, H)`` (Cohere, StableLM), instead of one ``(H,)`` shared by the heads.
       qk_norm_bias: the LayerNorm adds a bias ``q_norm.bias``/``k_norm.bias`` shaped like its weight (Phi,
         Persimmon); ``qk_norm_kind="layer"`` only.
+      kv_shared: a key/value-sharing consumer (Gemma 4's last ``num_kv_shared_layers`` layers): no ``k_proj``,
+        ``v_proj`` nor ``k_norm``; its keys and values (already normed, rotated and cache-updated) are those a
+        producer layer attended over in the same call (``attn(x, ..., return_kv=True)`` returns them as a
+        ``SharedKV``; the consumer is called with ``shared_kv=``). It keeps its own q_proj, q_norm, o_proj,
+        mask (causal, window, chunk) and scale, and takes no cache of its own.
     """
 
     hidden_size: int
@@ -153,6 +158,7 @@ class AttentionConfig:
     qk_norm_kind: str = "rms"
     qk_norm_per_head: bool = False
     qk_norm_bias: bool = False
+    kv_shared: bool = False
 
     def __post_init__(self):
         for name in ("attn_temperature", "alibi_slopes"):  # lists (JSON) become hashable tuples
@@ -217,7 +223,18 @@ def check_config(c: AttentionConfig, name: str = NAME) -> None:
             )
     elif not _is_int(c.head_dim) or c.head_dim < 1:
         raise ValueError(f"{name}: head_dim must be a positive int or None; got head_dim={c.head_dim!r}")
-    for arg in ("q_bias", "k_bias", "v_bias", "o_bias", "sinks", "causal", "output_gate", "v_norm", "k_eq_v"):
+    for arg in (
+        "q_bias",
+        "k_bias",
+        "v_bias",
+        "o_bias",
+        "sinks",
+        "causal",
+        "output_gate",
+        "v_norm",
+        "k_eq_v",
+        "kv_shared",
+    ):
         if not isinstance(getattr(c, arg), bool):
             raise ValueError(f"{name}: {arg} must be a bool; got {arg}={getattr(c, arg)!r}")
     if c.rope is not None:
@@ -304,6 +321,17 @@ def check_config(c: AttentionConfig, name: str = NAME) -> None:
             f"{name}: qk_norm_bias=True needs qk_norm_kind='layer' (an RMSNorm has no bias); got "
             f"qk_norm_kind={c.qk_norm_kind!r}, qk_norm={c.qk_norm!r}"
         )
+    if c.kv_shared:
+        bad = [
+            f"{knob}={getattr(c, knob)!r}"
+            for knob in ("k_bias", "v_bias", "k_eq_v", "v_norm", "clip_qkv")
+            if getattr(c, knob) not in (False, None)
+        ]
+        if bad:
+            raise ValueError(
+                f"{name}: kv_shared=True (keys and values taken from a producer layer: no k_proj, v_proj nor "
+                f"k_norm) makes the key/value knobs meaningless; got {', '.join(bad)}"
+            )
 
 
 def check_implementation(implementation, config: AttentionConfig, name: str = NAME) -> str | None:
@@ -454,6 +482,11 @@ def check_init_cache(batch_size, max_length, config: AttentionConfig, name: str 
             raise ValueError(f"{name}.init_cache: {arg} must be a positive int; got {arg}={val!r}")
     if not config.causal:
         raise ValueError(f"{name}.init_cache: a KV cache needs a causal layer; this one has causal=False")
+    if config.kv_shared:
+        raise ValueError(
+            f"{name}.init_cache: a kv_shared layer keeps no cache (it reads its producer's keys and values, "
+            "shared_kv=); give the producer the cache"
+        )
 
 
 def check_cache(
@@ -483,6 +516,67 @@ def check_cache(
         )
 
 
+def check_shared_kv(
+    k: tuple[int, ...],
+    v: tuple[int, ...],
+    pos: tuple[int, ...],
+    valid: tuple[int, ...],
+    q_pos: tuple[int, ...],
+    lead: tuple[int, ...],
+    B: int,
+    T: int,
+    config: AttentionConfig,
+    name: str = NAME,
+) -> int:
+    """Validate the producer's keys/values (``SharedKV``) against a consumer's call of ``B`` rows and ``T``
+    tokens; returns S. ``k, v (B, K, S, H)``, ``pos (S,)``, ``valid (B, S)``, ``q_pos (T,)``,
+    ``lead (B,)``."""
+    k, v, pos, valid, q_pos, lead = (tuple(a) for a in (k, v, pos, valid, q_pos, lead))
+    S = k[2] if len(k) == 4 else -1
+    want = {
+        "k": (B, config.K, S, config.H),
+        "v": (B, config.K, S, config.H),
+        "pos": (S,),
+        "valid": (B, S),
+        "q_pos": (T,),
+        "lead": (B,),
+    }
+    got = {"k": k, "v": v, "pos": pos, "valid": valid, "q_pos": q_pos, "lead": lead}
+    if S < 1 or any(got[n] != want[n] for n in want):
+        raise ValueError(
+            f"{name}: shared_kv does not fit this call (B={B}, T={T}, K={config.K}, H={config.H}): needs "
+            + ", ".join(f"{n} {fmt_shape(w)}" for n, w in want.items())
+            + "; got "
+            + ", ".join(f"{n} {fmt_shape(g)}" for n, g in got.items())
+            + " (the producer's return_kv of the same call: same batch and tokens, the consumer's kv heads "
+            "and head width)"
+        )
+    return S
+
+
+def check_kv_call(shared_given: bool, cache_given: bool, return_kv: bool, config, name: str = NAME) -> None:
+    """A consumer (``kv_shared``) needs ``shared_kv`` and takes no cache; a producer takes no
+    ``shared_kv``."""
+    if config.kv_shared:
+        if cache_given:
+            raise ValueError(
+                f"{name}: a kv_shared layer has no cache of its own (its keys and values are the producer's, "
+                "cache included); call it with shared_kv= only, cache=None"
+            )
+        if not shared_given:
+            raise ValueError(
+                f"{name}: a kv_shared layer needs shared_kv= (the SharedKV that its producer layer returned "
+                "with return_kv=True in the same call)"
+            )
+        if return_kv:
+            raise ValueError(f"{name}: return_kv=True is for producer layers; this one has kv_shared=True")
+    elif shared_given:
+        raise ValueError(
+            f"{name}: shared_kv= is for kv_shared layers; this one computes its own keys and values "
+            "(kv_shared=False)"
+        )
+
+
 def qk_norm_shapes(config: AttentionConfig) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The shapes of ``q_norm.weight`` and ``k_norm.weight`` (and of their biases): ``(H,)`` each for
     ``qk_norm="head"``, ``(N, H)`` / ``(K, H)`` with ``qk_norm_per_head``, ``(N·H,)`` / ``(K·H,)`` for
@@ -502,8 +596,8 @@ def state_dict_shapes(config: AttentionConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for proj, out, inp, bias in (
         ("q_proj", N * H * (2 if c.output_gate else 1), E, c.q_bias),
-        ("k_proj", K * H, E, c.k_bias),
-        *((("v_proj", K * H, E, c.v_bias),) if not c.k_eq_v else ()),
+        *((("k_proj", K * H, E, c.k_bias),) if not c.kv_shared else ()),
+        *((("v_proj", K * H, E, c.v_bias),) if not (c.k_eq_v or c.kv_shared) else ()),
         ("o_proj", E, N * H, c.o_bias),
     ):
         shapes[f"{proj}.weight"] = (out, inp)
@@ -511,7 +605,7 @@ def state_dict_shapes(config: AttentionConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{proj}.bias"] = (out,)
     norm_shapes = qk_norm_shapes(c)
     if norm_shapes is not None:
-        for which, shape in zip(("q_norm", "k_norm"), norm_shapes):
+        for which, shape in zip(("q_norm", "k_norm")[: 1 if c.kv_shared else 2], norm_shapes):
             shapes[f"{which}.weight"] = shape
             if c.qk_norm_bias:
                 shapes[f"{which}.bias"] = shape

@@ -330,7 +330,8 @@ class Family:
         ``attention_k_eq_v``).
       last_layer_full: the config class forces the last layer to ``full_attention`` (Gemma 4).
       kv_shared: the config key counting the last layers that read another layer's keys and values (Gemma
-        4's ``num_kv_shared_layers``): those layers are refused by name.
+        4's ``num_kv_shared_layers``): those layers read as ``kv_shared=True`` (no k/v projections, k norm
+        nor v norm; :func:`kv_producer` names the layer whose keys and values they read).
       rope_sliding_only: only ``sliding_attention`` layers rotate (the others are NoPE): ``"always"``
         (Cohere 2: no window at all means no rotary anywhere) or ``"with_window"`` (EXAONE 4: without a window
         every layer rotates).
@@ -1137,16 +1138,7 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
     if e.per_layer:
         over = _layer_overrides(cfg, layer, layer_type)
         K, H = over.get("num_key_value_heads") or K, over.get("head_dim") or H
-    if e.kv_shared is not None and cfg.get(e.kv_shared):
-        first = n_layers - int(cfg.get(e.kv_shared))
-        if layer >= first:
-            raise _unsupported(
-                family,
-                e.kv_shared,
-                cfg.get(e.kv_shared),
-                f"layer {layer} reads the keys and values of an earlier layer (layers >= {first} share); "
-                "the layers before it port",
-            )
+    shared = _is_kv_shared(cfg, e, layer, n_layers)
     kw: dict = {"hidden_size": E, "num_heads": N, "num_kv_heads": K, "head_dim": H}
     if lt is not None and layer_type == "linear_attention":
         raise _unsupported(
@@ -1197,7 +1189,7 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
         kw["rope"] = None
 
     qkv, o = _bias(cfg, e.qkv_bias), _bias(cfg, e.o_bias)
-    kw.update(q_bias=qkv, k_bias=qkv, v_bias=qkv, o_bias=o)
+    kw.update(q_bias=qkv, k_bias=qkv and not shared, v_bias=qkv and not shared, o_bias=o)
 
     # Sliding windows: config-wide or per layer type, where the family's module reads one at all.
     window = cfg.get("sliding_window")
@@ -1233,11 +1225,13 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
             qk_norm_kind=e.qk_norm_kind, qk_norm_per_head=e.qk_norm_per_head, qk_norm_bias=e.qk_norm_bias
         )
         kw["qk_norm_after_rope"] = e.qk_norm_after_rope
-    kw["v_norm"] = e.v_norm
+    kw["v_norm"] = e.v_norm and not shared
     if e.v_norm:
         kw["qk_norm_eps"] = float(cfg.get(e.qk_norm_eps, 1e-6))
     if e.k_eq_v is not None and cfg.get(e.k_eq_v, False) and layer_type != "sliding_attention":
-        kw["k_eq_v"] = True
+        kw["k_eq_v"] = not shared
+    if shared:  # Gemma 4's "reuse" layers: q_proj, q_norm and o_proj only; keys and values of a producer
+        kw["kv_shared"] = True
     if e.scale == "one":
         kw["scale"] = 1.0
     elif e.scale == "query_pre_attn_scalar":
@@ -1265,6 +1259,43 @@ def _read(config, layer, family: str, e: Family, module_kind=None) -> AttentionC
     elif e.causal == "vit":
         kw["causal"] = False
     return AttentionConfig(**kw)
+
+
+def _is_kv_shared(cfg: _Cfg, e: Family, layer: int, n_layers: int) -> bool:
+    """Whether layer ``layer`` reads another layer's keys and values (the last ``num_kv_shared_layers``)."""
+    if e.kv_shared is None or not cfg.get(e.kv_shared):
+        return False
+    return layer >= n_layers - int(cfg.get(e.kv_shared))
+
+
+def kv_producer(config, layer: int) -> int | None:
+    """The index of the layer whose keys and values layer ``layer`` reads (transformers' ``"store"`` layer of
+    ``Gemma4TextConfig.kv_sharing_modes``: the last layer before the shared ones with the same layer type), or
+    None when layer ``layer`` computes its own. ValueError when no layer of the model produces them (every
+    layer shared: the keys come from another model, e.g. Gemma4Assistant's target)."""
+    config = text_config(config)
+    family = family_of(config)
+    e = FAMILY_TABLE.get(family) or _INFERRED.get(family)
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        raise ValueError(f"{NAME}: layer must be an int >= 0; got layer={layer!r}")
+    if e is None or e.kv_shared is None:  # families without key/value sharing (or not known to share)
+        return None
+    cfg = _Cfg(config, e.defaults)
+    n_layers = cfg.get("num_hidden_layers")
+    if layer >= n_layers:
+        raise ValueError(f"{NAME}: layer must be an int in [0, {n_layers}); got layer={layer!r}")
+    if not _is_kv_shared(cfg, e, layer, n_layers):
+        return None
+    first = n_layers - int(cfg.get(e.kv_shared))
+    lt = layer_types(config, family)
+    for i in range(first - 1, -1, -1):
+        if lt is None or lt[i] == lt[layer]:
+            return i
+    raise ValueError(
+        f"{NAME}: layer {layer} ({lt[layer] if lt else 'no layer type'}) reads shared keys and values, but "
+        f"no layer before the shared ones (layers >= {first}, {e.kv_shared}={cfg.get(e.kv_shared)}) has "
+        "its layer type: they come from outside this model"
+    )
 
 
 def _layer_overrides(cfg: _Cfg, layer: int, layer_type: str | None) -> dict:

@@ -23,6 +23,10 @@ first R channels (multimodal: each frequency's position row); 5b. Llama 4's temp
 7b. ALiBi ``+ slope_n · (s - t)``; 8. masked softmax (causal, window or chunk, padding) whose denominator
 also holds ``exp(sink_n)``; fully masked rows give zeros; 9. dropout (injected keep-mask);
 10. ``o = p v``, merge heads, times ``sigmoid(gate)``, ``y = o Woᵀ + bo``.
+
+A key/value-sharing consumer (``config.kv_shared``, Gemma 4) is given its producer's keys and values
+``shared_kv=(k, v)`` (``(B, K, T, H)``, normed and rotated, a full pass): steps 1-5 make only q, and the
+backward treats k and v as constants (the consumer's gradients: its x through q, and its own parameters).
 """
 
 from __future__ import annotations
@@ -166,6 +170,7 @@ def attention_forward(
     dropout_mask=None,
     dtype=None,
     storage_only: bool = False,
+    shared_kv=None,
 ) -> dict:
     """Output of the layer over the whole sequence ``x (B, T, E)``.
 
@@ -177,6 +182,8 @@ def attention_forward(
         q/k, the attention output, the result; in the backward the same tensors' gradients): the second
         naive evaluation of the port checks (both are what the dtype can do; which lands nearer the float64
         result on an ill-conditioned row is chance).
+      shared_kv: ``(k, v)`` ``(B, K, T, H)``: a ``kv_shared`` layer's keys and values (its producer's, normed
+        and rotated; stored in ``dtype``), constants of this layer.
 
     Returns:
       dict with ``out (B, T, E)`` and the intermediates the backward pass reuses.
@@ -190,8 +197,18 @@ def attention_forward(
     valid = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     pos = np.broadcast_to(np.arange(T), (B, T)) if position_ids is None else np.asarray(position_ids)
     f = {"x": x, "params": params}
-    q0, k0 = _linear(x, params, "q_proj", r, rs), _linear(x, params, "k_proj", r, rs)
-    v0 = k0 if c.k_eq_v else _linear(x, params, "v_proj", r, rs)  # k_eq_v: values = the keys' projection
+    shared = c.kv_shared
+    if shared != (shared_kv is not None):
+        raise ValueError(
+            f"attention_forward: shared_kv=(k, v) goes with a kv_shared config; got kv_shared={shared}, "
+            f"shared_kv {'given' if shared_kv is not None else 'missing'}"
+        )
+    q0 = _linear(x, params, "q_proj", r, rs)
+    if shared:  # placeholders, unused: the keys and values are the producer's
+        k0 = v0 = np.zeros((B, T, K * H))
+    else:
+        k0 = _linear(x, params, "k_proj", r, rs)
+        v0 = k0 if c.k_eq_v else _linear(x, params, "v_proj", r, rs)  # k_eq_v: values = the keys' projection
     if c.clip_qkv is not None:  # the bound in the dtype (as torch and jax compare); gradient 1 on [-lim, lim]
         lim = rs(np.float64(c.clip_qkv))
         f["clip"] = [np.abs(a) <= lim for a in (q0, k0, v0)]
@@ -201,14 +218,16 @@ def attention_forward(
         q0, f["gate"] = qg[..., :H].reshape(B, T, N * H), qg[..., H:].reshape(B, T, N * H)
     if c.qk_norm == "full":
         q0, f["uq"], f["iq"] = _norm(q0, params, "q_norm", c, r)
-        k0, f["uk"], f["ik"] = _norm(k0, params, "k_norm", c, r)
+        if not shared:
+            k0, f["uk"], f["ik"] = _norm(k0, params, "k_norm", c, r)
         q0, k0 = rs(q0), rs(k0)
     q = q0.reshape(B, T, N, H).transpose(0, 2, 1, 3)
     k = k0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
     v = v0.reshape(B, T, K, H).transpose(0, 2, 1, 3)
     if c.qk_norm == "head" and not c.qk_norm_after_rope:
         q, f["uq"], f["iq"] = _norm(q, params, "q_norm", c, r)
-        k, f["uk"], f["ik"] = _norm(k, params, "k_norm", c, r)
+        if not shared:
+            k, f["uk"], f["ik"] = _norm(k, params, "k_norm", c, r)
         q, k = rs(q), rs(k)
     elif c.qk_norm == "unit":
         q, f["uq"], f["iq"] = _rms(q, None, c, r)
@@ -225,6 +244,13 @@ def attention_forward(
         q, f["uq"], f["iq"] = _norm(q, params, "q_norm", c, r)
         k, f["uk"], f["ik"] = _norm(k, params, "k_norm", c, r)
         q, k = rs(q), rs(k)
+    if shared:
+        k, v = (rs(np.asarray(a, np.float64)) for a in shared_kv)
+        if k.shape != (B, K, T, H) or v.shape != (B, K, T, H):
+            raise ValueError(
+                f"attention_forward: shared_kv must be (k, v) of (B, K, T, H) = {(B, K, T, H)}; got "
+                f"{k.shape}, {v.shape}"
+            )
     if c.attn_temperature is not None:  # by sequence index (not position_ids), float32 in the twins
         f["temp"] = r(temperature_scales(c, np.arange(T)))[None, None, :, None]
         q = rs(q * f["temp"])
@@ -274,13 +300,18 @@ def attention_backward(
     dropout_mask=None,
     dtype=None,
     storage_only: bool = False,
+    shared_kv=None,
 ) -> dict:
     """Gradients of ``sum(out * dy)`` w.r.t. ``x`` and every parameter (their names), plus, for the
     tolerance policy's term sizes, the gradients at the projections' outputs ``dq0, dk0, dv0 (B, T, ·)``,
-    ``o`` and ``terms_<name>`` (sums of |terms|) for the norm weights and biases and the sinks."""
+    ``o`` and ``terms_<name>`` (sums of |terms|) for the norm weights and biases and the sinks. With
+    ``shared_kv`` (a ``kv_shared`` layer) the keys and values are constants: no dk0, dv0."""
     c, rs = config, _rounder(dtype)
     r = _rounder(None) if storage_only else rs
-    f = attention_forward(x, params, c, attention_mask, position_ids, dropout_mask, dtype, storage_only)
+    f = attention_forward(
+        x, params, c, attention_mask, position_ids, dropout_mask, dtype, storage_only, shared_kv
+    )
+    shared = c.kv_shared
     x, params, dy = f["x"], f["params"], rs(dy)
     B, T, E = x.shape
     N, K, G, H = c.N, c.K, c.G, c.H
@@ -313,7 +344,7 @@ def attention_backward(
     dkr = r(np.einsum("bnts,bnth->bnsh", dz, f["q"]))
     dk = r(dkr.reshape(B, K, G, T, H).sum(2))
     dv = rs(dvr.reshape(B, K, G, T, H).sum(2))
-    if c.v_norm:
+    if c.v_norm and not shared:
         dv = rs(_rms_backward(dv, f["uv"], f["iv"], None, c, r)[0])
     dq, dk = rs(dq), rs(dk)
     if c.attn_temperature is not None:
@@ -326,16 +357,19 @@ def attention_backward(
         dk = rs(_rope_backward(dk, f["cos"], f["sin"], c.rope.layout, r))
     if c.qk_norm == "unit":
         dq = _rms_backward(dq, f["uq"], f["iq"], None, c, r)[0]
-        dk = _rms_backward(dk, f["uk"], f["ik"], None, c, r)[0]
+        if not shared:
+            dk = _rms_backward(dk, f["uk"], f["ik"], None, c, r)[0]
     if c.qk_norm == "head" and not c.qk_norm_after_rope:
         dq = _norm_backward(dq, f["uq"], f["iq"], params, "q_norm", c, r, g)
-        dk = _norm_backward(dk, f["uk"], f["ik"], params, "k_norm", c, r, g)
+        if not shared:
+            dk = _norm_backward(dk, f["uk"], f["ik"], params, "k_norm", c, r, g)
     dq0 = dq.transpose(0, 2, 1, 3).reshape(B, T, N * H)
     dk0 = dk.transpose(0, 2, 1, 3).reshape(B, T, K * H)
     dv0 = dv.transpose(0, 2, 1, 3).reshape(B, T, K * H)
     if c.qk_norm == "full":
         dq0 = _norm_backward(dq0, f["uq"], f["iq"], params, "q_norm", c, r, g)
-        dk0 = _norm_backward(dk0, f["uk"], f["ik"], params, "k_norm", c, r, g)
+        if not shared:
+            dk0 = _norm_backward(dk0, f["uk"], f["ik"], params, "k_norm", c, r, g)
     if c.output_gate:  # back to q_proj's layout: per head H query then H gate features
         dq0 = np.concatenate([dq0.reshape(B, T, N, H), dgate.reshape(B, T, N, H)], -1).reshape(B, T, -1)
     if c.clip_qkv is not None:  # clamp: gradient 1 inside [-clip, clip], 0 outside
@@ -358,6 +392,8 @@ def attention_backward(
         if name in g:
             g[name] = rs(g[name])
     g["x"] = dx
+    if shared:  # the producer's keys and values: constants here
+        dk0 = dv0 = None
     g.update(dq0=dq0, dk0=dk0, dv0=dv0, o=f["o"], out=f["out"])
     return g
 

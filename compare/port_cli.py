@@ -123,7 +123,7 @@ def cmd_port(args) -> int:
 
     from attn_spec import hf as spec
     from compare import report
-    from compare.port_hf import check_hf_port
+    from compare.port_hf import check_hf_port, producer_of
 
     console = Console()
     folder = Path(args.dir)
@@ -133,14 +133,21 @@ def cmd_port(args) -> int:
         import jax_attn.hf as jhf
 
         _, c, _, ck_dtype = spec.read_layer(folder, args.layer)
-        module, _ = load_hf_layer(folder, args.layer, args.dtype)
+        module, model = load_hf_layer(folder, args.layer, args.dtype)
         family = spec.family_of(
             spec.text_config(module.config if hasattr(module, "config") else module.self.config)
         )
         same = args.dtype in (None, ck_dtype)
         jax_port = jhf.load_layer(folder, args.layer, implementation="math") if same else None
+        # A key/value-shared layer (Gemma 4) is checked with the layer whose keys and values it reads.
+        producer = producer_of(model, args.layer) if c.kv_shared else None
         record = check_hf_port(
-            module, seed=args.seed, post_norm_outside=family == "bert", jax_port=jax_port, print_table=False
+            module,
+            seed=args.seed,
+            post_norm_outside=family == "bert",
+            jax_port=jax_port,
+            print_table=False,
+            producer=producer,
         )
     except (ValueError, OSError) as err:
         console.print(f"[red]compare port: {escape(str(err))}[/red]")

@@ -28,6 +28,14 @@ For a transformers attention module the record holds:
   outputs are compared with each other and with the reference decoding the same way (which equals its full
   pass, except for length-dependent rope tables, dynamic and longrope: cached keys keep the rotation of the
   call that wrote them, in transformers as in ours).
+- **key/value-shared layers** (Gemma 4's last ``num_kv_shared_layers``, ``kv_shared=True``): checked with
+  their producer module (``producer=``), run first on its own random input of the same batch and mask:
+  transformers' producer fills the ``shared_kv_states`` dict the consumer reads (decode: one ``DynamicCache``
+  for both, producer then consumer per token, as the model runs them), our producer ports return their
+  ``SharedKV`` (``return_kv=True``) for the consumer ports (``shared_kv=``), and the reference is the oracle
+  consumer on the oracle producer's keys and values (each naive baseline on its own naive producer's). The
+  quantities are the consumer's: its output, the gradients w.r.t. its x and its own parameters (the producer's
+  keys and values are constants), decode.
 """
 
 from __future__ import annotations
@@ -472,6 +480,51 @@ def tiny_config(family: str, **overrides):
     return cfg
 
 
+def tiny_shared_kv_config():
+    """A four-layer tiny Gemma 4 (sliding, full, sliding, full) whose last two layers read the keys and values
+    of the first two (``num_kv_shared_layers=2``: transformers' ``kv_sharing_modes`` store, store, reuse,
+    reuse); :func:`tiny_config`'s knobs otherwise (``tiny_config``'s overrides are set after construction,
+    which does not rebuild the per-layer fields derived from ``layer_types``)."""
+    import transformers as tf
+
+    base = tiny_config("gemma4_text").to_dict()
+    kw = {
+        k: base[k]
+        for k in (
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+            "head_dim",
+            "attention_k_eq_v",
+            "sliding_window",
+            "rope_parameters",
+            "vocab_size_per_layer_input",
+            "hidden_size_per_layer_input",
+            "pad_token_id",
+        )
+    }
+    cfg = tf.Gemma4TextConfig(
+        **kw,
+        num_hidden_layers=4,
+        global_head_dim=16,
+        num_global_key_value_heads=1,
+        num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def producer_of(model, layer: int):
+    """The attention module whose keys and values layer ``layer`` of ``model`` reads
+    (:func:`attn_spec.hf.kv_producer`), or None when it computes its own."""
+    index = spec.kv_producer(model.config, layer)
+    return None if index is None else attention_of(model, index)
+
+
 def attention_of(model, layer: int):
     """The attention module of layer ``layer`` of a transformers model (base or with a head)."""
     base = getattr(model, "base_model", model)
@@ -518,12 +571,21 @@ def randomize_(module, seed: int = 0):
     return module
 
 
-def tiny_module(family: str, layer: int = 0, dtype: str = "float32", seed: int = 0, **overrides):
-    """Layer ``layer``'s attention of a tiny random ``family`` model (eval mode, ``dtype``)."""
+def tiny_module(
+    family: str, layer: int = 0, dtype: str = "float32", seed: int = 0, shared_kv: bool = False, **overrides
+):
+    """Layer ``layer``'s attention of a tiny random ``family`` model (eval mode, ``dtype``). ``shared_kv``:
+    the four-layer Gemma 4 of :func:`tiny_shared_kv_config` (layers 2 and 3 read layers 0's and 1's keys
+    and values; :func:`producer_of` gives a layer's producer, randomized with its own seed)."""
     import torch
     import transformers as tf
 
-    cfg = tiny_config(family, **overrides)
+    if shared_kv and family != "gemma4_text":
+        raise ValueError(f"tiny_module: shared_kv=True is a Gemma 4 model (gemma4_text); got {family!r}")
+    cfg = tiny_shared_kv_config() if shared_kv else tiny_config(family, **overrides)
+    if shared_kv:
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
     torch.manual_seed(seed)
     if family in spec.ENCODERS:
         model = tf.AutoModel.from_config(cfg)
@@ -535,6 +597,10 @@ def tiny_module(family: str, layer: int = 0, dtype: str = "float32", seed: int =
         except ValueError:  # text towers of multimodal families (Qwen2-VL, Qwen3-VL): the base model
             model = tf.AutoModel.from_config(cfg)
     model = model.to(getattr(torch, dtype)).eval()
+    if shared_kv:
+        producer = spec.kv_producer(cfg, layer)
+        if producer is not None:
+            randomize_(attention_of(model, producer), seed + 1000)
     return randomize_(attention_of(model, layer), seed), model
 
 
@@ -605,8 +671,10 @@ def _causal(module, family: str) -> bool:
     return causal != "vit"
 
 
-def _hf_call(module, family, x, mask, pos, q_idx, S, cache=None):
-    """transformers' module on ``x (B, t, E)`` (queries at sequence indices ``q_idx``, ``S`` keys)."""
+def _hf_call(module, family, x, mask, pos, q_idx, S, cache=None, shared_kv_states=None):
+    """transformers' module on ``x (B, t, E)`` (queries at sequence indices ``q_idx``, ``S`` keys);
+    ``shared_kv_states``: Gemma 4's dict of the layers' shared keys/values (a store layer writes it, a reuse
+    layer reads it; None: a fresh one)."""
     import torch
 
     keep = _keep(module, family, mask, q_idx, S)
@@ -627,7 +695,7 @@ def _hf_call(module, family, x, mask, pos, q_idx, S, cache=None):
             "layer_past" if family in ("gpt_neox", "bloom", "falcon", "gpt_bigcode", "gpt_neo") else "cache"
         ] = cache
     if spec.entry(family).kv_shared is not None:  # Gemma 4's forward takes the layers' shared keys/values
-        kwargs["shared_kv_states"] = {}
+        kwargs["shared_kv_states"] = {} if shared_kv_states is None else shared_kv_states
     if spec.entry(family).causal == "bert":
         y = module.self(x, **kwargs)[0]
         return module.output.dense(y)
@@ -680,19 +748,32 @@ def _eager(module):
     return lambda: setattr(cfg, "_attn_implementation", old)
 
 
-def run_transformers(module, family, c, x, mask, pos, dy, decode: bool) -> dict[str, np.ndarray]:
+def run_transformers(
+    module, family, c, x, mask, pos, dy, decode: bool, producer=None
+) -> dict[str, np.ndarray]:
+    """transformers' module: output, gradients, decode. ``producer``: ``(module, x)`` of a kv-shared layer's
+    producer, run first (without gradients) on its own input to fill the ``shared_kv_states`` dict."""
     import torch
 
     restore = _eager(module)
+    restore_p = _eager(producer[0]) if producer is not None else (lambda: None)
     was_training = module.training
     module.eval()
+    if producer is not None:
+        producer[0].eval()
     try:
         dt = next(module.parameters()).dtype
         xt = torch.tensor(x, dtype=dt, requires_grad=True)
         params = dict(module.named_parameters())
         for p in params.values():
             p.grad = None
-        y = _hf_call(module, family, xt, mask, pos, np.arange(x.shape[1]), x.shape[1])
+        shared = None
+        if producer is not None:
+            shared = {}
+            with torch.no_grad():
+                xp = torch.tensor(producer[1], dtype=dt)
+                _hf_call(producer[0], family, xp, mask, pos, np.arange(x.shape[1]), x.shape[1], None, shared)
+        y = _hf_call(module, family, xt, mask, pos, np.arange(x.shape[1]), x.shape[1], None, shared)
         y.backward(torch.tensor(dy, dtype=dt))
         res = {"out": _f64(y), "grad_x": _f64(xt.grad)}
         hf_grads = {k: _bits(p.grad) for k, p in params.items() if p.grad is not None}
@@ -708,6 +789,21 @@ def run_transformers(module, family, c, x, mask, pos, dy, decode: bool) -> dict[
             with torch.no_grad():
                 xt = torch.tensor(x, dtype=dt)
                 for start, stop in _chunks(x.shape[1]):
+                    shared = None
+                    if producer is not None:  # producer then consumer, one cache, as the model runs them
+                        shared = {}
+                        xp = torch.tensor(producer[1][:, start:stop], dtype=dt)
+                        _hf_call(
+                            producer[0],
+                            family,
+                            xp,
+                            mask,
+                            pos[..., start:stop],
+                            np.arange(start, stop),
+                            stop,
+                            cache,
+                            shared,
+                        )
                     ys.append(
                         _hf_call(
                             module,
@@ -718,11 +814,13 @@ def run_transformers(module, family, c, x, mask, pos, dy, decode: bool) -> dict[
                             np.arange(start, stop),
                             stop,
                             cache,
+                            shared,
                         )
                     )
             res["decode_out"] = _f64(torch.cat(ys, dim=1))
     finally:
         restore()
+        restore_p()
         module.train(was_training)
     return res
 
@@ -754,31 +852,47 @@ def _unbits(a: np.ndarray, dt) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_torch_twin(attn, x, mask, pos, dy, decode: bool, dtype=None) -> dict[str, np.ndarray]:
+def run_torch_twin(attn, x, mask, pos, dy, decode: bool, dtype=None, producer=None) -> dict[str, np.ndarray]:
+    """The torch twin: output, gradients, decode. ``producer``: ``(producer port, its x)`` of a kv_shared
+    layer: run first with ``return_kv=True`` (no gradients), its ``SharedKV`` passed as ``shared_kv=``."""
     import torch
 
     dt = dtype or next(attn.parameters()).dtype
     attn = attn.to(dt).eval()
     xt = torch.tensor(x, dtype=dt, requires_grad=True)
     m, p = torch.from_numpy(mask), torch.from_numpy(pos)
-    y = attn(xt, m, p)
+    kw = {}
+    if producer is not None:
+        prod = producer[0].to(dt).eval()
+        with torch.no_grad():
+            kw["shared_kv"] = prod(torch.tensor(producer[1], dtype=dt), m, p, return_kv=True)[1]
+    y = attn(xt, m, p, **kw)
     y.backward(torch.tensor(dy, dtype=dt))
     res = {"out": _f64(y), "grad_x": _f64(xt.grad)}
     for k, prm in attn.named_parameters():
         res[f"grad_{k}"] = _f64(prm.grad)
         prm.grad = None
     if decode:
-        cache, ys = attn.init_cache(x.shape[0], x.shape[1]), []
+        owner = attn if producer is None else prod  # a consumer decodes through its producer's cache
+        cache, ys = owner.init_cache(x.shape[0], x.shape[1]), []
         with torch.no_grad():
             xt = torch.tensor(x, dtype=dt)
             for start, stop in _chunks(x.shape[1]):
-                y, cache = attn(xt[:, start:stop], m[:, start:stop], p[..., start:stop], cache=cache)
+                sl = (slice(None), slice(start, stop))
+                if producer is None:
+                    y, cache = attn(xt[sl], m[sl], p[..., start:stop], cache=cache)
+                else:
+                    xp = torch.tensor(producer[1][sl], dtype=dt)
+                    _, cache, kv = prod(xp, m[sl], p[..., start:stop], cache=cache, return_kv=True)
+                    y = attn(xt[sl], m[sl], p[..., start:stop], shared_kv=kv)
                 ys.append(y)
         res["decode_out"] = _f64(torch.cat(ys, dim=1))
     return res
 
 
-def run_jax_port(attn, x, mask, pos, dy, decode: bool) -> dict[str, np.ndarray]:
+def run_jax_port(attn, x, mask, pos, dy, decode: bool, producer=None) -> dict[str, np.ndarray]:
+    """The JAX port under ``jax.jit``: output, gradients, decode. ``producer``: as in :func:`run_torch_twin`
+    (its ``SharedKV`` an argument of the consumer's jitted forward, a constant of its gradients)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -786,16 +900,31 @@ def run_jax_port(attn, x, mask, pos, dy, decode: bool) -> dict[str, np.ndarray]:
     attn.deterministic = True
     graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
     dt = params["q_proj"]["weight"][...].dtype
+    if producer is not None:
+        producer[0].deterministic = True
+        p_graphdef, p_params, p_rest = nnx.split(producer[0], nnx.Param, ...)
 
-    def forward(params, x):
-        return nnx.merge(graphdef, params, rest)(x, mask, pos)
+        @jax.jit
+        def produce(p_params, xp, m, p, cache=None):
+            prod = nnx.merge(p_graphdef, p_params, p_rest)
+            if cache is None:
+                return prod(xp, m, p, return_kv=True)[1]
+            return prod(xp, m, p, cache=cache, return_kv=True)[1:]
+
+        kv = produce(p_params, jnp.asarray(producer[1], dt), jnp.asarray(mask), jnp.asarray(pos))
+    else:
+        kv = None
+
+    def forward(params, x, kv):
+        kw = {} if kv is None else {"shared_kv": kv}
+        return nnx.merge(graphdef, params, rest)(x, mask, pos, **kw)
 
     @jax.jit
-    def forward_backward(params, x, dy):
-        out, vjp = jax.vjp(forward, params, x)
+    def forward_backward(params, x, dy, kv):
+        out, vjp = jax.vjp(lambda params, x: forward(params, x, kv), params, x)
         return out, *vjp(dy)
 
-    out, dparams, dx = forward_backward(params, jnp.asarray(x, dt), jnp.asarray(dy, dt))
+    out, dparams, dx = forward_backward(params, jnp.asarray(x, dt), jnp.asarray(dy, dt), kv)
     res = {"out": np.asarray(out, np.float64), "grad_x": np.asarray(dx, np.float64)}
     for path, value in nnx.to_flat_state(dparams):
         res["grad_" + ".".join(str(q) for q in path)] = np.asarray(value[...], np.float64)
@@ -805,12 +934,20 @@ def run_jax_port(attn, x, mask, pos, dy, decode: bool) -> dict[str, np.ndarray]:
         def step(params, x, m, p, cache):
             return nnx.merge(graphdef, params, rest)(x, m, p, cache=cache)
 
-        cache, ys = attn.init_cache(x.shape[0], x.shape[1]), []
+        @jax.jit
+        def shared_step(params, x, m, p, kv):
+            return nnx.merge(graphdef, params, rest)(x, m, p, shared_kv=kv)
+
+        owner = attn if producer is None else producer[0]  # a consumer decodes through its producer's cache
+        cache, ys = owner.init_cache(x.shape[0], x.shape[1]), []
         for start, stop in _chunks(x.shape[1]):
             sl = slice(start, stop)
-            y, cache = step(
-                params, jnp.asarray(x[:, sl], dt), jnp.asarray(mask[:, sl]), jnp.asarray(pos[..., sl]), cache
-            )
+            m_t, p_t = jnp.asarray(mask[:, sl]), jnp.asarray(pos[..., sl])
+            if producer is None:
+                y, cache = step(params, jnp.asarray(x[:, sl], dt), m_t, p_t, cache)
+            else:
+                cache, kv = produce(p_params, jnp.asarray(producer[1][:, sl], dt), m_t, p_t, cache)
+                y = shared_step(params, jnp.asarray(x[:, sl], dt), m_t, p_t, kv)
             ys.append(np.asarray(y, np.float64))
         res["decode_out"] = np.concatenate(ys, axis=1)
     return res
@@ -839,7 +976,7 @@ def _judge(name, got, ref, dtype, baseline, rows, magnitude=0.0) -> Agreement:
     return compare_arrays(name, got, ref, dtype, tol=_tolerance(dtype, ref, baseline, magnitude))
 
 
-def _reference(ours_t, c, x, mask, pos, dy, decode: bool, dtype: str):
+def _reference(ours_t, c, x, mask, pos, dy, decode: bool, dtype: str, producer=None):
     """The float64 oracle (``compare.oracle_attention``) on the ported config and weights (widened exactly):
     ``(reference, naive same-dtype baseline, gradient magnitudes)``. The baseline is, per quantity, the
     worse of two naive evaluations: in bf16/fp16 every intermediate rounded, and only the stored tensors
@@ -850,13 +987,19 @@ def _reference(ours_t, c, x, mask, pos, dy, decode: bool, dtype: str):
 
     Decoding is expected to give the full pass, except for rope tables that depend on the call's length
     (dynamic, longrope), where cached keys keep the rotation of the call that wrote them: there the reference
-    is the torch twin decoding in float64 the same way (and the naive baseline has no decode)."""
+    is the torch twin decoding in float64 the same way (and the naive baseline has no decode).
+
+    ``producer``: ``(producer's torch port, its config, its x)`` of a kv_shared layer: each evaluation runs
+    the oracle producer the same way (rounding, order) and hands its keys and values to the consumer."""
     import torch
 
     from attn_spec.rope import SEQ_DEPENDENT
     from compare import oracle_attention
 
     params = {k: v.double().numpy() for k, v in ours_t.torch_state_dict().items()}
+    if producer is not None:
+        p_params = {k: v.double().numpy() for k, v in producer[0].torch_state_dict().items()}
+        p_c, p_x = producer[1], producer[2]
     out, magnitudes = {}, {}
     passes = [("ref", None, False, False), ("naive", dtype, False, False)]
     if dtype in ("bfloat16", "float16"):
@@ -873,8 +1016,29 @@ def _reference(ours_t, c, x, mask, pos, dy, decode: bool, dtype: str):
                 k: np.ascontiguousarray(v[:, reverse]) if _contracts_e(k, v, E) else v
                 for k, v in params.items()
             }
+        shared_kv = None
+        if producer is not None:
+            pxs, pps = p_x, p_params
+            if reorder:
+                pxs = np.ascontiguousarray(p_x[..., reverse])
+                pps = {
+                    k: np.ascontiguousarray(v[:, reverse]) if _contracts_e(k, v, E) else v
+                    for k, v in p_params.items()
+                }
+            fp = oracle_attention.attention_forward(
+                pxs, pps, p_c, mask, pos, dtype=rounding, storage_only=storage_only
+            )
+            shared_kv = (fp["k"], fp["v"])
         bwd = oracle_attention.attention_backward(
-            xs, ps, dy, c, attention_mask=mask, position_ids=pos, dtype=rounding, storage_only=storage_only
+            xs,
+            ps,
+            dy,
+            c,
+            attention_mask=mask,
+            position_ids=pos,
+            dtype=rounding,
+            storage_only=storage_only,
+            shared_kv=shared_kv,
         )
         if reorder:
             bwd = dict(bwd, x=np.asarray(bwd["x"])[..., np.argsort(reverse)])
@@ -898,7 +1062,14 @@ def _reference(ours_t, c, x, mask, pos, dy, decode: bool, dtype: str):
     if decode and c.rope is not None and c.rope.rope_type in SEQ_DEPENDENT:
         ref_twin = type(ours_t)(c, implementation="math", dtype=torch.float64)
         ref_twin.load_torch_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
-        dec = run_torch_twin(ref_twin, x, mask, pos, dy, True, dtype=torch.float64)["decode_out"]
+        ref_producer = None
+        if producer is not None:
+            ref_p = type(ours_t)(p_c, implementation="math", dtype=torch.float64)
+            ref_p.load_torch_state_dict({k: torch.from_numpy(v) for k, v in p_params.items()})
+            ref_producer = (ref_p, p_x)
+        dec = run_torch_twin(ref_twin, x, mask, pos, dy, True, dtype=torch.float64, producer=ref_producer)[
+            "decode_out"
+        ]
         out["ref"]["decode_out"] = dec
         del out["naive"]["decode_out"]
     return out["ref"], out["naive"], magnitudes
@@ -923,11 +1094,15 @@ def check_hf_port(
     decode: bool | None = None,
     print_table: bool = True,
     jax_port=None,
+    producer=None,
 ) -> PortRecord:
     """Port a transformers attention module to both twins and judge everything against the float64 reference
     (see the module docstring). ``x (B, T, E)`` and ``attention_mask (B, T)`` default to a random left-padded
     batch; ``decode`` defaults to True for causal layers. ``jax_port`` replaces
-    ``jax_attn.hf.from_hf(module)`` (to check a port made some other way, e.g. by ``load_layer``)."""
+    ``jax_attn.hf.from_hf(module)`` (to check a port made some other way, e.g. by ``load_layer``).
+    ``producer``: required for a key/value-shared layer (Gemma 4's ``reuse`` layers, ``kv_shared``): the
+    transformers attention module whose keys and values it reads (its model's ``kv_producer`` layer), fed its
+    own random input (seeded by ``seed``) with the same mask."""
     import torch
 
     import jax_attn.hf as jhf
@@ -937,10 +1112,12 @@ def check_hf_port(
     env.pin_precision()
     family, c = spec.describe_module(module, post_norm_outside)
     dtype = _dtype_name(module)
+    p_c = _check_producer(module, family, c, producer)
     rng = np.random.default_rng(seed)
     if x is None:
         x = rng.standard_normal((B, T, c.E))
     x = np.asarray(x.detach().cpu().double() if hasattr(x, "detach") else x, np.float64)
+    x_p = None if producer is None else rng.standard_normal(x.shape)
     if attention_mask is None:
         attention_mask = np.ones(x.shape[:2], np.int64)
         if x.shape[0] > 1 and family not in NO_MASK:
@@ -965,13 +1142,19 @@ def check_hf_port(
         if jax_port is not None
         else jhf.from_hf(module, post_norm_outside=post_norm_outside, implementation="math")
     )
+    hf_p = t_p = j_p = ref_p = None
+    if producer is not None:
+        x_p = torch.tensor(x_p).to(tdt).double().numpy()
+        prod_t = thf.from_hf(producer, implementation="math")
+        hf_p, t_p = (producer, x_p), (prod_t, x_p)
+        j_p, ref_p = (jhf.from_hf(producer, implementation="math"), x_p), (prod_t, p_c, x_p)
     low = dtype in ("bfloat16", "float16")
     results = {
-        "transformers": run_transformers(module, family, c, x, mask, pos, dy, decode),
-        "jax_attn": run_jax_port(ours_j, x, mask, pos, dy, decode),
-        "torch_attn": run_torch_twin(ours_t, x, mask, pos, dy, decode),
+        "transformers": run_transformers(module, family, c, x, mask, pos, dy, decode, hf_p),
+        "jax_attn": run_jax_port(ours_j, x, mask, pos, dy, decode, j_p),
+        "torch_attn": run_torch_twin(ours_t, x, mask, pos, dy, decode, producer=t_p),
     }
-    ref, naive, magnitudes = _reference(ours_t, c, x, mask, pos, dy, decode, dtype)
+    ref, naive, magnitudes = _reference(ours_t, c, x, mask, pos, dy, decode, dtype, ref_p)
     if low and decode and c.rope is not None and c.rope.rope_type in SEQ_DEPENDENT:
         # The oracle has no cache: for a length-dependent rope decoded in low precision, transformers' own
         # cached decode is the same-dtype baseline.
@@ -1031,6 +1214,45 @@ def check_hf_port(
 
         Console().print(record.table())
     return record
+
+
+def _check_producer(module, family, c, producer):
+    """The producer's config for a kv_shared layer (ValueError when it is missing, shared itself, of another
+    dtype, or its keys do not fit: kv heads, head width, window); None for other layers (producer refused)."""
+    if not c.kv_shared:
+        if producer is not None:
+            raise ValueError(
+                f"check_hf_port: producer= is for key/value-shared layers; this {family} layer computes its "
+                "own keys and values"
+            )
+        return None
+    if producer is None:
+        layer = getattr(module, "layer_idx", None)
+        which = ""
+        if layer is not None:
+            which = f" (layer {spec.kv_producer(module.config, int(layer))} of its model)"
+        raise ValueError(
+            f"check_hf_port: this {family} layer reads another layer's keys and values (kv_shared); pass "
+            f"producer=, the attention module that stores them{which}"
+        )
+    p_family, p_c = spec.describe_module(producer)
+    if p_family != family or p_c.kv_shared or _dtype_name(producer) != _dtype_name(module):
+        raise ValueError(
+            f"check_hf_port: the producer must be a {family} layer computing its keys and values, in the "
+            f"consumer's dtype {_dtype_name(module)}; got a {p_family} layer (kv_shared={p_c.kv_shared}, "
+            f"dtype {_dtype_name(producer)})"
+        )
+    if (p_c.K, p_c.H, p_c.sliding_window) != (c.K, c.H, c.sliding_window):
+        raise ValueError(
+            "check_hf_port: the producer's keys do not fit the consumer: (kv heads, head width, window) "
+            f"{(p_c.K, p_c.H, p_c.sliding_window)} vs {(c.K, c.H, c.sliding_window)}"
+        )
+    if not getattr(producer, "store_full_length_kv", True):
+        raise ValueError(
+            "check_hf_port: the producer module does not store its keys and values (store_full_length_kv is "
+            "False: not the last non-shared layer of its type); pass attn_spec.hf.kv_producer's layer"
+        )
+    return p_c
 
 
 def _between(q, got, hf, ref, naive, dtype, rows, magnitude) -> Agreement:
@@ -1180,6 +1402,20 @@ _SHRINK = dict(
 )
 
 
+# Coverage rows of a key/value-shared layer: name -> (family, layer of tiny_module(..., shared_kv=True)).
+SHARED_KV_PROBES = {"gemma4_text/kv_shared": ("gemma4_text", 2)}
+
+
+def _probe_pair(name: str):
+    """``(module, producer)``: :func:`_probe`'s module and None, or for a :data:`SHARED_KV_PROBES` row the
+    shared layer of the four-layer tiny Gemma 4 and the layer whose keys and values it reads."""
+    if name in SHARED_KV_PROBES:
+        family, layer = SHARED_KV_PROBES[name]
+        module, model = tiny_module(family, layer, shared_kv=True)
+        return module, producer_of(model, layer)
+    return _probe(name), None
+
+
 def _probe(model_type: str):
     """Layer 0's attention of a tiny ``model_type`` model: :func:`tiny_module` for the table's families,
     else the default config shrunk (only the keys it has)."""
@@ -1201,7 +1437,8 @@ def _probe(model_type: str):
 
 
 def coverage_table(model_types=None, dtypes=("float32",)) -> tuple[list[dict], str]:
-    """``(rows, markdown)``: for each model_type (default: :data:`attn_spec.hf.FAMILIES` and
+    """``(rows, markdown)``: for each model_type (default: :data:`attn_spec.hf.FAMILIES`,
+    :data:`SHARED_KV_PROBES` (a key/value-shared layer, checked with its producer) and
     :data:`COVERAGE_CANDIDATES`), its tiny layer-0 attention ported and judged by :func:`check_hf_port`
     against transformers (worst error of both ports vs transformers over outputs, gradients and decode, per
     dtype, and whether the whole record agrees), or the reader's refusal (the parameter or knob it names), or
@@ -1209,10 +1446,11 @@ def coverage_table(model_types=None, dtypes=("float32",)) -> tuple[list[dict], s
     import torch
 
     rows = []
-    for mt in dict.fromkeys(model_types or (*spec.FAMILIES, *COVERAGE_CANDIDATES)):
+    default = (*spec.FAMILIES, *SHARED_KV_PROBES, *COVERAGE_CANDIDATES)
+    for mt in dict.fromkeys(model_types or default):
         row = {"model_type": mt, "status": "", "detail": "", "errors": {}, "ok": None}
         try:
-            module = _probe(mt)
+            module, producer = _probe_pair(mt)
         except Exception as err:  # noqa: BLE001 (any failure to build is reported, not raised)
             row.update(status="not built", detail=f"{type(err).__name__}: {str(err)[:160]}")
             rows.append(row)
@@ -1224,12 +1462,18 @@ def coverage_table(model_types=None, dtypes=("float32",)) -> tuple[list[dict], s
             row.update(status="refused", detail=str(err).removeprefix(spec.NAME + ": ")[:240])
             rows.append(row)
             continue
-        row["status"] = "ported" if mt in spec.FAMILY_TABLE else "ported (inferred from its module)"
+        known = mt in spec.FAMILY_TABLE or mt in SHARED_KV_PROBES
+        row["status"] = "ported" if known else "ported (inferred from its module)"
         oks = []
         for dtype in dtypes:
             try:
+                if producer is not None:
+                    producer = producer.to(getattr(torch, dtype))
                 rec = check_hf_port(
-                    module.to(getattr(torch, dtype)), post_norm_outside=post_ln, print_table=False
+                    module.to(getattr(torch, dtype)),
+                    post_norm_outside=post_ln,
+                    print_table=False,
+                    producer=producer,
                 )
             except Exception as err:  # noqa: BLE001
                 row["detail"] = f"check failed: {type(err).__name__}: {str(err)[:160]}"

@@ -292,9 +292,11 @@ class _Bridge:
     """A torch module that stands in for one attention layer and calls a port of it. The batch's padding
     mask and positions come from ``context`` (``mask``, ``pos``); with ``context["cache"]`` (a dict the
     greedy loop empties before its prefill) the port decodes with its own KV cache (``max_length`` slots),
-    kept there under the layer's index."""
+    kept there under the layer's index. Key/value sharing (Gemma 4): a layer in ``context["stores"]`` also
+    keeps the ``SharedKV`` of its call in ``context["kv"]`` under its index; a layer with a ``producer`` index
+    (``attn_spec.hf.kv_producer``) reads it from there and keeps no cache."""
 
-    def __new__(cls, index, original, port, context, family):
+    def __new__(cls, index, original, port, context, family, producer=None):
         import torch
 
         class Bridge(torch.nn.Module):
@@ -306,12 +308,20 @@ class _Bridge:
             def forward(self, *args, **kwargs):
                 x = _hidden_in(args, kwargs)
                 caches = context.get("cache")
-                if caches is None:
-                    y = port(x, context["mask"], context["pos"])
+                store = index in context.get("stores", ())
+                if producer is not None:  # a kv-shared layer: its producer's keys of this same call
+                    y = port(x, context["mask"], context["pos"], shared_kv=context["kv"][producer])
+                elif caches is None:
+                    y = port(x, context["mask"], context["pos"], return_kv=store)
                 else:
                     if index not in caches:
                         caches[index] = port.init_cache(x.shape[0], context["max_length"])
-                    y, caches[index] = port(x, context["mask"], context["pos"], caches[index])
+                    y = port(x, context["mask"], context["pos"], caches[index], return_kv=store)
+                    caches[index], y = y[1], (y[0], *y[2:])
+                if store:
+                    y, context.setdefault("kv", {})[index] = y
+                elif caches is not None and producer is None:
+                    (y,) = y
                 if _post_ln(self.family):  # the post-LN block around the ported self-attention + dense
                     out = self.original[0].output
                     y = out.LayerNorm(out.dropout(y) + x)
@@ -323,25 +333,26 @@ class _Bridge:
 _JAX_FORWARD: dict = {}
 
 
-def _jax_forward(cached: bool):
+def _jax_forward(cached: bool, return_kv: bool = False, shared: bool = False):
     """One jitted forward for every port of the same structure (the graph definition is a static argument:
-    the layers of a model share one compile per input shape), with or without a cache."""
+    the layers of a model share one compile per input shape), with or without a cache, returning the
+    producer's ``SharedKV`` or reading one (``shared``: its last argument)."""
     import jax
     from flax import nnx
 
-    if cached not in _JAX_FORWARD:
-        if cached:
+    key = (cached, return_kv, shared)
+    if key not in _JAX_FORWARD:
 
-            def fwd(graphdef, state, x, mask, pos, cache):
-                return nnx.merge(graphdef, state)(x, mask, pos, cache=cache)
+        def fwd(graphdef, state, x, mask, pos, extra=None):
+            kw = {"return_kv": return_kv} if return_kv else {}
+            if cached:
+                kw["cache"] = extra
+            elif shared:
+                kw["shared_kv"] = extra
+            return nnx.merge(graphdef, state)(x, mask, pos, **kw)
 
-        else:
-
-            def fwd(graphdef, state, x, mask, pos):
-                return nnx.merge(graphdef, state)(x, mask, pos)
-
-        _JAX_FORWARD[cached] = jax.jit(fwd, static_argnums=0)
-    return _JAX_FORWARD[cached]
+        _JAX_FORWARD[key] = jax.jit(fwd, static_argnums=0)
+    return _JAX_FORWARD[key]
 
 
 class _JaxPort:
@@ -358,19 +369,23 @@ class _JaxPort:
     def init_cache(self, batch: int, max_length: int):
         return self.attn.init_cache(batch, max_length)
 
-    def __call__(self, x, mask, pos, cache=None):
+    def __call__(self, x, mask, pos, cache=None, *, return_kv=False, shared_kv=None):
+        """``y``, ``(y, cache)`` with a cache, and the ``SharedKV`` appended with ``return_kv``."""
         import jax.numpy as jnp
         import torch
 
         xt = x.detach()
         xj = jnp.asarray(xt.float().numpy() if xt.dtype == torch.bfloat16 else xt.numpy(), self.dtype)
         args = (self.graphdef, self.state, xj, jnp.asarray(mask), jnp.asarray(pos))
-        if cache is None:
-            y, new_cache = _jax_forward(False)(*args), None
+        if cache is not None:
+            out = _jax_forward(True, return_kv)(*args, cache)
+        elif shared_kv is not None:
+            out = _jax_forward(False, False, True)(*args, shared_kv)
         else:
-            y, new_cache = _jax_forward(True)(*args, cache)
-        y = torch.from_numpy(np.array(y, np.float32)).to(x.dtype)
-        return y if cache is None else (y, new_cache)
+            out = _jax_forward(False, return_kv)(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        y = torch.from_numpy(np.array(out[0], np.float32)).to(x.dtype)
+        return y if len(out) == 1 else (y, *out[1:])
 
 
 class _TorchPort:
@@ -382,12 +397,15 @@ class _TorchPort:
     def init_cache(self, batch: int, max_length: int):
         return self.attn.init_cache(batch, max_length)
 
-    def __call__(self, x, mask, pos, cache=None):
+    def __call__(self, x, mask, pos, cache=None, *, return_kv=False, shared_kv=None):
         import torch
 
         with torch.no_grad():
             m, p = torch.from_numpy(mask), torch.from_numpy(pos)
-            return self.attn(x, m, p) if cache is None else self.attn(x, m, p, cache=cache)
+            kw = {"return_kv": True} if return_kv else {}
+            if shared_kv is not None:
+                kw["shared_kv"] = shared_kv
+            return self.attn(x, m, p, **kw) if cache is None else self.attn(x, m, p, cache=cache, **kw)
 
 
 def _ports(module, family, which: str):
@@ -476,9 +494,11 @@ def _parent_of(root, target):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _judge_layer(i, module, family, x, y_hf, mask, pos, ports, dtype) -> LayerRow:
+def _judge_layer(i, module, family, x, y_hf, mask, pos, ports, dtype, producer=None) -> LayerRow:
     """Layer ``i`` on its real input ``x``: transformers' captured output and each port's, against the
-    float64 oracle, on the real (non-pad) query rows."""
+    float64 oracle, on the real (non-pad) query rows. ``producer``: ``(its real input, its ports)`` for a
+    kv-shared layer (Gemma 4): the oracle consumer on the oracle producer's keys, the ports on their own
+    producer ports' ``SharedKV``."""
     import torch
 
     from compare import oracle_attention
@@ -488,16 +508,29 @@ def _judge_layer(i, module, family, x, y_hf, mask, pos, ports, dtype) -> LayerRo
     jax_port, torch_port = ports
     c = torch_port.config
     params = {k: v.double().numpy() for k, v in torch_port.torch_state_dict().items()}
-    ref = oracle_attention.attention_forward(x, params, c, mask, pos)["out"]
+    kv = {"ref": None, "naive": None, "jax_attn": None, "torch_attn": None}
+    if producer is not None:
+        x_p, (jax_p, torch_p) = producer
+        p_params = {k: v.double().numpy() for k, v in torch_p.torch_state_dict().items()}
+        for name, rounding in (("ref", None), ("naive", dtype)):
+            fp = oracle_attention.attention_forward(x_p, p_params, torch_p.config, mask, pos, dtype=rounding)
+            kv[name] = (fp["k"], fp["v"])
+        xt_p = torch.from_numpy(x_p).to(getattr(torch, dtype))
+        kv["jax_attn"] = _JaxPort(jax_p)(xt_p, mask, pos, return_kv=True)[1]
+        kv["torch_attn"] = _TorchPort(torch_p)(xt_p, mask, pos, return_kv=True)[1]
+    ref = oracle_attention.attention_forward(x, params, c, mask, pos, shared_kv=kv["ref"])["out"]
     naive = np.asarray(
-        oracle_attention.attention_forward(x, params, c, mask, pos, dtype=dtype)["out"], np.float64
+        oracle_attention.attention_forward(x, params, c, mask, pos, dtype=dtype, shared_kv=kv["naive"])[
+            "out"
+        ],
+        np.float64,
     )
     real = mask.astype(bool)
     xt = torch.from_numpy(x).to(getattr(torch, dtype))
     outs = {
         "transformers": y_hf,
-        "jax_attn": _JaxPort(jax_port)(xt, mask, pos).double().numpy(),
-        "torch_attn": _TorchPort(torch_port)(xt, mask, pos).double().numpy(),
+        "jax_attn": _JaxPort(jax_port)(xt, mask, pos, shared_kv=kv["jax_attn"]).double().numpy(),
+        "torch_attn": _TorchPort(torch_port)(xt, mask, pos, shared_kv=kv["torch_attn"]).double().numpy(),
     }
     tol = _tolerance(dtype, ref[real], naive[real], 0.0)
     row = LayerRow(layer=i, config=_describe(c))
@@ -517,15 +550,21 @@ def _describe(c) -> str:
         parts.append(f"softcap {c.softcap:g}")
     if c.qk_norm != "none":
         parts.append(f"qk-norm {c.qk_norm}")
+    if c.kv_shared:
+        parts.append("kv-shared")
     return ", ".join(parts)
 
 
-def _end_to_end(impl, model, family, ported, input_ids, mask, orig, steps, orig_tokens, orig_logits):
+def _end_to_end(
+    impl, model, family, ported, input_ids, mask, orig, steps, orig_tokens, orig_logits, producers=None
+):
     """The model with every attention layer replaced by ``ported`` (``[(module, port)]``): its prompt output
-    against the original's, top-1 agreement, and its greedy tokens (cached decode) against the original's."""
-    context = {}
+    against the original's, top-1 agreement, and its greedy tokens (cached decode) against the original's.
+    ``producers``: each layer's :func:`attn_spec.hf.kv_producer` (Gemma 4's key/value sharing)."""
+    producers = producers or [None] * len(ported)
+    context = {"stores": {p for p in producers if p is not None}}
     real = mask.astype(bool)
-    bridges = [_Bridge(i, m, port, context, family) for i, (m, port) in enumerate(ported)]
+    bridges = [_Bridge(i, m, port, context, family, producers[i]) for i, (m, port) in enumerate(ported)]
     with _replaced(model, family, bridges):
         got, tokens, _ = _greedy(model, family, input_ids, mask, steps, context)
     err = float(np.max(np.abs(got - orig)[real], initial=0.0))
@@ -594,6 +633,7 @@ def check_model(
     _check_every_layer_ports(model, family)
     captured, _ = capture(model, family, input_ids, mask, pos)
     modules = _layers(model)
+    producers = [spec.kv_producer(model.config, i) for i in range(len(modules))]
     layer_ports = []
     for i, module in enumerate(modules):
         pair = (
@@ -603,7 +643,8 @@ def check_model(
         )
         layer_ports.append(pair)
         x, y = captured[i]
-        record.layers.append(_judge_layer(i, module, family, x, y, mask, pos, pair, dtype))
+        prod = None if producers[i] is None else (captured[producers[i]][0], layer_ports[producers[i]])
+        record.layers.append(_judge_layer(i, module, family, x, y, mask, pos, pair, dtype, prod))
         say(f"layer {i + 1}/{len(modules)} judged")
     say("the original model: prefill and greedy decode")
     orig, orig_tokens, orig_logits = _greedy(model, family, input_ids, mask, record.max_new_tokens)
@@ -626,6 +667,7 @@ def check_model(
             record.max_new_tokens,
             orig_tokens,
             orig_logits,
+            producers,
         )
         record.end_to_end.append(e2e)
         if tokens is not None:

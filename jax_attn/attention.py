@@ -41,7 +41,9 @@ from attn_spec.attention import (
     check_implementation,
     check_init_cache,
     check_input,
+    check_kv_call,
     check_position_ids,
+    check_shared_kv,
     check_state_dict,
     choose,
     qk_norm_shapes,
@@ -77,6 +79,28 @@ class KVCache:
     index: jax.Array
     lead: jax.Array
     max_length: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class SharedKV:
+    """What a producer layer's call attended over (``attn(..., return_kv=True)``), for the key/value-sharing
+    consumers of the same call (``AttentionConfig.kv_shared``; Gemma 4's ``shared_kv_states``); a pytree.
+
+    Attributes:
+      k, v: ``(B, K, S, H)``, the normed and rotated keys and the values: the cache slots then this call's
+        tokens (S = C + T), or this call's tokens (S = T) without a cache.
+      pos: int32 ``(S,)``, each key's sequence index (-1: an empty cache slot).
+      valid: bool ``(B, S)``, whether each key is a real token.
+      q_pos: int32 ``(T,)``, the call's query sequence indices.
+      lead: int32 ``(B,)``, each row's leading pads (where chunks start).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    valid: jax.Array
+    q_pos: jax.Array
+    lead: jax.Array
 
 
 def unit_rms(x: jax.Array, eps: float) -> jax.Array:
@@ -350,8 +374,9 @@ class Attention(nnx.Module):
         self.dtype, self.param_dtype = dtype, param_dtype
         kw = {"rngs": rngs, "param_dtype": param_dtype}
         self.q_proj = Linear(c.E, c.N * c.H * (2 if c.output_gate else 1), c.q_bias, **kw)
-        self.k_proj = Linear(c.E, c.K * c.H, c.k_bias, **kw)
-        self.v_proj = nnx.data(None if c.k_eq_v else Linear(c.E, c.K * c.H, c.v_bias, **kw))
+        self.k_proj = nnx.data(None if c.kv_shared else Linear(c.E, c.K * c.H, c.k_bias, **kw))
+        no_v = c.k_eq_v or c.kv_shared
+        self.v_proj = nnx.data(None if no_v else Linear(c.E, c.K * c.H, c.v_bias, **kw))
         self.o_proj = Linear(c.N * c.H, c.E, c.o_bias, **kw)
         q_norm = k_norm = None
         if c.qk_norm in ("head", "full"):
@@ -359,10 +384,12 @@ class Attention(nnx.Module):
             if c.qk_norm_kind == "layer":
                 eps, offset, bias = c.qk_norm_eps, c.qk_norm_offset, c.qk_norm_bias
                 q_norm = LayerNorm(shape_q, eps, offset, bias, param_dtype=param_dtype)
-                k_norm = LayerNorm(shape_k, eps, offset, bias, param_dtype=param_dtype)
+                if not c.kv_shared:
+                    k_norm = LayerNorm(shape_k, eps, offset, bias, param_dtype=param_dtype)
             else:
                 q_norm = RMSNorm(shape_q, c.qk_norm_eps, c.qk_norm_offset, param_dtype=param_dtype)
-                k_norm = RMSNorm(shape_k, c.qk_norm_eps, c.qk_norm_offset, param_dtype=param_dtype)
+                if not c.kv_shared:
+                    k_norm = RMSNorm(shape_k, c.qk_norm_eps, c.qk_norm_offset, param_dtype=param_dtype)
         self.q_norm, self.k_norm = nnx.data(q_norm), nnx.data(k_norm)
         self.sinks = nnx.data(nnx.Param(jnp.zeros((c.N,), param_dtype)) if c.sinks else None)
         self.deterministic = False  # training mode, as a fresh torch module; eval() sets True
@@ -400,7 +427,9 @@ class Attention(nnx.Module):
         *,
         dropout_mask: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        return_kv: bool = False,
+        shared_kv: SharedKV | None = None,
+    ) -> jax.Array | tuple:
         """Attend within ``x`` and, with a cache, to the tokens cached before it.
 
         Args:
@@ -412,13 +441,22 @@ class Attention(nnx.Module):
           cache: a :class:`KVCache` from :meth:`init_cache` or a previous call; None for a full pass.
           dropout_mask: bool keep-mask broadcastable to ``(B, N, T, S)`` (S = T, or C + T with a cache).
           dropout_rng: key for the dropout draw; default: the module's ``dropout`` stream.
+          return_kv: also return the :class:`SharedKV` this call attended over (a producer layer).
+          shared_kv: a ``kv_shared`` layer's keys and values: its producer's :class:`SharedKV` of the same
+            call (the consumer's queries attend over them with its own mask; ``attention_mask`` is then only
+            checked: the keys' validity and the rows' leading pads are the producer's).
 
         Returns:
-          ``y (B, T, E)`` without a cache; ``(y, new_cache)`` with one.
+          ``y (B, T, E)`` without a cache; ``(y, new_cache)`` with one; ``shared_kv`` appended with
+          ``return_kv``.
         """
         x = jnp.asarray(x)
         c = self.config
         B, T = check_input(_spec(x), c)
+        check_kv_call(shared_kv is not None, cache is not None, return_kv, c)
+        if shared_kv is not None:
+            kv = shared_kv
+            check_shared_kv(*(a.shape for a in (kv.k, kv.v, kv.pos, kv.valid, kv.q_pos, kv.lead)), B, T, c)
         check_dropout_mask(dropout_mask is not None, not self.deterministic, c)
         if attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask)
@@ -429,7 +467,7 @@ class Attention(nnx.Module):
         start = 0 if cache is None else cache.index
         if cache is not None:
             check_cache(cache.k.shape, cache.v.shape, _concrete_index(cache.index), cache.max_length, B, T, c)
-        q_pos_T = start + jnp.arange(T, dtype=jnp.int32)
+        q_pos_T = start + jnp.arange(T, dtype=jnp.int32) if shared_kv is None else shared_kv.q_pos
         if position_ids is None:
             position_ids = jnp.broadcast_to(q_pos_T, (B, T))
         else:
@@ -438,22 +476,28 @@ class Attention(nnx.Module):
         lead_B = leading_pads(valid_BT)
         if cache is not None:  # rows that were all padding so far keep counting
             lead_B = jnp.where(cache.lead == cache.index, cache.lead + lead_B, cache.lead)
+        if shared_kv is not None:
+            lead_B = shared_kv.lead
 
         x_BTE = x.astype(self.dtype or jnp.result_type(x.dtype, self.param_dtype))
-        q, k = project(self.q_proj, x_BTE), project(self.k_proj, x_BTE)
-        v = k if c.k_eq_v else project(self.v_proj, x_BTE)  # k_eq_v: the values are the keys' projection
+        q = project(self.q_proj, x_BTE)
+        if c.kv_shared:  # placeholders: the keys and values are the producer's
+            k = v = jnp.zeros((B, T, c.K * c.H), q.dtype)
+        else:
+            k = project(self.k_proj, x_BTE)
+            v = k if c.k_eq_v else project(self.v_proj, x_BTE)  # k_eq_v: the values are the keys' projection
         if c.clip_qkv is not None:
             q, k, v = (clamp(a, c.clip_qkv) for a in (q, k, v))
         if c.output_gate:  # per head: H query channels, then H gate channels
             q_gate = q.reshape(B, T, c.N, 2 * c.H)
             q, gate_BTD = q_gate[..., : c.H].reshape(B, T, -1), q_gate[..., c.H :].reshape(B, T, -1)
         if c.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q), k if c.kv_shared else self.k_norm(k)
         q_BNTH = q.reshape(B, T, c.N, c.H).transpose(0, 2, 1, 3)
         k_BKTH = k.reshape(B, T, c.K, c.H).transpose(0, 2, 1, 3)
         v_BKTH = v.reshape(B, T, c.K, c.H).transpose(0, 2, 1, 3)
         if c.qk_norm == "head" and not c.qk_norm_after_rope:
-            q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
+            q_BNTH, k_BKTH = self.q_norm(q_BNTH), k_BKTH if c.kv_shared else self.k_norm(k_BKTH)
         elif c.qk_norm == "unit":
             q_BNTH, k_BKTH = unit_rms(q_BNTH, c.qk_norm_eps), unit_rms(k_BKTH, c.qk_norm_eps)
         if c.v_norm:
@@ -468,7 +512,11 @@ class Attention(nnx.Module):
             scale_T = temperature_scales(c, q_pos_T)[None, None, :, None]
             q_BNTH = (q_BNTH * scale_T).astype(q_BNTH.dtype)
 
-        if cache is None:
+        if shared_kv is not None:  # the producer's keys and values (cache included), as it attended
+            dt = q_BNTH.dtype
+            k_BKSH, v_BKSH = shared_kv.k.astype(dt), shared_kv.v.astype(dt)
+            k_pos_S, k_valid_BS = shared_kv.pos, shared_kv.valid
+        elif cache is None:
             k_BKSH, v_BKSH, k_pos_S, k_valid_BS = k_BKTH, v_BKTH, q_pos_T, valid_BT
         else:
             dt = q_BNTH.dtype
@@ -477,7 +525,7 @@ class Attention(nnx.Module):
             k_pos_S = jnp.concatenate([cache.pos, q_pos_T])
             k_valid_BS = jnp.concatenate([cache.valid, valid_BT], axis=1)
         # No padding, cache, window or chunk: the fused kernel's own causal mask (no mask array) serves.
-        plain_causal = cache is None and attention_mask is None and c.causal
+        plain_causal = cache is None and shared_kv is None and attention_mask is None and c.causal
         plain_causal = plain_causal and c.sliding_window is None and c.chunk_size is None
         path = self.implementation
         if path is None:  # chosen from this call's shapes (static under jit: at trace time)
@@ -501,8 +549,13 @@ class Attention(nnx.Module):
         if c.output_gate:
             y_BTD = y_BTD * jax.nn.sigmoid(gate_BTD)
         y_BTE = project(self.o_proj, y_BTD)
+        kv_out = ()
+        if return_kv:
+            kv_out = (
+                SharedKV(k=k_BKSH, v=v_BKSH, pos=k_pos_S, valid=k_valid_BS, q_pos=q_pos_T, lead=lead_B),
+            )
         if cache is None:
-            return y_BTE
+            return (y_BTE, *kv_out) if return_kv else y_BTE
 
         # Write the chunk's last min(T, C) tokens into their ring slots (slot = sequence index mod C).
         C = cache.k.shape[2]
@@ -519,7 +572,7 @@ class Attention(nnx.Module):
         )
         # A traced index cannot raise: an overflowing call yields NaN, and so does every later call.
         y_BTE = jnp.where(new_cache.index <= cache.max_length, y_BTE, jnp.nan)
-        return y_BTE, new_cache
+        return (y_BTE, new_cache, *kv_out)
 
     def _attend(
         self, path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, dropout_rng, bias_NTS=None

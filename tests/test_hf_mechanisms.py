@@ -167,7 +167,7 @@ def test_wrapped_layers_port(family, layer):
     assert record.ok and record.round_trip_bit_exact, bad
 
 
-def test_gemma4_shared_kv_layers_are_refused_by_name():
+def test_gemma4_shared_kv_layers_read_as_consumers_of_their_producer():
     cfg = tf.Gemma4TextConfig(
         **SMALL,
         num_hidden_layers=4,
@@ -177,5 +177,20 @@ def test_gemma4_shared_kv_layers_are_refused_by_name():
         sliding_window=3,
     )
     assert spec.attention_config(cfg, 1)[1].head_dim == 512  # the default global_head_dim
-    with pytest.raises(ValueError, match="num_kv_shared_layers=2 .*layer 2 reads the keys and values"):
-        spec.attention_config(cfg, 2)
+    modes = cfg.kv_sharing_modes
+    for layer in range(4):
+        c = spec.attention_config(cfg, layer)[1]
+        producer = spec.kv_producer(cfg, layer)
+        assert c.kv_shared == (modes[layer] == "reuse")
+        if c.kv_shared:  # transformers' "store" layer of the same type; its kv heads and head width
+            assert modes[producer] == "store"
+            assert cfg.layer_types[producer] == cfg.layer_types[layer]
+            p = spec.attention_config(cfg, producer)[1]
+            assert (c.K, c.H, c.sliding_window) == (p.K, p.H, p.sliding_window)
+            assert not (c.v_norm or c.k_eq_v or c.k_bias)
+        else:
+            assert producer is None
+    every = tf.Gemma4TextConfig(**SMALL, num_hidden_layers=2, head_dim=8, num_kv_shared_layers=2)
+    assert spec.attention_config(every, 0)[1].kv_shared
+    with pytest.raises(ValueError, match="come from outside this model"):
+        spec.kv_producer(every, 0)

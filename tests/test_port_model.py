@@ -85,6 +85,22 @@ def test_a_hybrid_model_is_refused_naming_its_linear_layers(tmp_path):
         port_model.check_model(tmp_path / "q", PROMPTS, max_new_tokens=2)
 
 
+def test_gemma4_key_value_shared_layers_agree_in_the_model(tmp_path):
+    """Layers 2 and 3 of the four-layer tiny Gemma 4 read layers 0's and 1's keys and values: judged on their
+    real inputs against the oracle consumer of the oracle producer, and end to end (the bridges hand each
+    producer port's ``SharedKV`` to its consumers, through the producers' caches when decoding)."""
+    _, model = port_hf.tiny_module("gemma4_text", 0, shared_kv=True)
+    for i in range(4):
+        port_hf.randomize_(port_hf.attention_of(model, i), 20 + i)
+    d = tmp_path / "gemma4_shared"
+    model.save_pretrained(d)
+    _tokenizer(model.config.vocab_size).save_pretrained(d)
+    record = port_model.check_model(d, PROMPTS, max_new_tokens=3)
+    assert record.ok, record.verdict()
+    assert [("kv-shared" in r.config) for r in record.layers] == [False, False, True, True]
+    assert all(e.tokens_identical for e in record.end_to_end)
+
+
 def _assert_agrees(record, family):
     assert record.ok, record.verdict()
     assert record.verdict().startswith("ALL AGREE: 2 attention layers")
@@ -200,18 +216,18 @@ def test_cli_errors(checkpoints, tmp_path, capsys):
 
 def test_cli_families_prints_the_coverage_table(tmp_path, capsys, monkeypatch):
     """``compare port --families``: verdict first and last, the coverage table (here cut to three
-    model_types: a family, an MoE sibling, one refused by its knob), files; no folder and no --families: 2."""
+    model_types: a family, an MoE sibling, one refused by its parameter), files; no folder and no --families: 2."""
     real = port_hf.coverage_table
     monkeypatch.setattr(
         port_hf,
         "coverage_table",
-        lambda dtypes: real(model_types=["llama", "mixtral", "vaultgemma"], dtypes=dtypes),
+        lambda dtypes: real(model_types=["llama", "mixtral", "bitnet"], dtypes=dtypes),
     )
     assert cli.main(["port", "--families", "--out", str(tmp_path)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
     assert lines[0] == lines[-1] == "ALL AGREE: 2 of 3 model_types port (float32)"
     assert any(ln.startswith("| `mixtral` | ported |") for ln in lines)
-    assert any(ln.startswith("| `vaultgemma` | refused |") and "attn_logit_softcapping" in ln for ln in lines)
+    assert any(ln.startswith("| `bitnet` | refused |") and "attn_sub_norm.weight" in ln for ln in lines)
     rows = json.loads((tmp_path / "port_families.json").read_text())
-    assert [r["model_type"] for r in rows] == ["llama", "mixtral", "vaultgemma"]
+    assert [r["model_type"] for r in rows] == ["llama", "mixtral", "bitnet"]
     assert cli.main(["port", "--out", str(tmp_path)]) == 2

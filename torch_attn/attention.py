@@ -42,7 +42,9 @@ from attn_spec.attention import (
     check_implementation,
     check_init_cache,
     check_input,
+    check_kv_call,
     check_position_ids,
+    check_shared_kv,
     check_state_dict,
     choose,
     qk_norm_shapes,
@@ -77,6 +79,28 @@ class KVCache:
     index: int
     lead: torch.Tensor
     max_length: int
+
+
+@dataclass(frozen=True)
+class SharedKV:
+    """What a producer layer's call attended over (``attn(..., return_kv=True)``), for the key/value-sharing
+    consumers of the same call (``AttentionConfig.kv_shared``; Gemma 4's ``shared_kv_states``).
+
+    Attributes:
+      k, v: ``(B, K, S, H)``, the normed and rotated keys and the values: the cache slots then this call's
+        tokens (S = C + T), or this call's tokens (S = T) without a cache.
+      pos: int64 ``(S,)``, each key's sequence index (-1: an empty cache slot).
+      valid: bool ``(B, S)``, whether each key is a real token.
+      q_pos: int64 ``(T,)``, the call's query sequence indices.
+      lead: int64 ``(B,)``, each row's leading pads (where chunks start).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    valid: torch.Tensor
+    q_pos: torch.Tensor
+    lead: torch.Tensor
 
 
 def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -358,8 +382,9 @@ class Attention(nn.Module):
         self.dispatch = ChoiceLog()  # the last automatic choice (implementation=None), shown in repr
         kw = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(c.E, c.N * c.H * (2 if c.output_gate else 1), bias=c.q_bias, **kw)
-        self.k_proj = nn.Linear(c.E, c.K * c.H, bias=c.k_bias, **kw)
-        self.v_proj = None if c.k_eq_v else nn.Linear(c.E, c.K * c.H, bias=c.v_bias, **kw)
+        self.k_proj = None if c.kv_shared else nn.Linear(c.E, c.K * c.H, bias=c.k_bias, **kw)
+        no_v = c.k_eq_v or c.kv_shared
+        self.v_proj = None if no_v else nn.Linear(c.E, c.K * c.H, bias=c.v_bias, **kw)
         self.o_proj = nn.Linear(c.N * c.H, c.E, bias=c.o_bias, **kw)
         self.q_norm = self.k_norm = None
         if c.qk_norm in ("head", "full"):
@@ -367,10 +392,11 @@ class Attention(nn.Module):
             if c.qk_norm_kind == "layer":
                 eps, offset, bias = c.qk_norm_eps, c.qk_norm_offset, c.qk_norm_bias
                 self.q_norm = LayerNorm(shape_q, eps, offset, bias, **kw)
-                self.k_norm = LayerNorm(shape_k, eps, offset, bias, **kw)
+                self.k_norm = None if c.kv_shared else LayerNorm(shape_k, eps, offset, bias, **kw)
             else:
                 self.q_norm = RMSNorm(shape_q, c.qk_norm_eps, c.qk_norm_offset, **kw)
-                self.k_norm = RMSNorm(shape_k, c.qk_norm_eps, c.qk_norm_offset, **kw)
+                if not c.kv_shared:
+                    self.k_norm = RMSNorm(shape_k, c.qk_norm_eps, c.qk_norm_offset, **kw)
         self.sinks = nn.Parameter(torch.zeros(c.N, **kw)) if c.sinks else None
 
     def extra_repr(self) -> str:
@@ -389,7 +415,7 @@ class Attention(nn.Module):
         c = self.config
         check_init_cache(batch_size, max_length, c)
         C = cache_slots(c, max_length)
-        w = self.k_proj.weight
+        w = self.q_proj.weight
         shape = (batch_size, c.K, C, c.H)
         return KVCache(
             k=torch.zeros(shape, device=w.device, dtype=w.dtype),
@@ -410,7 +436,9 @@ class Attention(nn.Module):
         *,
         dropout_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+        return_kv: bool = False,
+        shared_kv: SharedKV | None = None,
+    ) -> torch.Tensor | tuple:
         """Attend within ``x`` and, with a cache, to the tokens cached before it.
 
         Args:
@@ -422,12 +450,23 @@ class Attention(nn.Module):
           cache: a :class:`KVCache` from :meth:`init_cache` or a previous call; None for a full pass.
           dropout_mask: bool keep-mask broadcastable to ``(B, N, T, S)`` (S = T, or C + T with a cache).
           generator: ``torch.Generator`` for the dropout draw; default: the global one.
+          return_kv: also return the :class:`SharedKV` this call attended over (a producer layer).
+          shared_kv: a ``kv_shared`` layer's keys and values: its producer's :class:`SharedKV` of the same
+            call (the consumer's queries attend over them with its own mask; ``attention_mask`` is then only
+            checked: the keys' validity and the rows' leading pads are the producer's).
 
         Returns:
-          ``y (B, T, E)`` without a cache; ``(y, new_cache)`` with one.
+          ``y (B, T, E)`` without a cache; ``(y, new_cache)`` with one; ``shared_kv`` appended with
+          ``return_kv``.
         """
         c = self.config
         B, T = check_input(_spec(x), c)
+        check_kv_call(shared_kv is not None, cache is not None, return_kv, c)
+        if shared_kv is not None:
+            kv = shared_kv
+            check_shared_kv(
+                *(tuple(a.shape) for a in (kv.k, kv.v, kv.pos, kv.valid, kv.q_pos, kv.lead)), B, T, c
+            )
         check_dropout_mask(dropout_mask is not None, self.training, c)
         device = x.device
         if attention_mask is not None:
@@ -438,7 +477,7 @@ class Attention(nn.Module):
         start = 0 if cache is None else int(cache.index)
         if cache is not None:
             check_cache(tuple(cache.k.shape), tuple(cache.v.shape), start, cache.max_length, B, T, c)
-        q_pos_T = start + torch.arange(T, device=device)
+        q_pos_T = start + torch.arange(T, device=device) if shared_kv is None else shared_kv.q_pos
         if position_ids is None:
             position_ids = q_pos_T.expand(B, T)
         else:
@@ -446,22 +485,28 @@ class Attention(nn.Module):
         lead_B = leading_pads(valid_BT)
         if cache is not None:  # rows that were all padding so far keep counting
             lead_B = torch.where(cache.lead == start, cache.lead + lead_B, cache.lead)
+        if shared_kv is not None:
+            lead_B = shared_kv.lead
 
         x_BTE = x  # torch's Linear does not promote: x must have the parameters' dtype
-        q, k = project(self.q_proj, x_BTE), project(self.k_proj, x_BTE)
-        v = k if c.k_eq_v else project(self.v_proj, x_BTE)  # k_eq_v: the values are the keys' projection
+        q = project(self.q_proj, x_BTE)
+        if c.kv_shared:  # placeholders: the keys and values are the producer's
+            k = v = q.new_zeros((B, T, c.K * c.H))
+        else:
+            k = project(self.k_proj, x_BTE)
+            v = k if c.k_eq_v else project(self.v_proj, x_BTE)  # k_eq_v: the values are the keys' projection
         if c.clip_qkv is not None:
             q, k, v = (clamp(a, c.clip_qkv) for a in (q, k, v))
         if c.output_gate:  # per head: H query channels, then H gate channels
             q_gate = q.view(B, T, c.N, 2 * c.H)
             q, gate_BTD = q_gate[..., : c.H].reshape(B, T, -1), q_gate[..., c.H :].reshape(B, T, -1)
         if c.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q), k if c.kv_shared else self.k_norm(k)
         q_BNTH = q.view(B, T, c.N, c.H).transpose(1, 2)
         k_BKTH = k.view(B, T, c.K, c.H).transpose(1, 2)
         v_BKTH = v.view(B, T, c.K, c.H).transpose(1, 2)
         if c.qk_norm == "head" and not c.qk_norm_after_rope:
-            q_BNTH, k_BKTH = self.q_norm(q_BNTH), self.k_norm(k_BKTH)
+            q_BNTH, k_BKTH = self.q_norm(q_BNTH), k_BKTH if c.kv_shared else self.k_norm(k_BKTH)
         elif c.qk_norm == "unit":
             q_BNTH, k_BKTH = unit_rms(q_BNTH, c.qk_norm_eps), unit_rms(k_BKTH, c.qk_norm_eps)
         if c.v_norm:
@@ -476,7 +521,11 @@ class Attention(nn.Module):
             scale_T = temperature_scales(c, q_pos_T)[None, None, :, None]
             q_BNTH = (q_BNTH * scale_T).to(q_BNTH.dtype)
 
-        if cache is None:
+        if shared_kv is not None:  # the producer's keys and values (cache included), as it attended
+            dt = q_BNTH.dtype
+            k_BKSH, v_BKSH = shared_kv.k.to(dt), shared_kv.v.to(dt)
+            k_pos_S, k_valid_BS = shared_kv.pos, shared_kv.valid
+        elif cache is None:
             k_BKSH, v_BKSH, k_pos_S, k_valid_BS = k_BKTH, v_BKTH, q_pos_T, valid_BT
         else:
             dt = q_BNTH.dtype
@@ -485,7 +534,7 @@ class Attention(nn.Module):
             k_pos_S = torch.cat([cache.pos, q_pos_T])
             k_valid_BS = torch.cat([cache.valid, valid_BT], dim=1)
         # No padding, cache, window or chunk: the fused kernel's own causal mask (no mask array) serves.
-        plain_causal = cache is None and attention_mask is None and c.causal
+        plain_causal = cache is None and shared_kv is None and attention_mask is None and c.causal
         plain_causal = plain_causal and c.sliding_window is None and c.chunk_size is None
         path = self.implementation
         if path is None:  # chosen from this call's shapes
@@ -511,8 +560,13 @@ class Attention(nn.Module):
         if c.output_gate:
             y_BTD = y_BTD * torch.sigmoid(gate_BTD)
         y_BTE = project(self.o_proj, y_BTD)
+        kv_out = ()
+        if return_kv:
+            kv_out = (
+                SharedKV(k=k_BKSH, v=v_BKSH, pos=k_pos_S, valid=k_valid_BS, q_pos=q_pos_T, lead=lead_B),
+            )
         if cache is None:
-            return y_BTE
+            return (y_BTE, *kv_out) if return_kv else y_BTE
 
         # Write the chunk's last min(T, C) tokens into their ring slots (slot = sequence index mod C).
         C = cache.k.shape[2]
@@ -527,7 +581,7 @@ class Attention(nn.Module):
             lead=lead_B,
             max_length=cache.max_length,
         )
-        return y_BTE, new_cache
+        return (y_BTE, new_cache, *kv_out)
 
     def _attend(
         self, path, q_BNTH, k_BKSH, v_BKSH, keep_BTS, dropout_mask, generator, bias_NTS=None
