@@ -40,6 +40,7 @@ For a transformers attention module the record holds:
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import asdict
 
@@ -1517,7 +1518,7 @@ def read_coverage_docs(path) -> list[tuple[str, str, str]]:
     block = text.split(COVERAGE_BEGIN, 1)[1].split(COVERAGE_END, 1)[0]
     rows = []
     for line in block.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]  # not at "\\|"
         if len(cells) >= 4 and cells[0].startswith("`"):
             rows.append((cells[0].strip("`"), cells[1], cells[-2]))
     return rows

@@ -216,7 +216,8 @@ def test_cli_errors(checkpoints, tmp_path, capsys):
 
 def test_cli_families_prints_the_coverage_table(tmp_path, capsys, monkeypatch):
     """``compare port --families``: verdict first and last, the coverage table (here cut to three
-    model_types: a family, an MoE sibling, one refused by its parameter), files; no folder and no --families: 2."""
+    model_types: a family, an MoE sibling, one refused by its parameter), files; no folder and no
+    --families: 2."""
     real = port_hf.coverage_table
     monkeypatch.setattr(
         port_hf,
