@@ -62,6 +62,13 @@ NO_MASK = ("yolos",)
 # ---------------------------------------------------------------------------------------------------------
 
 
+# Tiny settings of the parts around the attention: hybrid models' linear-attention layers, MoE experts.
+LINEAR_TINY = dict(
+    linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8
+)
+MOE_TINY = dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16)
+
+
 def tiny_config(family: str, **overrides):
     """A transformers config of ``family`` with two layers of width 32 (vocab 64) and the attention knobs of
     its family switched on (windows shorter than the test sequence, soft-cap, scaled rope)."""
@@ -185,17 +192,13 @@ def tiny_config(family: str, **overrides):
             use_sliding_window=True,
             sliding_window=3,
             max_window_layers=2,
-            num_experts=2,
-            num_experts_per_tok=1,
-            moe_intermediate_size=16,
+            **MOE_TINY,
             shared_expert_intermediate_size=16,
         ),
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(
             **dec,
             head_dim=8,
-            num_experts=2,
-            num_experts_per_tok=1,
-            moe_intermediate_size=16,
+            **MOE_TINY,
             rms_norm_eps=1e-5,
         ),
         "gemma": lambda: tf.GemmaConfig(**dec, head_dim=16),
@@ -334,9 +337,7 @@ def tiny_config(family: str, **overrides):
             head_dim=8,
             sliding_window=3,
             layer_types=["sliding_attention", "full_attention"],
-            num_experts=2,
-            num_experts_per_tok=1,
-            moe_intermediate_size=16,
+            **MOE_TINY,
             pad_token_id=0,
         ),
         "gpt_bigcode": lambda: tf.GPTBigCodeConfig(
@@ -362,14 +363,9 @@ def tiny_config(family: str, **overrides):
             head_dim=8,
             layer_types=["full_attention", "linear_attention"],
             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
-            num_experts=2,
-            num_experts_per_tok=1,
-            moe_intermediate_size=16,
+            **MOE_TINY,
             shared_expert_intermediate_size=16,
-            linear_num_value_heads=2,
-            linear_num_key_heads=2,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
+            **LINEAR_TINY,
             pad_token_id=0,
         ),
         "qwen3_5_text": lambda: tf.Qwen3_5TextConfig(
@@ -382,10 +378,7 @@ def tiny_config(family: str, **overrides):
                 "partial_rotary_factor": 0.5,
                 "mrope_section": [2, 1, 1],
             },
-            linear_num_value_heads=2,
-            linear_num_key_heads=2,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
+            **LINEAR_TINY,
             pad_token_id=0,
         ),
         "qwen2_vl_text": lambda: tf.Qwen2VLTextConfig(
@@ -400,9 +393,7 @@ def tiny_config(family: str, **overrides):
             **dec,
             head_dim=16,
             rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 3, 1]},
-            num_experts=2,
-            num_experts_per_tok=1,
-            moe_intermediate_size=16,
+            **MOE_TINY,
         ),
         "qwen3_5_moe_text": lambda: tf.Qwen3_5MoeTextConfig(
             **dec,
@@ -414,13 +405,8 @@ def tiny_config(family: str, **overrides):
                 "partial_rotary_factor": 0.5,
                 "mrope_section": [1, 2, 1],
             },
-            linear_num_value_heads=2,
-            linear_num_key_heads=2,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
-            num_experts=2,
-            num_experts_per_tok=1,
-            moe_intermediate_size=16,
+            **LINEAR_TINY,
+            **MOE_TINY,
             shared_expert_intermediate_size=16,
             pad_token_id=0,
         ),

@@ -43,10 +43,7 @@ def _qwen3_5():
         head_dim=16,
         full_attention_interval=3,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
-        linear_num_value_heads=2,
-        linear_num_key_heads=2,
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
+        **port_hf.LINEAR_TINY,
         pad_token_id=0,
     )
 
@@ -57,14 +54,9 @@ def _qwen3_next():
         num_hidden_layers=N_LAYERS,
         head_dim=8,
         full_attention_interval=4,
-        num_experts=2,
-        num_experts_per_tok=1,
-        moe_intermediate_size=16,
+        **port_hf.MOE_TINY,
         shared_expert_intermediate_size=16,
-        linear_num_value_heads=2,
-        linear_num_key_heads=2,
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
+        **port_hf.LINEAR_TINY,
         pad_token_id=0,
     )
 

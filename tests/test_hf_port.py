@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from port_support import assert_agrees, check, post_ln  # noqa: E402
+
 from attn_spec import hf as spec  # noqa: E402
 from compare import port, port_hf  # noqa: E402
 
@@ -83,30 +85,20 @@ CASES = [
 
 
 def _post_ln(family):
-    return spec.entry(family).causal == "bert"
+    return post_ln(family)
 
 
 def _check(family, layer, dtype="float32", **kw):
-    module, _ = port_hf.tiny_module(family, layer, dtype, seed=layer)
-    if _post_ln(family):
-        kw["post_norm_outside"] = True
-    return module, port.check_port(module, print_table=False, **kw)
+    if kw:
+        module, _ = port_hf.tiny_module(family, layer, dtype, seed=layer)
+        return module, port.check_port(module, print_table=False, post_norm_outside=_post_ln(family), **kw)
+    return check(family, layer, dtype)
 
 
 @pytest.mark.parametrize("family,layer", CASES, ids=[f"{f}-L{i}" for f, i in CASES])
 def test_family_agrees_fp32(family, layer):
     module, record = _check(family, layer)
-    bad = [
-        (p, a.quantity, a.max_abs, a.tol) for p, rows in record.agreements.items() for a in rows if not a.ok
-    ]
-    assert record.ok and record.round_trip_bit_exact, bad
-    assert record.kind == f"hf:{family}"
-    quantities = {a.quantity for a in record.agreements["jax_attn vs transformers"]}
-    params = {f"grad_{k}" for k in spec.state_dict_shapes(spec.describe_module(module, _post_ln(family))[1])}
-    assert {"out", "grad_x"} | params <= quantities
-    assert ("decode_out" in quantities) == (family not in spec.ENCODERS)
-    for a in record.agreements["jax_attn vs reference"]:
-        assert a.max_abs <= 1e-5 * max(1.0, abs(a.worst_expected)) or a.max_abs <= a.tol
+    assert_agrees(module, record, family)
 
 
 @pytest.mark.parametrize(

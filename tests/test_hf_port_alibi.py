@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
+from port_support import assert_agrees, bad, check  # noqa: E402
 from transformers.models.bloom import modeling_bloom  # noqa: E402
 from transformers.models.falcon import modeling_falcon  # noqa: E402
 from transformers.models.mpt import modeling_mpt  # noqa: E402
@@ -41,24 +42,13 @@ IDS = ["bloom", "mpt", "falcon-alibi-newarch", "falcon-rope-newarch", "falcon-al
 IDS += ["falcon-alibi-classic"]
 
 
-def _bad(record):
-    return [
-        (p, a.quantity, a.max_abs, a.tol) for p, rows in record.agreements.items() for a in rows if not a.ok
-    ]
+_bad = bad
 
 
 @pytest.mark.parametrize("family,overrides,what", CASES, ids=IDS)
 def test_family_agrees_fp32(family, overrides, what):
-    module, _ = port_hf.tiny_module(family, 0, "float32", seed=0, **overrides)
-    record = port.check_port(module, print_table=False)
-    assert record.ok and record.round_trip_bit_exact, _bad(record)
-    assert record.kind == f"hf:{family}"
-    c = spec.describe_module(module)[1]
-    quantities = {a.quantity for a in record.agreements["jax_attn vs transformers"]}
-    params = {f"grad_{k}" for k in spec.state_dict_shapes(c)}
-    assert {"out", "grad_x", "decode_out"} | params <= quantities
-    for a in record.agreements["jax_attn vs reference"]:
-        assert a.max_abs <= 1e-5 * max(1.0, abs(a.worst_expected)) or a.max_abs <= a.tol
+    module, record = check(family, 0, "float32", seed=0, **overrides)
+    c = assert_agrees(module, record, family)
     alibi = overrides.get("alibi", True)
     assert (c.alibi_slopes is not None) == alibi and (c.rope is None) == alibi
     if family == "falcon":

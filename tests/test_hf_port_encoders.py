@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
+from port_support import assert_agrees, bad, check, post_ln  # noqa: E402
 
 import jax_attn.hf as jhf  # noqa: E402
 import torch_attn.hf as thf  # noqa: E402
@@ -32,34 +33,17 @@ CASES = [
 ]
 
 
-def _post_ln(family):
-    return spec.entry(family).causal == "bert"
+_bad, _post_ln = bad, post_ln
 
 
-def _check(family, layer, dtype="float32", **kw):
-    module, _ = port_hf.tiny_module(family, layer, dtype, seed=layer)
-    if _post_ln(family):
-        kw["post_norm_outside"] = True
-    return module, port.check_port(module, print_table=False, **kw)
-
-
-def _bad(record):
-    return [
-        (p, a.quantity, a.max_abs, a.tol) for p, rows in record.agreements.items() for a in rows if not a.ok
-    ]
+def _check(family, layer, dtype="float32"):
+    return check(family, layer, dtype)
 
 
 @pytest.mark.parametrize("family,layer", CASES, ids=[f"{f}-L{i}" for f, i in CASES])
 def test_family_agrees_fp32(family, layer):
     module, record = _check(family, layer)
-    assert record.ok and record.round_trip_bit_exact, _bad(record)
-    assert record.kind == f"hf:{family}"
-    quantities = {a.quantity for a in record.agreements["jax_attn vs transformers"]}
-    params = {f"grad_{k}" for k in spec.state_dict_shapes(spec.describe_module(module, _post_ln(family))[1])}
-    assert {"out", "grad_x"} | params <= quantities
-    assert ("decode_out" in quantities) == (family not in spec.ENCODERS)
-    for a in record.agreements["jax_attn vs reference"]:
-        assert a.max_abs <= 1e-5 * max(1.0, abs(a.worst_expected)) or a.max_abs <= a.tol
+    assert_agrees(module, record, family)
 
 
 @pytest.mark.parametrize("family,layer", [("modernbert", 0), ("dinov2", 0)])

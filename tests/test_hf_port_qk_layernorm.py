@@ -8,9 +8,11 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from port_support import assert_agrees, bad, check  # noqa: E402
+
 from attn_spec import hf as spec  # noqa: E402
 from attn_spec.attention import AttentionConfig, state_dict_shapes  # noqa: E402
-from compare import port, port_hf  # noqa: E402
+from compare import port_hf  # noqa: E402
 
 # family: (qk_norm_per_head, qk_norm_bias, its weight keys in transformers' state dict)
 FAMILIES = {
@@ -22,22 +24,16 @@ FAMILIES = {
 
 
 def _check(family, dtype="float32"):
-    module, _ = port_hf.tiny_module(family, 0, dtype, seed=0)
-    return module, port.check_port(module, print_table=False)
+    return check(family, 0, dtype, seed=0)
 
 
-def _bad(record):
-    return [
-        (p, a.quantity, a.max_abs, a.tol) for p, rows in record.agreements.items() for a in rows if not a.ok
-    ]
+_bad = bad
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_agrees_fp32(family):
     module, record = _check(family)
-    assert record.ok and record.round_trip_bit_exact, _bad(record)
-    assert record.kind == f"hf:{family}"
-    c = spec.describe_module(module)[1]
+    c = assert_agrees(module, record, family)
     per_head, bias, hf_keys = FAMILIES[family]
     assert (c.qk_norm, c.qk_norm_kind, c.qk_norm_per_head, c.qk_norm_bias) == (
         "head",
@@ -53,8 +49,6 @@ def test_family_agrees_fp32(family):
     assert {"grad_q_norm.weight", "grad_k_norm.weight"} <= params
     assert ("grad_q_norm.bias" in params) == bias
     assert {"out", "grad_x", "decode_out"} | params <= quantities
-    for a in record.agreements["jax_attn vs reference"]:
-        assert a.max_abs <= 1e-5 * max(1.0, abs(a.worst_expected)) or a.max_abs <= a.tol
 
 
 @pytest.mark.parametrize("family", ["cohere", "persimmon"])

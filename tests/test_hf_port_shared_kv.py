@@ -15,16 +15,15 @@ from compare import oracle_attention
 
 tf = pytest.importorskip("transformers")
 
+from port_support import bad  # noqa: E402
+
 from attn_spec import hf as spec  # noqa: E402
 from compare import port, port_hf  # noqa: E402
 
 PAIRS = ("jax_attn vs transformers", "torch_attn vs transformers")
 
 
-def _bad(record):
-    return [
-        (p, a.quantity, a.max_abs, a.tol) for p, rows in record.agreements.items() for a in rows if not a.ok
-    ]
+_bad = bad
 
 
 @pytest.mark.parametrize(
