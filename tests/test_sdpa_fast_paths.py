@@ -148,3 +148,26 @@ def test_jax_blocked_float_mask_gradient(monkeypatch, q_shape, k_shape, m_shape,
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
     if m_shape[-1] != 1:  # (a mask constant over the keys shifts whole rows: its true gradient is 0)
         assert np.abs(got["blocked"][4]).max() > 0.01  # the mask does get a gradient
+
+
+@pytest.mark.parametrize(("q_shape", "k_shape", "m_shape", "gqa"), FLOAT_MASK_SHAPES)
+def test_torch_blocked_float_mask_gradient(monkeypatch, q_shape, k_shape, m_shape, gqa):
+    """The torch twin's blocked path (torch_attn.engine's dense plan) against its math path, as above."""
+    import torch
+
+    from torch_attn.functional import scaled_dot_product_attention
+
+    _small_blocks(monkeypatch, 3, None)
+    rng = np.random.default_rng(sum(m_shape))
+    arrays = [rng.standard_normal(q_shape), rng.standard_normal(k_shape)]
+    arrays += [rng.standard_normal((*k_shape[:-1], 5)), rng.standard_normal(m_shape)]
+    arrays[3][..., 0] = -np.inf
+    dout = torch.from_numpy(rng.standard_normal((*q_shape[:-1], 5)))
+    got = {}
+    for impl in ("math", "blocked"):
+        q, k, v, mask = (torch.tensor(a, requires_grad=True) for a in arrays)
+        out = scaled_dot_product_attention(q, k, v, mask, enable_gqa=gqa, implementation=impl)
+        got[impl] = [out, *torch.autograd.grad(out, (q, k, v, mask), dout)]
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got["blocked"], got["math"], strict=True):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
