@@ -162,7 +162,8 @@ def block_attention(
 
     Returns:
       ``(out (B, K, G, T, V), lse (B, K, G, T))``: lse is the natural-log sum of the exponentiated
-      logits of the kept keys, -inf for rows with nothing kept (whose output is 0).
+      logits of the kept keys, -inf for rows with nothing kept (whose output is 0); None from the dense
+      plan (SDPA does not use it; the JAX twin returns it, where XLA drops it unused).
     """
     B, K, G, _, H = q.shape
     k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])  # a broadcast key/value batch of 1
@@ -180,10 +181,11 @@ def block_attention(
         if mask_kind == 2:
             mask = mask.to(ct)
     cfg = _Cfg(T, S, bt, bs, dense, bool(causal), mask_kind, n_q <= _UNROLL_CAUSAL)
-    k_pad = torch.nn.functional.pad(k, (0, 0, 0, Sp - S))  # (B, K, Sp, H)
-    v_pad = torch.nn.functional.pad(v, (0, 0, 0, Sp - S))
-    k_blocks = k_pad.reshape(B, K, n_kv, bs, H)
-    v_blocks = v_pad.reshape(B, K, n_kv, bs, Vw)
+    if dense:
+        # SDPA's trick, as in the JAX twin: the scale fused into q once (one multiply of (T, H))
+        q, scale = q * scale, 1.0
+    k_pad = torch.nn.functional.pad(k, (0, 0, 0, Sp - S)) if Sp > S else k  # (B, K, Sp, H)
+    v_pad = torch.nn.functional.pad(v, (0, 0, 0, Sp - S)) if Sp > S else v
     shared = True
     if dense:
         lists = None
@@ -193,6 +195,9 @@ def block_attention(
         lists = [(tables.kv_num, tables.kv_idx, True)]
         if tables.full_num is not None:
             lists.append((tables.full_num, tables.full_idx, False))
+        if not shared:  # per-row tables gather each row's key block
+            k_blocks = k_pad.reshape(B, K, n_kv, bs, H)
+            v_blocks = v_pad.reshape(B, K, n_kv, bs, Vw)
         # Per-row tables as (B, N, ...): gathered per step. Shared tables as Python ints: slices.
         lists = [
             (num[0, 0].tolist(), idx[0, 0].tolist(), part)
@@ -201,16 +206,17 @@ def block_attention(
             for num, idx, part in lists
         ]
     q_BNTH = q.reshape(B, N, T, H)
-    b_ix = torch.arange(B, device=dev).view(B, 1)
-    kvh_ix = (torch.arange(N, device=dev) // G).view(1, N)
-    b4 = torch.arange(B, device=dev).view(B, 1, 1, 1)
-    h4 = torch.arange(N, device=dev).view(1, N, 1, 1)
+    if not dense:  # the mods' and the gathers' indices (the dense plan needs none: fewer eager ops)
+        b_ix = torch.arange(B, device=dev).view(B, 1)
+        kvh_ix = (torch.arange(N, device=dev) // G).view(1, N)
+        b4 = torch.arange(B, device=dev).view(B, 1, 1, 1)
+        h4 = torch.arange(N, device=dev).view(1, N, 1, 1)
     outs, lses = [], []
     for i in range(n_q):
         t0, t1 = i * bt, min(T, (i + 1) * bt)
-        q_i = q_BNTH[:, :, t0:t1] * scale
-        rows = torch.arange(t0, t1, device=dev).view(-1, 1)
-        q_idx = rows.view(1, 1, -1, 1)
+        q_i = q_BNTH[:, :, t0:t1] if scale == 1.0 else q_BNTH[:, :, t0:t1] * scale
+        rows = torch.arange(t0, t1, device=dev).view(-1, 1) if cfg.causal or not dense else None
+        q_idx = None if dense else rows.view(1, 1, -1, 1)
         m = torch.full(q_i.shape[:-1], -torch.inf, dtype=ct, device=dev)
         row_sum = torch.zeros_like(m)
         acc = torch.zeros(*q_i.shape[:-1], Vw, dtype=ct, device=dev)
@@ -239,7 +245,10 @@ def block_attention(
                     k_c = k_pad[:, :, c0 : c0 + n_cols]  # (B, K, n_cols, H)
                     v_c = v_pad[:, :, c0 : c0 + n_cols]
                     s = torch.einsum("bkgth,bksh->bkgts", q_i.reshape(B, K, G, -1, H), k_c)
-                    cols = (c0 + torch.arange(n_cols, device=dev)).view(1, 1, 1, -1)
+                    causal_cmp = cfg.causal and not _below_diagonal(cfg, i, c0, n_cols)
+                    cols = None
+                    if not dense or causal_cmp or S % bs:
+                        cols = (c0 + torch.arange(n_cols, device=dev)).view(1, 1, 1, -1)
                 else:
                     c = c0 // bs
                     k_c = k_blocks[b_ix, kvh_ix, c]  # (B, N, bs, H): each row's own block
@@ -250,7 +259,7 @@ def block_attention(
                 if dense:
                     # the causal comparison (unless all columns are below the diagonal), the key
                     # padding and the dense mask block, on the (B, K, G, t, n_cols) logits
-                    if cfg.causal and not _below_diagonal(cfg, i, c0, n_cols):
+                    if causal_cmp:
                         keep = cols <= rows
                     if S % bs:
                         keep = cols < S if keep is None else keep & (cols < S)
@@ -295,10 +304,11 @@ def block_attention(
         empty = row_sum == 0.0
         safe = torch.where(empty, 1.0, row_sum)
         outs.append(acc / safe[..., None])
-        lses.append(torch.where(empty, -torch.inf, torch.where(empty, 0.0, m) + torch.log(safe)))
+        if not dense:  # SDPA (the dense plan) never asks for the lse: spare the eager ops
+            lses.append(torch.where(empty, -torch.inf, torch.where(empty, 0.0, m) + torch.log(safe)))
     out = torch.cat(outs, dim=2).reshape(B, K, G, T, Vw)
     if torch.is_grad_enabled() and not out.requires_grad:
         # Nothing kept anywhere: the zeros computed no product of the inputs, yet they are a function of
         # them (gradient zero), as in the JAX twin, where every output is.
         out = out + sum(((x * 0).sum() for x in (q, k, v) if x.requires_grad), torch.zeros((), dtype=ct))
-    return out, torch.cat(lses, dim=2).reshape(B, K, G, T)
+    return out, (torch.cat(lses, dim=2).reshape(B, K, G, T) if lses else None)
