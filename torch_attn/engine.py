@@ -9,6 +9,10 @@ without; fully masked rows give output 0 and lse -inf; the padding of a last blo
 is masked. Autograd does the backward (it keeps each visited block's probabilities; the JAX twin
 recomputes them in a custom VJP). Where the tables differ per batch row or head, each step gathers the
 ``(b, h)`` rows' key blocks at once; where they are shared, a step is one slice of K and V.
+
+The *dense* plan (``tables=None``) is SDPA's ``implementation="blocked"``, as in the JAX twin: every key
+block, or with ``causal`` only those up to the diagonal, taken in static ranges for calls of at most
+``_UNROLL_CAUSAL`` query blocks (:func:`_key_ranges`), and a dense bool or float mask sliced per block.
 """
 
 from __future__ import annotations
