@@ -15,10 +15,10 @@ device) and asks :func:`select` which path to take. The rule, in order:
    never faster than math or blocked on CPU, so it is not a fast path.
 3. **math** when the problem is small: fewer than :data:`MATH_MAX_LOGITS` logits (per-block overhead makes
    blocked slower there; see ``docs/performance.md``). With a float ``attn_mask`` math is kept up to
-   :data:`LARGE_LOGITS`: the JAX blocked path gives no gradient to a float mask (it is a constant there)
-   and whether the caller differentiates it cannot be known from the call.
+   :data:`LARGE_LOGITS`: a rule from when the JAX blocked path gave a float mask no gradient. Both blocked
+   paths give it its gradient now (the engines' dense plan); the rule is not re-measured yet.
 4. **blocked** otherwise: online softmax over blocks, memory bounded by one block, causal blocks above the
-   diagonal skipped. With a float mask the reason says its gradient is zero on this path.
+   diagonal skipped; a float mask gets its gradient.
 
 The thresholds count logits elements (``batch · heads · T · S``), measured on the 2-core CPU of
 ``docs/performance.md`` (jax.jit forward and forward+backward, B1–8, 8 heads of 64, fp32).
@@ -94,11 +94,11 @@ def select(*, logits: int, need_weights: bool, dropout: bool, float_mask: bool, 
         return Choice(
             "math",
             f"float attn_mask with {logits} logits <= {LARGE_LOGITS}: math keeps the mask's gradient "
-            "(the blocked path treats a float mask as a constant)",
+            "(a rule from when the JAX blocked path treated a float mask as a constant)",
         )
     reason = f"large: {logits} logits >= {MATH_MAX_LOGITS}, bounded memory"
     if float_mask:
-        reason += "; the float attn_mask gets no gradient on this path"
+        reason += "; the float attn_mask gets its gradient blockwise"
     return Choice("blocked", reason)
 
 

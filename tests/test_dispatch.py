@@ -44,7 +44,7 @@ def facts(**kw):
         ({"fused": "K", "logits": 2**33, "float_mask": True}, "fused", "K is the fast path"),
         ({"float_mask": True}, "math", "small"),
         ({"float_mask": True, "logits": LARGE_LOGITS}, "math", "math keeps the mask's gradient"),
-        ({"float_mask": True, "logits": LARGE_LOGITS + 1}, "blocked", "float attn_mask gets no gradient"),
+        ({"float_mask": True, "logits": LARGE_LOGITS + 1}, "blocked", "float attn_mask gets its gradient"),
     ],
 )
 def test_rule(kw, implementation, reason):

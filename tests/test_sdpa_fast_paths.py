@@ -69,12 +69,12 @@ MULTI_BLOCK = (
 
 def _small_blocks(monkeypatch, max_block, unroll):
     import attn_spec.blocks
-    import jax_attn.functional
+    import jax_attn.engine
 
     monkeypatch.setattr(attn_spec.blocks, "MAX_BLOCK", max_block)
     monkeypatch.setattr(attn_spec.blocks, "MIN_CAUSAL_BLOCK", 2)
     if unroll is not None:
-        monkeypatch.setattr(jax_attn.functional, "_UNROLL_CAUSAL", unroll)
+        monkeypatch.setattr(jax_attn.engine, "_UNROLL_CAUSAL", unroll)
 
 
 @pytest.mark.parametrize(("impl", "name", "unroll"), MULTI_BLOCK)
@@ -104,3 +104,70 @@ def test_causal_blocked_path_with_unequal_query_and_key_blocks(all_vectors, monk
     assert bt == 2 and bs == 3  # T = 6 or 7 queries in blocks of 2; S = 6 keys in blocks of 3, or S = 3
     res = sdpa.IMPLEMENTATIONS["jax_attn_blocked"](vec)
     assert_all_ok(agree.against_oracle(vec, res), f"jax_attn_blocked ({bt}x{bs} blocks) vs oracle on {name}")
+
+
+# The JAX blocked path (jax_attn.engine's dense plan) gives a float attn_mask its gradient: ds summed over
+# the mask's broadcast axes, accumulated block by block in the custom VJP. Against the math path (jax.vjp
+# through the readable softmax), in float64, with 3-blocks so that every mask is cut into several blocks
+# with padding, and with the mask broadcast over each axis in turn.
+FLOAT_MASK_SHAPES = [
+    ((2, 3, 7, 4), (2, 3, 8, 4), (7, 8), False),
+    ((2, 3, 7, 4), (2, 3, 8, 4), (2, 1, 7, 1), False),
+    ((2, 3, 7, 4), (2, 3, 8, 4), (3, 1, 8), False),
+    ((2, 3, 7, 4), (2, 3, 8, 4), (8,), False),
+    ((2, 4, 7, 4), (2, 2, 8, 4), (2, 4, 7, 8), True),
+    ((2, 4, 7, 4), (2, 2, 8, 4), (4, 1, 1), True),
+]
+
+
+@pytest.mark.parametrize(("q_shape", "k_shape", "m_shape", "gqa"), FLOAT_MASK_SHAPES)
+def test_jax_blocked_float_mask_gradient(monkeypatch, q_shape, k_shape, m_shape, gqa):
+    import jax
+
+    from jax_attn.functional import scaled_dot_product_attention
+
+    _small_blocks(monkeypatch, 3, None)
+    rng = np.random.default_rng(sum(m_shape))
+    q, k = rng.standard_normal(q_shape), rng.standard_normal(k_shape)
+    v = rng.standard_normal((*k_shape[:-1], 5))
+    mask = rng.standard_normal(m_shape)
+    mask[..., 0] = -np.inf  # -inf entries: no gradient through them, none of them NaN
+    dout = rng.standard_normal((*q_shape[:-1], 5))
+    got = {}
+    with jax.enable_x64(True):
+        for impl in ("math", "blocked"):
+
+            def f(q, k, v, m, impl=impl):
+                return scaled_dot_product_attention(q, k, v, m, enable_gqa=gqa, implementation=impl)
+
+            out, vjp = jax.vjp(f, q, k, v, mask)
+            got[impl] = [np.asarray(x) for x in (out, *vjp(dout))]
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got["blocked"], got["math"], strict=True):
+        assert a.shape == b.shape, name
+        assert np.all(np.isfinite(a)), name
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
+    if m_shape[-1] != 1:  # (a mask constant over the keys shifts whole rows: its true gradient is 0)
+        assert np.abs(got["blocked"][4]).max() > 0.01  # the mask does get a gradient
+
+
+@pytest.mark.parametrize(("q_shape", "k_shape", "m_shape", "gqa"), FLOAT_MASK_SHAPES)
+def test_torch_blocked_float_mask_gradient(monkeypatch, q_shape, k_shape, m_shape, gqa):
+    """The torch twin's blocked path (torch_attn.engine's dense plan) against its math path, as above."""
+    import torch
+
+    from torch_attn.functional import scaled_dot_product_attention
+
+    _small_blocks(monkeypatch, 3, None)
+    rng = np.random.default_rng(sum(m_shape))
+    arrays = [rng.standard_normal(q_shape), rng.standard_normal(k_shape)]
+    arrays += [rng.standard_normal((*k_shape[:-1], 5)), rng.standard_normal(m_shape)]
+    arrays[3][..., 0] = -np.inf
+    dout = torch.from_numpy(rng.standard_normal((*q_shape[:-1], 5)))
+    got = {}
+    for impl in ("math", "blocked"):
+        q, k, v, mask = (torch.tensor(a, requires_grad=True) for a in arrays)
+        out = scaled_dot_product_attention(q, k, v, mask, enable_gqa=gqa, implementation=impl)
+        got[impl] = [out, *torch.autograd.grad(out, (q, k, v, mask), dout)]
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got["blocked"], got["math"], strict=True):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from attn_spec import check_implementation, check_sdpa
 from attn_spec.blocks import block_sizes
 from attn_spec.dispatch import AUTO, Choice, select
+from torch_attn.engine import block_attention
 from torch_attn.masks import causal_mask
 
 logger = logging.getLogger(__name__)
@@ -290,56 +291,18 @@ def _grouped(query, key, value, attn_mask, shapes):
 
 
 def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
-    """Flash-attention style SDPA: for each block of ``bt`` queries, a loop over blocks of ``bs`` keys
-    keeping a running row max, row sum and unnormalised output (online softmax). With ``is_causal`` the
-    loop stops at the diagonal: key blocks wholly above it are never computed. Memory (forward, no grad):
-    one block of logits per step. Gradients come from autograd through the loop (it keeps every block's
-    probabilities; the JAX twin recomputes them in a custom VJP)."""
+    """Flash-attention style SDPA on the blocked engine (:func:`torch_attn.engine.block_attention`, its
+    dense plan, as in the JAX twin): for each block of ``bt`` queries, an online softmax over blocks of
+    ``bs`` keys. With ``is_causal`` key blocks wholly above the diagonal are never computed. Memory
+    (forward, no grad): one block of logits per step. Gradients come from autograd through the loop (it
+    keeps every block's probabilities; the JAX twin recomputes them in a custom VJP)."""
     ct = _compute_dtype(query.dtype)
     T, S = shapes.T, shapes.S
     q, k, v, mask = _grouped(query.to(ct), key.to(ct), value.to(ct), attn_mask, shapes)
-    q = q * scale  # fusing the scale into q: one multiply of (T, H) instead of one of (T, S)
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(ct)
     bt, bs = block_sizes(T, S, bool(is_causal))  # shared with the JAX twin
-    outs = []
-    for t0 in range(0, T, bt):
-        q_i = q[..., t0 : t0 + bt, :]
-        t1 = t0 + q_i.shape[-2]  # the last block may be shorter
-        rows = torch.arange(t0, t1, device=q.device)[:, None]
-        m = torch.full(q_i.shape[:-1], -torch.inf, dtype=ct, device=q.device)
-        row_sum = torch.zeros_like(m)
-        acc = torch.zeros(*q_i.shape[:-1], shapes.V, dtype=ct, device=q.device)
-        # top-left causal: query t sees keys s <= t, so this block needs keys below t1 only
-        s_end = min(S, t1) if is_causal else S
-        for s0 in range(0, s_end, bs):
-            k_j, v_j = k[..., s0 : s0 + bs, :], v[..., s0 : s0 + bs, :]
-            s = torch.einsum("zkgth,zksh->zkgts", q_i, k_j)
-            keep = None
-            if is_causal:
-                keep = torch.arange(s0, s0 + k_j.shape[-2], device=q.device)[None, :] <= rows
-            if mask is not None:
-                mb = mask
-                if mb.shape[-2] != 1:
-                    mb = mb[..., t0:t1, :]
-                if mb.shape[-1] != 1:
-                    mb = mb[..., s0 : s0 + k_j.shape[-2]]
-                if mb.dtype == torch.bool:
-                    keep = mb if keep is None else keep & mb
-                else:
-                    s = s + mb
-            if keep is not None:
-                s = torch.where(keep, s, -torch.inf)
-            m_new = torch.maximum(m, torch.amax(s, dim=-1)).detach()
-            # A row with nothing kept so far has max -inf: shift by 0 so exp gives exact zeros, not NaN.
-            m_use = torch.where(torch.isfinite(m_new), m_new, 0.0)
-            p = torch.exp(s - m_use[..., None])
-            alpha = torch.exp(m - m_use)
-            row_sum = alpha * row_sum + p.sum(dim=-1)
-            acc = alpha[..., None] * acc + torch.einsum("zkgts,zksv->zkgtv", p, v_j)
-            m = m_new
-        outs.append(acc / torch.where(row_sum == 0.0, 1.0, row_sum)[..., None])
-    out = torch.cat(outs, dim=-2)
+    out, _ = block_attention(
+        q, k, v, None, T=T, S=S, bt=bt, bs=bs, scale=scale, causal=bool(is_causal), mask=mask
+    )
     return out.reshape(shapes.out).to(query.dtype)
 
 
