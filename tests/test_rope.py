@@ -60,7 +60,9 @@ def _rel(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(1.0, np.max(np.abs(want))))
 
 
-SCALED = [t for t in ROPE_TYPES if t != "default"]
+# GPT-NeoX's rotary module is the reference here; proportional (Gemma 4, a full-width table) has its own test.
+NEOX_TYPES = [t for t in ROPE_TYPES if t != "proportional"]
+SCALED = [t for t in NEOX_TYPES if t != "default"]
 PARTIAL = {"full_H12": (12, 1.0), "partial_H16_quarter": (16, 0.25)}
 
 
@@ -93,7 +95,7 @@ def _positions(max_pos: int, B=2, T=5, seed=0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape", list(PARTIAL))
-@pytest.mark.parametrize("rope_type", ROPE_TYPES)
+@pytest.mark.parametrize("rope_type", NEOX_TYPES)
 @pytest.mark.parametrize("max_pos", [12, 300], ids=["short", "long"])
 def test_cos_sin_and_rotation_match_transformers(rope_type, shape, max_pos):
     """Both twins' cos/sin and rotated q vs GPT-NeoX's rotary module (a fresh one per call: its dynamic
@@ -217,7 +219,7 @@ BAD = {
     "unknown_rope_type": (
         {"rope_type": "ntk"},
         "RopeConfig: unknown rope_type='ntk'; known rope types: "
-        "('default', 'linear', 'dynamic', 'llama3', 'yarn', 'longrope')",
+        "('default', 'linear', 'dynamic', 'llama3', 'yarn', 'longrope', 'proportional')",
     ),
     "missing_factor": ({"rope_type": "linear"}, "rope_type='linear' needs ['factor']; missing ['factor']"),
     "missing_llama3": (
@@ -265,8 +267,27 @@ def test_bad_config_raises(case):
 
 
 def test_unknown_hf_key_raises():
-    with pytest.raises(ValueError, match=re.escape("unsupported rope parameters ['mrope_section']")):
+    with pytest.raises(ValueError, match=re.escape("unsupported rope parameters ['ntk_alpha']")):
+        RopeConfig.from_hf({"rope_type": "default", "rope_theta": 1e4, "ntk_alpha": 2.0})
+    with pytest.raises(ValueError, match=re.escape("mrope_section must be three ints >= 0")):
         RopeConfig.from_hf({"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2]})
+
+
+@pytest.mark.parametrize("H, prf, factor", [(12, 1.0, None), (16, 0.25, None), (16, 0.5, 2.0)])
+def test_proportional_inv_freq_matches_transformers(H, prf, factor):
+    """Gemma 4's proportional RoPE: a table as wide as the head, θ^(-2i/H) for the first int(prf · H / 2)
+    frequencies and zeros after (those channel pairs do not rotate), divided by ``factor``."""
+    params = {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": prf}
+    if factor is not None:
+        params["factor"] = factor
+    cfg = GPTNeoXConfig(hidden_size=3 * H, num_attention_heads=3, max_position_embeddings=L0)
+    cfg.rope_parameters = params
+    want, want_factor = ROPE_INIT_FUNCTIONS["proportional"](cfg, "cpu")
+    c = RopeConfig.from_hf(params, max_position_embeddings=L0)
+    got, got_factor = inv_freq(c, H)
+    assert c.rotary_dim(H) == H and got.shape == tuple(want.shape) == (H // 2,)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=0)
+    assert np.count_nonzero(got) == int(prf * H // 2) and got_factor == want_factor == 1.0
 
 
 @pytest.mark.parametrize("twin", ["jax", "torch"])
