@@ -395,3 +395,23 @@ def test_torch_builds_no_large_mask_for_its_fused_kernel(monkeypatch):
     ref = _run("torch", _module("torch", _config(), sd=dict(m.state_dict())), x, mask)
     real = mask.astype(bool)
     np.testing.assert_allclose(y_blocked[real], ref[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_position_ids_shapes_name_what_the_layer_takes(twin):
+    """(3, B, T) positions only for a multimodal RoPE; anything else raises naming both accepted shapes."""
+    mrope = _config(rope=RopeConfig(mrope_section=(1, 1, 1)))
+    x = _x()
+    pos2 = np.broadcast_to(np.arange(T), (B, T)).astype(np.int64)
+    pos3 = np.stack([pos2, pos2 // 2, pos2 % 3])
+    y3 = _run(twin, _module(twin, mrope, sd=_random_sd(mrope)), x, pos=pos3)
+    assert np.all(np.isfinite(y3))
+    m = _module(twin, mrope, sd=_random_sd(mrope))  # three equal rows: plain RoPE, as a (B, T) call
+    np.testing.assert_allclose(
+        _run(twin, m, x, pos=np.stack([pos2] * 3)), _run(twin, m, x, pos=pos2), atol=1e-6
+    )
+    with pytest.raises(ValueError, match=re.escape(f"position_ids must be (B, T) = ({B}, {T}); got")):
+        _run(twin, _module(twin, _config()), x, pos=pos3)
+    want = f"position_ids must be (B, T) = ({B}, {T}) or (3, B, T) = (3, {B}, {T}); got position_ids.shape="
+    with pytest.raises(ValueError, match=re.escape(want)):
+        _run(twin, _module(twin, mrope), x, pos=pos3[:2])
