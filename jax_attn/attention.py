@@ -35,7 +35,6 @@ from attn_spec.attention import (
     AttentionConfig,
     cache_slots,
     check_attention_mask,
-    check_blocked,
     check_cache,
     check_dropout_mask,
     check_implementation,
@@ -534,7 +533,8 @@ class Attention(nnx.Module):
             self.dispatch.last = choice
             path = choice.implementation
         if path == "blocked":
-            check_blocked(c)
+            # (an explicit 'blocked' with dropout was refused by the constructor; the automatic choice takes
+            # blocked only when dropout is off for this call, e.g. an eval-mode layer configured with dropout)
             sinks_N = None if self.sinks is None else self.sinks[...]
             y_BNTH = _blocked_attention(
                 q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, sinks_N, lead_B

@@ -415,3 +415,24 @@ def test_position_ids_shapes_name_what_the_layer_takes(twin):
     want = f"position_ids must be (B, T) = ({B}, {T}) or (3, B, T) = (3, {B}, {T}); got position_ids.shape="
     with pytest.raises(ValueError, match=re.escape(want)):
         _run(twin, _module(twin, mrope), x, pos=pos3[:2])
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_eval_layer_with_dropout_may_take_the_blocked_path(twin, monkeypatch):
+    """A layer configured with dropout (BERT's 0.1) in eval mode: dropout is off for the call, so the
+    automatic choice may take the blocked path, and it must run there (it used to raise)."""
+    import attn_spec.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "MATH_MAX_LOGITS", 1)  # tiny sizes take blocked as large ones would
+    c = _config(dropout=0.1)
+    sd = _random_sd(c)
+    m = _module(twin, c, sd=sd, implementation=None)
+    if twin == "torch":
+        monkeypatch.setattr(tatt, "FUSED_MASK_MAX", 0)
+    mask = np.ones((B, T), np.int64)
+    mask[1, :2] = 0
+    y = _run(twin, m, _x(), mask)
+    assert m.last_choice.implementation == "blocked"
+    ref = _run(twin, _module(twin, c, sd=sd), _x(), mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(y[real], ref[real], rtol=1e-5, atol=1e-5)

@@ -36,7 +36,6 @@ from attn_spec.attention import (
     AttentionConfig,
     cache_slots,
     check_attention_mask,
-    check_blocked,
     check_cache,
     check_dropout_mask,
     check_implementation,
@@ -546,7 +545,8 @@ class Attention(nn.Module):
             self.dispatch.last = choice
             path = choice.implementation
         if path == "blocked":
-            check_blocked(c)
+            # (an explicit 'blocked' with dropout was refused by the constructor; the automatic choice takes
+            # blocked only when dropout is off for this call, e.g. an eval-mode layer configured with dropout)
             y_BNTH = _blocked_attention(
                 q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, self.sinks, lead_B
             )
