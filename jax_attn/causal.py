@@ -282,7 +282,7 @@ class CausalSelfAttention(nnx.Module):
         for key, a in _from_layout({key: arrays[key] for key in keys}, layout).items():
             proj, name = key.split(".")
             param = getattr(getattr(self, proj), name)
-            param[...] = jnp.asarray(a, dtype=param.dtype)
+            _assign(param, jnp.asarray(a, dtype=param.dtype))
 
 
 def _concrete_index(index) -> int | None:
@@ -291,6 +291,16 @@ def _concrete_index(index) -> int | None:
         return int(index)
     except jax.errors.ConcretizationTypeError:
         return None
+
+
+def _assign(param: nnx.Variable, value: jax.Array) -> None:
+    """``param[...] = value``; on a module built abstractly (``nnx.eval_shape(lambda: Module(...))``: no
+    random initialization, which costs one XLA compile per parameter shape) the value replaces the
+    shape placeholder."""
+    if isinstance(param.get_value(), jax.ShapeDtypeStruct):
+        param.set_value(value)
+    else:
+        param[...] = value
 
 
 def _to_numpy(value) -> np.ndarray:

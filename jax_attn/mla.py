@@ -46,7 +46,7 @@ from attn_spec.mla import (
     state_dict_shapes,
 )
 from jax_attn.attention import RMSNorm, project
-from jax_attn.causal import Linear, _concrete_index, _to_numpy
+from jax_attn.causal import Linear, _assign, _concrete_index, _to_numpy
 from jax_attn.rope import apply_rope, rope_cos_sin
 
 
@@ -394,7 +394,7 @@ class MultiHeadLatentAttention(nnx.Module):
         arrays = {key: _to_numpy(value) for key, value in state_dict.items()}
         for key in check_state_dict({key: a.shape for key, a in arrays.items()}, self.config):
             param = self._param(key)
-            param[...] = jnp.asarray(arrays[key], dtype=param.dtype)
+            _assign(param, jnp.asarray(arrays[key], dtype=param.dtype))
 
     def _param(self, key: str) -> nnx.Param:
         obj = self

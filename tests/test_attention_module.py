@@ -267,6 +267,23 @@ def test_state_dict_round_trips_are_bit_exact(dtype):
         assert torch.equal(t2.state_dict()[key], value)
 
 
+def test_jax_state_dict_loads_into_an_abstract_module():
+    """A module built with ``nnx.eval_shape`` (no random init) takes a state dict and then computes what
+    the concretely built one does, compared with torch's twin on the same weights."""
+    c = _config(**FULL)
+    sd = _random_sd(c)
+    abstract = nnx.eval_shape(lambda: jatt.Attention(c, rngs=nnx.Rngs(0)))
+    abstract.load_torch_state_dict(sd)
+    abstract.deterministic = True
+    leaves = jax.tree_util.tree_leaves(nnx.state(abstract))
+    assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    for key, value in abstract.torch_state_dict().items():
+        np.testing.assert_array_equal(np.asarray(value), sd[key])
+    got = _run("jax", abstract, _x())
+    want = _run("torch", _module("torch", c, sd), _x())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("twin", TWINS)
 def test_state_dict_wrong_keys_raise(twin):
     c = _config(qk_norm="head")

@@ -504,8 +504,10 @@ def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
     case, a = vec.case, vec.arrays
     c = case.config()
     dt = jnp.dtype(NP_DTYPES[case.dtype])
-    module = Attention(c, implementation=implementation, rngs=nnx.Rngs(0), param_dtype=dt)
-    module.load_torch_state_dict({n: a[n] for n in param_names(case)})
+    module = base.jax_module(
+        lambda: Attention(c, implementation=implementation, rngs=nnx.Rngs(0), param_dtype=dt),
+        {n: a[n] for n in param_names(case)},
+    )
     module.deterministic = c.dropout == 0
     drop = None if "dropout_mask" not in a else jnp.asarray(a["dropout_mask"])
     mask, pos = jnp.asarray(a["attention_mask"]), jnp.asarray(a["position_ids"])

@@ -100,3 +100,20 @@ def to_float64(x) -> np.ndarray:
     if hasattr(x, "detach"):  # torch
         return x.detach().cpu().double().numpy()
     return np.asarray(x).astype(np.float64)
+
+
+def jax_module(build: Callable, state_dict: Mapping[str, np.ndarray]):
+    """The nnx module ``build()`` with ``state_dict`` loaded (``load_torch_state_dict``), built abstractly
+    (``nnx.eval_shape``): its random initialization would be overwritten and costs one XLA compile per
+    parameter shape, a quarter of a small vector's JAX run. Built concretely when loading leaves some
+    state abstract (a dropout layer's random stream)."""
+    import jax
+    from flax import nnx
+
+    module = nnx.eval_shape(build)
+    module.load_torch_state_dict(state_dict)
+    leaves = jax.tree_util.tree_leaves(nnx.state(module))
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        module = build()
+        module.load_torch_state_dict(state_dict)
+    return module

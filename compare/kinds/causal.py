@@ -190,10 +190,12 @@ def run_jax(vec: Vector, implementation: str = "math") -> dict[str, np.ndarray]:
 
     c, a = vec.case, vec.arrays
     dt = jnp.dtype(NP_DTYPES[c.dtype])
-    module = jax_attn.CausalSelfAttention(
-        c.E, c.N, c.K, c.bias, c.dropout_p, implementation=implementation, rngs=nnx.Rngs(0), param_dtype=dt
+    module = base.jax_module(
+        lambda: jax_attn.CausalSelfAttention(
+            c.E, c.N, c.K, c.bias, c.dropout_p, implementation=implementation, rngs=nnx.Rngs(0), param_dtype=dt
+        ),
+        {n: a[n] for n in param_names(c)},
     )
-    module.load_torch_state_dict({n: a[n] for n in param_names(c)})
     if c.dropout_p == 0:
         module.eval()
     drop = None if "dropout_mask" not in a else jnp.asarray(a["dropout_mask"])

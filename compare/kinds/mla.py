@@ -310,8 +310,10 @@ def run_jax(vec: Vector, implementation: str | None = None) -> dict[str, np.ndar
     case, a = vec.case, vec.arrays
     c = case.config()
     dt = jnp.dtype(NP_DTYPES[case.dtype])
-    module = MultiHeadLatentAttention(c, implementation=implementation, rngs=nnx.Rngs(0), param_dtype=dt)
-    module.load_torch_state_dict({n: a[n] for n in param_names(case)})
+    module = base.jax_module(
+        lambda: MultiHeadLatentAttention(c, implementation=implementation, rngs=nnx.Rngs(0), param_dtype=dt),
+        {n: a[n] for n in param_names(case)},
+    )
     mask, pos = jnp.asarray(a["attention_mask"]), jnp.asarray(a["position_ids"])
     topk = None if "topk_indices" not in a else jnp.asarray(a["topk_indices"])
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
