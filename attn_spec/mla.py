@@ -65,10 +65,11 @@ import math
 from dataclasses import dataclass, fields, replace
 
 from attn_spec.checks import fmt_shape
+from attn_spec.dispatch import Choice, select
 from attn_spec.rope import RopeConfig, check_head_dim
 
 NAME = "MultiHeadLatentAttention"
-IMPLEMENTATIONS = ("plain", "absorbed")
+IMPLEMENTATIONS = ("plain", "absorbed", "blocked")
 LAYOUTS = ("half", "interleaved")
 FAMILIES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")
 SPARSE_FAMILIES = ("deepseek_v32", "glm_moe_dsa")
@@ -276,12 +277,31 @@ def check_implementation(implementation, name: str = NAME) -> str | None:
     return implementation
 
 
-def select_implementation(implementation: str | None, T: int, cached: bool) -> str:
-    """The computation a call takes: the constructor's choice, or for None the absorbed one when decoding
-    (a cache and one new token) and the plain one otherwise."""
-    if implementation is not None:
-        return implementation
-    return "absorbed" if cached and T == 1 else "plain"
+def choose(config: MLAConfig, *, B: int, T: int, S: int, cached: bool) -> Choice:
+    """The automatic computation of a call (``implementation=None``), as a :class:`attn_spec.dispatch.Choice`:
+
+    - ``"absorbed"`` when decoding: a cache and one new token (the key and value up-projections fold into
+      the query and the output; the step attends over the L + R wide latent keys without decompressing
+      the cache);
+    - otherwise :func:`attn_spec.dispatch.select`, the one rule of every layer, on this call's facts:
+      ``B·N·T·S`` logits, no weights returned, no dropout, no float mask, no fused kernel; its ``"math"``
+      is MLA's ``"plain"`` (decompressed keys and values, dense softmax) and its ``"blocked"`` the
+      decompressed keys and values on FlexAttention (memory bounded by a block, not by ``T·S``).
+    """
+    if cached and T == 1:
+        return Choice(
+            "absorbed",
+            f"decoding one token with a cache of {S - 1} slots: attention over the L + R = "
+            f"{config.L + config.R} wide latent keys, the cache never decompressed",
+        )
+    choice = select(
+        logits=B * config.N * T * S, need_weights=False, dropout=False, float_mask=False, fused=None
+    )
+    return replace(choice, implementation=_FROM_DISPATCH[choice.implementation])
+
+
+# attn_spec.dispatch's paths → MLA's computations (select never answers "fused" with fused=None).
+_FROM_DISPATCH = {"math": "plain", "blocked": "blocked"}
 
 
 def check_topk_indices(shape, dtype: str, given: bool, B: int, T: int, config: MLAConfig, name: str = NAME):

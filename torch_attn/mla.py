@@ -8,11 +8,16 @@ Dimension key (see ``attn_spec.mla``):
     S  keys attended             D  non-rotary q/k width R  rotary width, H = D + R
     C  cache slots               V  value head width     M, J  indexer heads and width; k selected keys
 
-Two computations (``implementation=``): ``"plain"`` decompresses every key and value per head
-(``kv_b_proj``), as transformers does; ``"absorbed"`` folds the key up-projection into the query and the
-value up-projection into the output and attends over the L + R wide latent keys; None (auto) takes the
-absorbed one for decoding (a cache and one token) and the plain one otherwise. Both give the same output
-within the float32 tolerance.
+Three computations (``implementation=``): ``"plain"`` decompresses every key and value per head
+(``kv_b_proj``) and takes a dense softmax over the ``(B, N, T, S)`` logits, as transformers does;
+``"blocked"`` runs the same decompressed keys and values on FlexAttention (``torch_attn.flex``: online
+softmax over blocks, key blocks above the causal diagonal or fully padded skipped, memory bounded by a block
+instead of ``T·S``); ``"absorbed"`` folds the key up-projection into the query and the value up-projection
+into the output and attends over the L + R wide latent keys. None (auto, ``attn_spec.mla.choose``) takes
+the absorbed one for decoding (a cache and one token) and otherwise asks the one dispatch rule of
+``attn_spec.dispatch`` on the call's ``B·N·T·S`` logits: plain (its "math") when small, blocked above; the
+choice and its reason in ``last_choice`` and ``repr``. All three give the same output within the float32
+tolerance.
 
 Cache (:class:`MLACache`): the compressed latent ``ckv (B, C, L)`` (after ``kv_a_layernorm``) and the
 rotated shared key ``k_rot (B, C, R)`` per token, nothing per head (plus the indexer's key ``index_k (B, C,
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attn_spec.attention import check_attention_mask, check_input, check_position_ids
+from attn_spec.dispatch import ChoiceLog, describe
 from attn_spec.mla import (
     NAME,
     MLAConfig,
@@ -41,12 +47,13 @@ from attn_spec.mla import (
     check_init_cache,
     check_state_dict,
     check_topk_indices,
+    choose,
     describe_module,
     read_layer,
-    select_implementation,
     state_dict_shapes,
 )
 from torch_attn.attention import RMSNorm, _to_tensor, project
+from torch_attn.flex import create_block_mask, flex_attention
 from torch_attn.rope import apply_rope, rope_cos_sin
 
 
@@ -175,8 +182,11 @@ class MultiHeadLatentAttention(nn.Module):
 
     Args:
       config: the layer.
-      implementation: None (auto: absorbed when decoding one token with a cache, plain otherwise),
-        ``"plain"`` or ``"absorbed"``.
+      implementation: None (auto, ``attn_spec.mla.choose``: absorbed when decoding one token with a
+        cache, otherwise the one dispatch rule of ``attn_spec.dispatch`` on the call's ``B·N·T·S`` logits,
+        plain when small and blocked above; the choice and its reason in ``last_choice`` and ``repr``),
+        ``"plain"`` (dense softmax over decompressed keys and values), ``"blocked"`` (the same on
+        FlexAttention, memory bounded by a block) or ``"absorbed"`` (attention over the latent keys).
       device, dtype: of the parameters.
 
     Parameters (``state_dict()`` keys, transformers' names and layout): ``q_proj.weight (N·H, E)`` or
@@ -197,6 +207,7 @@ class MultiHeadLatentAttention(nn.Module):
         super().__init__()
         c = self.config = config
         self.implementation = check_implementation(implementation)
+        self.dispatch = ChoiceLog()  # the last automatic choice (implementation=None), shown in repr
         kw = {"device": device, "dtype": dtype}
         self.q_proj = self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
         if c.q_lora_rank is None:
@@ -212,7 +223,13 @@ class MultiHeadLatentAttention(nn.Module):
         self.indexer = Indexer(c, **kw) if c.has_indexer else None
 
     def extra_repr(self) -> str:
-        return f"implementation={self.implementation!r}, config={self.config}"
+        return f"implementation={describe(self.implementation, self.dispatch)}, config={self.config}"
+
+    @property
+    def last_choice(self):
+        """The :class:`attn_spec.dispatch.Choice` of the last call (eager) when ``implementation`` is None;
+        None before the first call or with an explicit computation."""
+        return self.dispatch.last
 
     def init_cache(self, batch_size: int, max_length: int) -> MLACache:
         """An empty cache of ``max_length`` slots: zeros on the parameters' device and dtype."""
@@ -321,7 +338,16 @@ class MultiHeadLatentAttention(nn.Module):
             k_pos_S = torch.cat([cache.pos, q_pos_T])
             k_valid_BS = torch.cat([cache.valid, valid_BT], dim=1)
         S = ckv_BSL.shape[1]
-        keep_BTS = keep_mask(q_pos_T, k_pos_S, k_valid_BS)
+        path = self.implementation
+        if path is None:  # chosen from this call's shapes
+            choice = choose(c, B=B, T=T, S=S, cached=cache is not None)
+            self.dispatch.last = choice
+            path = choice.implementation
+        # The dense (B, T, S) keep mask: the plain and absorbed computations and the sparse selection read
+        # it; a dense layer's blocked computation evaluates the keep rule per block from the positions.
+        keep_BTS = None
+        if path != "blocked" or c.sparse:
+            keep_BTS = keep_mask(q_pos_T, k_pos_S, k_valid_BS)
         topk_BTk = None
         if c.sparse:
             if self.indexer is not None:
@@ -333,9 +359,11 @@ class MultiHeadLatentAttention(nn.Module):
                 topk_BTk = topk_indices.to(device=device, dtype=torch.int32)
             keep_BTS = keep_BTS & selected_mask(topk_BTk, S)
 
-        path = select_implementation(self.implementation, T, cache is not None)
         if path == "plain":
             y_BNTV = self._plain(q_nope_BNTD, q_rot_BNTR, ckv_BSL, k_rot_BSR, keep_BTS)
+        elif path == "blocked":
+            keep = (q_pos_T, k_pos_S, k_valid_BS) if keep_BTS is None else keep_BTS
+            y_BNTV = self._blocked(q_nope_BNTD, q_rot_BNTR, ckv_BSL, k_rot_BSR, keep)
         else:
             y_BNTV = self._absorbed(q_nope_BNTD, q_rot_BNTR, ckv_BSL, k_rot_BSR, keep_BTS)
         y_BTE = project(self.o_proj, y_BNTV.transpose(1, 2).reshape(B, T, c.N * c.V))
@@ -357,8 +385,9 @@ class MultiHeadLatentAttention(nn.Module):
         )
         return (y_BTE, new_cache, *extra)
 
-    def _plain(self, q_nope_BNTD, q_rot_BNTR, ckv_BSL, k_rot_BSR, keep_BTS) -> torch.Tensor:
-        """Keys and values decompressed per head: ``softmax(scale · q·[k_nope; k_rot]) · v``."""
+    def _decompress(self, q_nope_BNTD, q_rot_BNTR, ckv_BSL, k_rot_BSR):
+        """``q (B, N, T, H)``, ``k (B, N, S, H)``, ``v (B, N, S, V)``: the keys and values decompressed per
+        head (``kv_b_proj``), the shared rotary key broadcast over the heads, ``H = D + R``."""
         c = self.config
         B, S, _ = ckv_BSL.shape
         kv_BNSX = project(self.kv_b_proj, ckv_BSL).view(B, S, c.N, c.D + c.V).transpose(1, 2)
@@ -366,11 +395,43 @@ class MultiHeadLatentAttention(nn.Module):
         k_rot_BNSR = k_rot_BSR[:, None].expand(B, c.N, S, c.R).to(k_nope_BNSD.dtype)
         k_BNSH = torch.cat([k_nope_BNSD, k_rot_BNSR], -1)
         q_BNTH = torch.cat([q_nope_BNTD, q_rot_BNTR], -1)
+        return q_BNTH, k_BNSH, v_BNSV
+
+    def _plain(self, q_nope_BNTD, q_rot_BNTR, ckv_BSL, k_rot_BSR, keep_BTS) -> torch.Tensor:
+        """Keys and values decompressed per head: ``softmax(scale · q·[k_nope; k_rot]) · v``."""
+        c = self.config
+        q_BNTH, k_BNSH, v_BNSV = self._decompress(q_nope_BNTD, q_rot_BNTR, ckv_BSL, k_rot_BSR)
         acc = torch.promote_types(q_BNTH.dtype, torch.float32)
         logits = torch.einsum("bnth,bnsh->bnts", q_BNTH.to(acc), k_BNSH.to(acc)) * c.logit_scale
         p = masked_softmax(logits, keep_BTS)
         out = torch.einsum("bnts,bnsv->bntv", p, v_BNSV.to(acc))
         return out.to(q_nope_BNTD.dtype)
+
+    def _blocked(self, q_nope_BNTD, q_rot_BNTR, ckv_BSL, k_rot_BSR, keep) -> torch.Tensor:
+        """The plain computation on FlexAttention: the decompressed ``q (H wide)``, ``k (H)``, ``v (V)`` per
+        head over a ``BlockMask`` of the keep rule (key blocks above the causal diagonal or fully padded
+        skipped; memory bounded by a block, never ``(T, S)`` logits). ``keep``: ``(q_pos_T, k_pos_S,
+        k_valid_BS)`` for :func:`keep_mask` evaluated per block, or the dense ``keep_BTS`` of a sparse layer
+        (its top-k selection). Fully masked rows give zeros."""
+        c = self.config
+        q_BNTH, k_BNSH, v_BNSV = self._decompress(q_nope_BNTD, q_rot_BNTR, ckv_BSL, k_rot_BSR)
+        B, _, T, _ = q_BNTH.shape
+        S = k_BNSH.shape[2]
+        if isinstance(keep, tuple):
+            q_pos_T, k_pos_S, k_valid_BS = keep
+
+            def mask_mod(b, h, q_idx, kv_idx):  # keep_mask: a filled, valid key slot at or before the query
+                k = k_pos_S[kv_idx]
+                return (k >= 0) & (k <= q_pos_T[q_idx]) & k_valid_BS[b, kv_idx]
+
+        else:
+            keep_BTS = keep
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return keep_BTS[b, q_idx, kv_idx]
+
+        block_mask = create_block_mask(mask_mod, B, None, T, S, device=q_BNTH.device)
+        return flex_attention(q_BNTH, k_BNSH, v_BNSV, None, block_mask, c.logit_scale)
 
     def _absorbed(self, q_nope_BNTD, q_rot_BNTR, ckv_BSL, k_rot_BSR, keep_BTS) -> torch.Tensor:
         """The up-projections folded into the query and the output: attention over the latent keys."""
