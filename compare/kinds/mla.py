@@ -12,8 +12,9 @@ layer, ``topk_indices (B, T, k)``.
 Expected values are the float64 oracle's full pass (``compare.oracle_mla``): output and gradients w.r.t.
 ``x`` and every parameter (the indexer's are zero: the selection has no gradient). A case with ``chunks``
 feeds the sequence through the compressed cache and is expected to give the full pass. Every vector runs
-through both computations: ``*_absorbed`` implementations force the absorbed one, the others take the
-default (plain for a full pass; absorbed for one-token chunks of a cache).
+through the three computations: ``*_absorbed`` implementations force the absorbed one, ``*_blocked`` the
+blocked one (FlexAttention; every call, one-token cache chunks included), the others take the default
+(``attn_spec.mla.choose``: plain for these small calls; absorbed for one-token chunks of a cache).
 
 Sizes are small and distinct (E=20, N=3, Q=10, L=8, D=4, R=6, V=5) so that a swapped axis cannot pass.
 """
@@ -380,7 +381,7 @@ JAX_ABSORBED_CASES = ("mla_no_qlora", "mla_odd_widths", "mla_bf16", "mla_dsa")
 
 def applies(impl: str, vec: Vector) -> bool:
     """``jax_mla_absorbed`` runs the vectors of :data:`JAX_ABSORBED_CASES` (and any vector not of this
-    module's cases, e.g. a port check's); everything else runs every vector."""
+    module's cases, e.g. a port check's); everything else (the blocked paths included) runs every vector."""
     if impl == "jax_mla_absorbed" and vec.name in MLA_CASES:
         return vec.name in JAX_ABSORBED_CASES
     return True
@@ -391,6 +392,8 @@ IMPLEMENTATIONS = {
     "torch_mla": run_torch,
     "jax_mla_absorbed": lambda vec: run_jax(vec, "absorbed"),
     "torch_mla_absorbed": lambda vec: run_torch(vec, "absorbed"),
+    "jax_mla_blocked": lambda vec: run_jax(vec, "blocked"),
+    "torch_mla_blocked": lambda vec: run_torch(vec, "blocked"),
 }
 
 
