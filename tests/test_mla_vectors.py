@@ -1,7 +1,8 @@
 """Both ``MultiHeadLatentAttention`` twins run the shared ``mla`` vectors (each knob alone, DSA, the families,
 cache chunks, bf16): output and gradients w.r.t. x and every parameter, judged against the float64 oracle
-(``compare.oracle_mla``) and each other; the torch twin on every vector in both computations (plain and
-absorbed), the JAX twin (jit) on one; ``python -m compare`` runs all of them in both."""
+(``compare.oracle_mla``) and each other; the torch twin on every vector in its three computations (plain,
+absorbed, blocked), the JAX twin (jit) on one; ``python -m compare`` runs all of them in both
+(tests/test_mla_blocked.py checks the JAX twin's blocked computation against its plain one)."""
 
 import pytest
 from vector_checks import assert_all_ok
@@ -29,7 +30,10 @@ def _result(results, all_vectors, impl, name):
 
 @pytest.mark.parametrize(
     "impl, name",
-    [("torch_mla", n) for n in CASES] + [("torch_mla_absorbed", n) for n in CASES] + JAX_CASES,
+    [("torch_mla", n) for n in CASES]
+    + [("torch_mla_absorbed", n) for n in CASES]
+    + [("torch_mla_blocked", n) for n in CASES]
+    + JAX_CASES,
 )
 def test_matches_oracle(all_vectors, results, impl, name):
     vec = all_vectors[name]
@@ -53,6 +57,15 @@ def test_absorbed_equals_plain(all_vectors, results):
         a = _result(results, all_vectors, "torch_mla", name)
         b = _result(results, all_vectors, "torch_mla_absorbed", name)
         assert_all_ok(agree.between(vec, a, b), f"absorbed vs plain on {name}")
+
+
+def test_blocked_equals_plain(all_vectors, results):
+    """The torch twin's blocked computation (FlexAttention) agrees with its plain one on every vector."""
+    for name in CASES:
+        vec = all_vectors[name]
+        a = _result(results, all_vectors, "torch_mla", name)
+        b = _result(results, all_vectors, "torch_mla_blocked", name)
+        assert_all_ok(agree.between(vec, a, b), f"blocked vs plain on {name}")
 
 
 def test_every_knob_has_a_case():
