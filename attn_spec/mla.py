@@ -269,6 +269,9 @@ def check_config(c: MLAConfig, name: str = NAME) -> None:
 
 
 def check_implementation(implementation, name: str = NAME) -> str | None:
+    """Validate the constructor's ``implementation`` (None or ``"auto"``: :func:`choose`)."""
+    if implementation == "auto":
+        implementation = None
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"{name}: implementation must be None (auto) or one of {IMPLEMENTATIONS}; got "

@@ -173,6 +173,9 @@ def test_check_implementation_lists_the_computations_in_both_twins():
             make()
         texts.append(str(e.value))
     assert texts[0] == texts[1]
+    # "auto" is None, as for Attention
+    assert tmla.MultiHeadLatentAttention(c, implementation="auto").implementation is None
+    assert jmla.MultiHeadLatentAttention(c, implementation="auto", rngs=nnx.Rngs(0)).implementation is None
 
 
 SMALL = dict(hidden_size=8, num_heads=2, kv_lora_rank=4, qk_nope_head_dim=2, qk_rope_head_dim=2, v_head_dim=3)
