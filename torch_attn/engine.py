@@ -475,7 +475,7 @@ def _masked(cfg, mask_pure, consts, s, b, h, i, c0, idx, partial_block, m_blk, a
 def _logits(cfg, score_pure, mask_pure, consts, q_i, k_c, b, h, i, c0, partial_block, m_blk, active):
     """Logits ``(R, G', bt, C)`` of query block i against the C keys ``k_c`` ``(R, C, H)`` from column
     ``c0``, the score function applied before the mask. One batched GEMM ``(R, G'·bt, H) × (R, H, C)``."""
-    s = torch.einsum("rgth,rsh->rgts", q_i, k_c)
+    s = (q_i.flatten(1, 2) @ k_c.transpose(1, 2)).unflatten(1, q_i.shape[1:3])  # "rgth,rsh->rgts"
     idx = _indices(cfg, i, c0, k_c.shape[1])
     if score_pure is not None:
         s = score_pure(s, b[:, None, None, None], h[..., None, None], idx[2], idx[3], *consts[: cfg.n_score])
@@ -491,6 +491,9 @@ def _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask):
     Gi = cfg.G // cfg.Gp
     Tp = q.shape[1] // Gi
     n_q, n_kv, Vw = Tp // cfg.bt, k.shape[1] // cfg.bs, v.shape[-1]
+    # torch: the eager steps reuse their block tensors where nothing records a graph (the fallback of
+    # _hoist differentiates this function; a score function's output may alias a tensor it holds)
+    in_place = not torch.is_grad_enabled() and score_pure is None
 
     def row(r):
         # every row at once (r = arange(R), see the module docstring): a view of q, k and v where each
@@ -523,11 +526,15 @@ def _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask):
                 m_new = torch.maximum(m, torch.amax(s, dim=-1)).detach()
                 # A row with nothing kept so far has max -inf: shift by 0 so exp gives exact zeros.
                 m_use = torch.where(torch.isfinite(m_new), m_new, 0.0)
-                p = torch.exp(s - m_use[..., None])
+                if in_place:  # s is this step's own tensor and no graph is recorded
+                    p = s.sub_(m_use[..., None]).exp_()
+                else:
+                    p = torch.exp(s - m_use[..., None])
                 alpha = torch.exp(m - m_use)
                 row_sum = alpha * row_sum + torch.sum(p, dim=-1)
-                acc = alpha[..., None] * acc + torch.einsum("rgts,rsv->rgtv", p, v_c)
-                return m_new, row_sum, acc
+                # "rgts,rsv->rgtv" added to the rescaled accumulator, one batched GEMM
+                acc = torch.baddbmm((alpha[..., None] * acc).flatten(1, 2), p.flatten(1, 2), v_c)
+                return m_new, row_sum, acc.unflatten(1, p.shape[1:3])
 
             carry = (
                 torch.full((q_i.shape[0], Gi, cfg.bt), -torch.inf, dtype=q.dtype, device=q.device),
@@ -620,17 +627,18 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents, mask_wanted=T
                 return x[:, c0 : c0 + n_cols]
             return x.unflatten(1, (-1, cfg.bs))[r, c0 // cfg.bs]
 
-        def add(x, c0, n_cols, d):  # dynamic_update_slice_in_dim of x's columns + d, in place
+        def add(x, c0, n_cols, a, b):  # dynamic_update_slice_in_dim: x's columns + a @ b, in place
             if isinstance(c0, int):
-                x[:, c0 : c0 + n_cols] += d
+                x[:, c0 : c0 + n_cols].baddbmm_(a, b)
             else:
-                x.unflatten(1, (-1, cfg.bs)).index_put_((r, c0 // cfg.bs), d, accumulate=True)
+                x.unflatten(1, (-1, cfg.bs)).index_put_((r, c0 // cfg.bs), a @ b, accumulate=True)
             return x
 
         def query_block(carry, xs):
             i, q_i, do_i, st_i, de_i = xs
             if cfg.scale != 1.0:
                 q_i = q_i * cfg.scale  # dq below is w.r.t. this scaled block
+            q_f, do_f = q_i.flatten(1, 2), do_i.flatten(1, 2)  # (R, G'·bt, ·)
 
             def step(inner, c0, n_cols, partial_block, active):
                 dq_i, dk_r, dv_r, dc, dm = inner
@@ -642,16 +650,20 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents, mask_wanted=T
                         cfg, None, mask_pure, consts, q_i, k_c, b, h, i, c0, partial_block, m_blk, active
                     )
                 else:
-                    s_raw = torch.einsum("rgth,rsh->rgts", q_i, k_c).requires_grad_()
+                    s_raw = (q_i.flatten(1, 2) @ k_c.transpose(1, 2)).unflatten(1, q_i.shape[1:3])
+                    s_raw.requires_grad_()
                     idx = _indices(cfg, i, c0, n_cols)
                     with torch.enable_grad():
                         s_mod = score_pure(s_raw, b[:, None, None, None], h[..., None, None], idx[2], idx[3], *s_consts)
                     s = _masked(
                         cfg, mask_pure, consts, s_mod.detach(), b, h, i, c0, idx, partial_block, m_blk, active
                     )
-                p = torch.exp(s - st_i[..., 0:1]) / st_i[..., 1:2]
-                dp = torch.einsum("rgtv,rsv->rgts", do_i, v_c)
-                ds = p * (dp - de_i[..., None])
+                if score_pure is None:
+                    p = s.sub_(st_i[..., 0:1]).exp_().div_(st_i[..., 1:2])  # in place: s is the step's own
+                else:  # (s is s_mod's data, which its vjp may still read)
+                    p = torch.exp(s - st_i[..., 0:1]).div_(st_i[..., 1:2])
+                dp = (do_i.flatten(1, 2) @ v_c.transpose(1, 2)).view_as(p)  # "rgtv,rsv->rgts"
+                ds = dp.sub_(de_i[..., None]).mul_(p)  # p (dp - delta), in place
                 if mask_grad:
                     dm = _add_mask_grad(cfg, dm, pos, ds, i, c0)  # the mask is added after the score_fn
                 if score_pure is not None:
@@ -662,14 +674,16 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents, mask_wanted=T
                         grads = torch.autograd.grad(s_mod, wrt, ds, retain_graph=True, allow_unused=True)
                     ds = torch.zeros_like(ds) if grads[0] is None else grads[0]
                     dc = tuple(a if g is None else a + g for a, g in zip(dc, grads[1:], strict=True))
-                dq_i = dq_i + torch.einsum("rgts,rsh->rgth", ds, k_c)
-                dk_r = add(dk_r, c0, n_cols, torch.einsum("rgts,rgth->rsh", ds, q_i))
-                dv_r = add(dv_r, c0, n_cols, torch.einsum("rgts,rgtv->rsv", p, do_i))
+                ds = ds.flatten(1, 2)  # (R, G'·bt, C): the GEMMs below, accumulated in place
+                dq_i = dq_i.baddbmm_(ds, k_c)  # "rgts,rsh->rgth"
+                dk_r = add(dk_r, c0, n_cols, ds.transpose(1, 2), q_f)  # "rgts,rgth->rsh"
+                dv_r = add(dv_r, c0, n_cols, p.flatten(1, 2).transpose(1, 2), do_f)  # "rgts,rgtv->rsv"
                 return dq_i, dk_r, dv_r, dc, dm
 
             dk_r, dv_r, dc, dm = carry
-            inner = (torch.zeros_like(q_i), dk_r, dv_r, dc, dm)
+            inner = (torch.zeros_like(q_f), dk_r, dv_r, dc, dm)
             dq_i, dk_r, dv_r, dc, dm = _walk(cfg, tabs, tb, th, i, n_kv, step, inner)
+            dq_i = dq_i.view_as(q_i)
             if cfg.scale != 1.0:
                 dq_i = dq_i * cfg.scale
             return (dk_r, dv_r, dc, dm), dq_i
