@@ -17,8 +17,8 @@ pass: per query block, recompute each visited block's probabilities from the sav
 accumulate dq, dk, dv), honours a cotangent on the log-sum-exp (``d lse / d s = p``) and pulls the
 gradient back through ``score_fn`` with ``torch.autograd.grad``, so tensors the score function captures
 (a learned bias table) receive gradients. Its forward keeps no graph and saves q, k, v, the output and
-the row statistics, never a probability. Double backward is not supported (``once_differentiable``: a
-second differentiation raises).
+the row statistics, never a probability. Double backward is not supported: a backward with
+``create_graph=True`` raises (its gradients would be constants to autograd).
 
 Where the torch twin differs, and why:
 
@@ -51,7 +51,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 from attn_spec.flex import cdiv
@@ -572,8 +571,12 @@ class _engine(torch.autograd.Function):
         return out, stats[..., 2].contiguous()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, d_out, d_lse):
+        if torch.is_grad_enabled():  # create_graph=True: the gradients would silently be constants
+            raise RuntimeError(
+                "block_attention: double backward is not supported (the blocked engine's backward is a "
+                "custom torch.autograd.Function; differentiate its gradients with implementation='math')"
+            )
         q, k, v, out, stats, mask = ctx.saved_tensors
         residuals = (q, k, v, ctx.tabs, ctx.consts, mask, out, stats)
         dq, dk, dv, d_consts, d_mask = _engine_bwd(
