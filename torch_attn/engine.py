@@ -271,8 +271,9 @@ def block_attention(
     idx_args = (ints, torch.zeros((1, Gi, 1, 1), dtype=torch.long, device=dev))
     idx_args += (torch.zeros((1, 1, bt, 1), dtype=torch.long, device=dev),)
     idx_args += (torch.zeros((1, 1, 1, bs), dtype=torch.long, device=dev),)
-    score_pure, s_consts = _hoist(score_fn, (torch.zeros((1, Gi, bt, bs), dtype=q.dtype, device=dev), *idx_args))
-    mask_pure, m_consts = _hoist(mask_fn, idx_args)
+    scores = torch.zeros((1, Gi, bt, bs), dtype=q.dtype, device=dev)
+    score_pure, s_consts = _hoist(score_fn, (scores, *idx_args))
+    mask_pure, m_consts = mask_fn, []  # torch: a bool keep has no gradient and nothing to trace for
     hoisted = s_consts is not None
     s_consts = s_consts if hoisted else []
     static = dense and causal and n_q <= _UNROLL_CAUSAL
@@ -512,6 +513,7 @@ def _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask):
             i, q_i = args
             if cfg.scale != 1.0:
                 q_i = q_i * cfg.scale
+            q_i = q_i.contiguous()  # (R, G', bt, H), flattened for each step's GEMM: one copy at most
 
             def step(carry, c0, n_cols, partial_block, active):
                 m, row_sum, acc = carry
@@ -567,7 +569,8 @@ class _engine(torch.autograd.Function):
         out, stats = _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask)
         ctx.save_for_backward(q, k, v, out, stats, mask)
         # The consts as given (the score function reads these very tensors; see _hoist).
-        ctx.cfg, ctx.score_pure, ctx.mask_pure, ctx.tabs, ctx.consts = cfg, score_pure, mask_pure, tabs, consts
+        ctx.cfg, ctx.score_pure, ctx.mask_pure = cfg, score_pure, mask_pure
+        ctx.tabs, ctx.consts = tabs, consts
         return out, stats[..., 2].contiguous()
 
     @staticmethod
@@ -641,6 +644,7 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents, mask_wanted=T
             i, q_i, do_i, st_i, de_i = xs
             if cfg.scale != 1.0:
                 q_i = q_i * cfg.scale  # dq below is w.r.t. this scaled block
+            q_i = q_i.contiguous()  # as forward
             q_f, do_f = q_i.flatten(1, 2), do_i.flatten(1, 2)  # (R, G'·bt, ·)
 
             def step(inner, c0, n_cols, partial_block, active):
@@ -657,7 +661,9 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents, mask_wanted=T
                     s_raw.requires_grad_()
                     idx = _indices(cfg, i, c0, n_cols)
                     with torch.enable_grad():
-                        s_mod = score_pure(s_raw, b[:, None, None, None], h[..., None, None], idx[2], idx[3], *s_consts)
+                        s_mod = score_pure(
+                            s_raw, b[:, None, None, None], h[..., None, None], idx[2], idx[3], *s_consts
+                        )
                     s = _masked(
                         cfg, mask_pure, consts, s_mod.detach(), b, h, i, c0, idx, partial_block, m_blk, active
                     )
