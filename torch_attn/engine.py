@@ -129,7 +129,9 @@ def _hoist(fn, example_args):
     reaches a tensor requiring grad without passing through a recorded tensor (a call the mode did not
     see, or ``fn`` returning a captured tensor untouched). The caller then differentiates through the
     forward with autograd (exact, but it keeps every block's probabilities: memory like T²) rather than
-    give a silently wrong gradient."""
+    give a silently wrong gradient. Limit: the record sees the example call only (zero scores, zero
+    indices), like ``make_jaxpr`` in the JAX twin; a score function whose Python control flow depends on the
+    values and reads a tensor only on the other branch is not supported (jit would reject it in JAX)."""
     if fn is None:
         return None, []
     n_in = len(example_args)
