@@ -294,8 +294,9 @@ def _blocked_attention(query, key, value, attn_mask, is_causal, scale, shapes):
     """Flash-attention style SDPA on the blocked engine (:func:`torch_attn.engine.block_attention`, its
     dense plan, as in the JAX twin): for each block of ``bt`` queries, an online softmax over blocks of
     ``bs`` keys. With ``is_causal`` key blocks wholly above the diagonal are never computed. Memory
-    (forward, no grad): one block of logits per step. Gradients come from autograd through the loop (it
-    keeps every block's probabilities; the JAX twin recomputes them in a custom VJP)."""
+    (forward and backward): one block of logits per step; the backward is the engine's custom autograd
+    Function, which recomputes each block's probabilities from the saved row max and sum (as the JAX twin's
+    custom VJP) and gives a float mask its gradient."""
     ct = _compute_dtype(query.dtype)
     T, S = shapes.T, shapes.S
     q, k, v, mask = _grouped(query.to(ct), key.to(ct), value.to(ct), attn_mask, shapes)

@@ -157,13 +157,6 @@ def _causal_only(case: Case, device: str) -> str | None:
     return None if case.causal else "flex rows: causal and sliding-window cases only"
 
 
-def _twin_memory(case: Case, device: str) -> str | None:
-    # autograd keeps every visited block's probabilities: causal T = 16384 would hold ~13 GB
-    if case.mode != flops.FORWARD and not case.window and case.T > 8192:
-        return "torch_attn.flex fwd+bwd keeps every visited block for autograd: causal T > 8192 skipped"
-    return _causal_only(case, device)
-
-
 FLEX_IMPLS: tuple[Impl, ...] = (
     Impl(
         "jax_attn.flex[jit]",
@@ -191,7 +184,7 @@ FLEX_IMPLS: tuple[Impl, ...] = (
         build_torch_twin_flex,
         "torch_attn.flex_attention with a BlockMask, eager",
         role="torch_attn",
-        applies=_twin_memory,
+        applies=_causal_only,  # (its custom backward keeps no block: no T limit for fwd+bwd)
         flops=flex_flops,
     ),
     Impl(
