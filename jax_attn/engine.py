@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn_spec.blocks import backward_query_block
 from attn_spec.flex import cdiv
 
 
@@ -98,6 +99,7 @@ class _Cfg(NamedTuple):
     dense: bool = False  # no tables: every key block (up to the diagonal when causal), SDPA's plan
     causal: bool = False  # dense only: top-left causal (query t sees keys s <= t)
     mask_kind: int = 0  # dense only: 0 no mask, 1 bool keep-mask, 2 float additive mask (gets a gradient)
+    bt_bwd: int = 0  # dense only: the backward's query block (divides bt; 0 = bt), see _engine_bwd
 
 
 def _hoist(fn, example_args):
@@ -191,8 +193,25 @@ def block_attention(
     idx_args += (jnp.zeros((1, 1, bs), jnp.int32),)
     score_pure, s_consts = _hoist(score_fn, (jnp.zeros((Gi, bt, bs), q.dtype), *idx_args))
     mask_pure, m_consts = _hoist(mask_fn, idx_args)
+    bt_bwd = backward_query_block(bt, Gi) if dense else 0
     cfg = _Cfg(
-        T, S, bt, bs, B, K, G, Gp, Bt, Bk, Nt, len(s_consts), float(scale), dense, bool(causal), mask_kind
+        T,
+        S,
+        bt,
+        bs,
+        B,
+        K,
+        G,
+        Gp,
+        Bt,
+        Bk,
+        Nt,
+        len(s_consts),
+        float(scale),
+        dense,
+        bool(causal),
+        mask_kind,
+        bt_bwd,
     )
     tabs = () if dense else (tables.kv_num, tables.kv_idx, full_num, full_idx)
     out, lse = _engine(cfg, score_pure, mask_pure, q, k, v, tabs, tuple(s_consts) + tuple(m_consts), mask)
@@ -478,7 +497,11 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents):
     d lse)``: the last term is the lse cotangent (``d lse / d s = p``). The backward's query blocks are
     always a scan with a traced index: its tiles stay ``bt × bs`` (unrolling it into the dense causal
     forward's static ranges gave bigger working sets and was slower at T >= 2048: B2 T2048 causal
-    forward+backward 0.48× torch unrolled vs 0.58× looped, and compiled longer)."""
+    forward+backward 0.48× torch unrolled vs 0.58× looped, and compiled longer). The dense plan's backward
+    takes smaller query blocks where G query heads share a step (``cfg.bt_bwd``,
+    :func:`attn_spec.blocks.backward_query_block`): the rows are independent given the saved statistics."""
+    if cfg.bt_bwd and cfg.bt_bwd != cfg.bt:
+        cfg = cfg._replace(bt=cfg.bt_bwd)
     q, k, v, tabs, consts, mask, out, stats = residuals
     d_out, d_lse = cotangents
     Gi = cfg.G // cfg.Gp

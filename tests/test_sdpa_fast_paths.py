@@ -171,3 +171,61 @@ def test_torch_blocked_float_mask_gradient(monkeypatch, q_shape, k_shape, m_shap
     for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got["blocked"], got["math"], strict=True):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+# The dense plan's backward takes smaller query blocks than its forward when G query heads share a step
+# (attn_spec.blocks.backward_query_block). With the tile budget shrunk so that 24-row forward blocks become
+# 12-row backward blocks, the gradients still equal the math path's (float64), causal and with a float mask.
+@pytest.mark.parametrize("case", ["causal", "float_mask"])
+def test_jax_blocked_backward_with_smaller_query_blocks(monkeypatch, case):
+    import jax
+
+    import attn_spec.blocks
+    from jax_attn.functional import scaled_dot_product_attention
+
+    monkeypatch.setattr(attn_spec.blocks, "MAX_BLOCK", 32)
+    monkeypatch.setattr(attn_spec.blocks, "MIN_CAUSAL_BLOCK", 24)
+    monkeypatch.setattr(attn_spec.blocks, "BACKWARD_TILE_ROWS", 4)
+    T, S, G = 40, 37 if case == "causal" else 45, 2
+    bt, _ = attn_spec.blocks.block_sizes(T, S, case == "causal")
+    assert (bt, attn_spec.blocks.backward_query_block(bt, G)) == (24, 12)
+    rng = np.random.default_rng(7)
+    q, k, v = (
+        rng.standard_normal((2, 4, T, 8)),
+        rng.standard_normal((2, 2, S, 8)),
+        rng.standard_normal((2, 2, S, 5)),
+    )
+    mask = None
+    if case == "float_mask":
+        mask = rng.standard_normal((2, 1, T, S))
+        mask[:, :, 3] = -np.inf  # a fully masked row
+    dout = rng.standard_normal((2, 4, T, 5))
+    got = {}
+    with jax.enable_x64(True):
+        for impl in ("math", "blocked"):
+
+            def f(q, k, v, m, impl=impl):
+                return scaled_dot_product_attention(
+                    q, k, v, m, is_causal=case == "causal", enable_gqa=True, implementation=impl
+                )
+
+            out, vjp = jax.vjp(f, q, k, v, mask)
+            got[impl] = [np.asarray(x) for x in (out, *vjp(dout)) if x is not None]
+    names = ("out", "dq", "dk", "dv", "dmask")
+    for name, a, b in zip(names, got["blocked"], got["math"], strict=False):
+        assert np.all(np.isfinite(a)), name
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def test_backward_query_block():
+    from attn_spec.blocks import BACKWARD_TILE_ROWS, backward_query_block
+
+    assert BACKWARD_TILE_ROWS == 512
+    assert backward_query_block(512, 1) == 512
+    assert backward_query_block(512, 2) == 256
+    assert backward_query_block(512, 4) == 128
+    assert backward_query_block(512, 8) == 64
+    assert backward_query_block(264, 4) == 66  # halved while even: 264 -> 132 -> 66, which divide 264
+    assert backward_query_block(8, 128) == 8  # at least 16 before halving: never below 8
+    with pytest.raises(ValueError, match="bt >= 1 and G >= 1"):
+        backward_query_block(0, 1)
