@@ -176,12 +176,10 @@ def test_torch_blocked_float_mask_gradient(monkeypatch, q_shape, k_shape, m_shap
 # The dense plan's backward takes smaller query blocks than its forward when G query heads share a step
 # (attn_spec.blocks.backward_query_block). With the tile budget shrunk so that 24-row forward blocks become
 # 12-row backward blocks, the gradients still equal the math path's (float64), causal and with a float mask.
+@pytest.mark.parametrize("twin", ["jax", "torch"])
 @pytest.mark.parametrize("case", ["causal", "float_mask"])
-def test_jax_blocked_backward_with_smaller_query_blocks(monkeypatch, case):
-    import jax
-
+def test_blocked_backward_with_smaller_query_blocks(monkeypatch, twin, case):
     import attn_spec.blocks
-    from jax_attn.functional import scaled_dot_product_attention
 
     monkeypatch.setattr(attn_spec.blocks, "MAX_BLOCK", 32)
     monkeypatch.setattr(attn_spec.blocks, "MIN_CAUSAL_BLOCK", 24)
@@ -200,18 +198,33 @@ def test_jax_blocked_backward_with_smaller_query_blocks(monkeypatch, case):
         mask = rng.standard_normal((2, 1, T, S))
         mask[:, :, 3] = -np.inf  # a fully masked row
     dout = rng.standard_normal((2, 4, T, 5))
+    kw = dict(is_causal=case == "causal", enable_gqa=True)
     got = {}
-    with jax.enable_x64(True):
-        for impl in ("math", "blocked"):
+    for impl in ("math", "blocked"):
+        if twin == "jax":
+            import jax
 
-            def f(q, k, v, m, impl=impl):
-                return scaled_dot_product_attention(
-                    q, k, v, m, is_causal=case == "causal", enable_gqa=True, implementation=impl
-                )
+            from jax_attn.functional import scaled_dot_product_attention
 
-            out, vjp = jax.vjp(f, q, k, v, mask)
-            got[impl] = [np.asarray(x) for x in (out, *vjp(dout)) if x is not None]
+            with jax.enable_x64(True):
+
+                def f(q, k, v, m, impl=impl):
+                    return scaled_dot_product_attention(q, k, v, m, implementation=impl, **kw)
+
+                out, vjp = jax.vjp(f, q, k, v, mask)
+                got[impl] = [np.asarray(x) for x in (out, *vjp(dout)) if x is not None]
+        else:
+            import torch
+
+            from torch_attn.functional import scaled_dot_product_attention
+
+            ts = [torch.tensor(a, requires_grad=True) for a in (q, k, v) + (() if mask is None else (mask,))]
+            m = None if mask is None else ts[3]
+            out = scaled_dot_product_attention(*ts[:3], m, implementation=impl, **kw)
+            grads = torch.autograd.grad(out, ts, torch.from_numpy(dout))
+            got[impl] = [x.detach().numpy() for x in (out, *grads)]
     names = ("out", "dq", "dk", "dv", "dmask")
+    assert len(got["blocked"]) == len(got["math"]) == (5 if mask is not None else 4)
     for name, a, b in zip(names, got["blocked"], got["math"], strict=False):
         assert np.all(np.isfinite(a)), name
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from attn_spec.blocks import backward_query_block
 from attn_spec.flex import cdiv
 
 
@@ -112,6 +113,7 @@ class _Cfg(NamedTuple):
     dense: bool = False  # no tables: every key block (up to the diagonal when causal), SDPA's plan
     causal: bool = False  # dense only: top-left causal (query t sees keys s <= t)
     mask_kind: int = 0  # dense only: 0 no mask, 1 bool keep-mask, 2 float additive mask (gets a gradient)
+    bt_bwd: int = 0  # dense only: the backward's query block (divides bt; 0 = bt), see _engine_bwd
     static: bool = False  # torch: dense causal with at most _UNROLL_CAUSAL query blocks (JAX: static i)
     device: torch.device | None = None  # torch: where the index tensors live
 
@@ -277,9 +279,10 @@ def block_attention(
     hoisted = s_consts is not None
     s_consts = s_consts if hoisted else []
     static = dense and causal and n_q <= _UNROLL_CAUSAL
+    bt_bwd = backward_query_block(bt, Gi) if dense else 0
     cfg = _Cfg(
         T, S, bt, bs, B, K, G, Gp, Bt, Bk, Nt, len(s_consts), float(scale), dense, bool(causal), mask_kind,
-        static, dev,
+        bt_bwd, static, dev,
     )  # fmt: skip
     tabs = () if dense else (tables.kv_num, tables.kv_idx, full_num, full_idx)
     if Bt == 1 and Nt == 1:  # shared by every row: Python ints, each step one slice of k and v
@@ -611,7 +614,10 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents, mask_wanted=T
     d_mask)``: None for the mask when it is bool or ``mask_wanted`` is False, and for the mask
     function's tensors (a bool mask has no gradient). The backward's tiles stay ``bt × bs`` (no static key
     ranges, as in the JAX twin: B2 N8 T2048 H64 causal forward+backward 0.28 s with them vs 0.30 s with
-    the forward's ranges, 2-core CPU)."""
+    the forward's ranges, 2-core CPU). The dense plan's backward takes smaller query blocks where G query
+    heads share a step (``cfg.bt_bwd``, :func:`attn_spec.blocks.backward_query_block`), as in the JAX twin."""
+    if cfg.bt_bwd and cfg.bt_bwd != cfg.bt:
+        cfg = cfg._replace(bt=cfg.bt_bwd)
     q, k, v, tabs, consts, mask, out, stats = residuals
     d_out, d_lse = cotangents
     cfg = cfg._replace(static=False)
