@@ -309,6 +309,51 @@ def test_fused_equals_math(twin, window):
     assert np.abs(got - want).max() <= 1e-5 * max(1, np.abs(want).max())
 
 
+@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize(
+    "knobs", [{}, {"causal": False}, {"sinks": True}, {"softcap": 3.0}, {"sinks": True, "causal": False}]
+)
+def test_blocked_without_a_mask_equals_math(monkeypatch, twin, knobs):
+    """A call with no padding, cache, window or chunk takes the engine's dense plan on the blocked path (no
+    soft-cap: a soft-cap keeps the block mask's score_mod); forward and gradients w.r.t. x and every
+    parameter equal the math path's, with 4-row blocks so that several blocks and the causal diagonal
+    are crossed."""
+    import attn_spec.blocks
+
+    monkeypatch.setattr(attn_spec.blocks, "MAX_BLOCK", 4)
+    monkeypatch.setattr(attn_spec.blocks, "MIN_CAUSAL_BLOCK", 2)
+    c = _config(qk_norm="head", rope=RopeConfig(rope_theta=1e4), **knobs)
+    sd = _random_sd(c, seed=3)
+    if c.sinks:
+        sd["sinks"] = np.linspace(-1.0, 1.0, N).astype(np.float32)
+    x, dy = _x(seed=4, T=11), np.random.default_rng(6).standard_normal((B, 11, E)).astype(np.float32)
+    got = {}
+    for impl in ("math", "blocked"):
+        m = _module(twin, c, sd, implementation=impl)
+        if twin == "jax":
+            graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+            def f(params, x):
+                return nnx.merge(graphdef, params, rest)(x)
+
+            out, vjp = jax.vjp(f, params, jnp.asarray(x))
+            d_params, dx = vjp(jnp.asarray(dy))
+            grads = {".".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(d_params)}
+            got[impl] = (np.asarray(out), np.asarray(dx), grads)
+        else:
+            xt = torch.from_numpy(x).requires_grad_(True)
+            out = m(xt)
+            out.backward(torch.from_numpy(dy))
+            grads = {k: p.grad.numpy() for k, p in m.named_parameters()}
+            got[impl] = (out.detach().numpy(), xt.grad.numpy(), grads)
+    (out_b, dx_b, g_b), (out_m, dx_m, g_m) = got["blocked"], got["math"]
+    np.testing.assert_allclose(out_b, out_m, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(dx_b, dx_m, rtol=2e-5, atol=2e-5)
+    assert set(g_b) == set(g_m) and len(g_b) >= 5
+    for k in g_m:
+        np.testing.assert_allclose(g_b[k], g_m[k], rtol=2e-4, atol=2e-5, err_msg=k)
+
+
 def test_injected_dropout_is_the_same_in_both_twins():
     c = _config(dropout=0.3, sinks=True, softcap=3.0)
     sd = _random_sd(c)

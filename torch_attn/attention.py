@@ -49,7 +49,9 @@ from attn_spec.attention import (
     qk_norm_shapes,
     state_dict_shapes,
 )
+from attn_spec.blocks import block_sizes
 from attn_spec.dispatch import ChoiceLog, describe
+from torch_attn.engine import block_attention
 from torch_attn.flex import create_block_mask, flex_attention
 from torch_attn.rope import apply_rope, rope_cos_sin
 
@@ -296,16 +298,33 @@ def _fused_attention(q_BNTH, k_BKSH, v_BKSH, keep_BTS, scale) -> torch.Tensor:
 
 
 def _blocked_attention(
-    q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, config, sinks_N, lead_B
+    q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, config, sinks_N, lead_B, unmasked=False
 ) -> torch.Tensor:
     """The blocked path: FlexAttention over a ``BlockMask`` of causal ∧ window ∧ chunk ∧ padding (key
     blocks outside the window or chunk or fully padded are skipped, so prefill cost grows linearly with T
     at a fixed window), the soft-cap and ALiBi as its ``score_mod``, and sinks applied afterwards as
     ``out · sigmoid(lse − sink)`` (the sink's share ``e^sink / (Z + e^sink)`` of a row with key mass
-    ``Z = e^lse``)."""
+    ``Z = e^lse``).
+
+    ``unmasked`` (no padding, cache, shared keys, window or chunk): with no soft-cap or ALiBi either, the
+    engine's dense plan instead (SDPA's blocked path: causal key ranges with no mask function, 512-row
+    forward blocks). Measured (B1, 8 key/value heads × 4, T4096, H64, causal, jit, 2-core CPU): forward
+    0.56 s vs 0.90 s through the block mask, forward+backward 2.54 s vs 3.19 s."""
     c = config
     B, N, T, _ = q_BNTH.shape
     S = k_BKSH.shape[2]
+    if unmasked and c.softcap is None and c.alibi_slopes is None:
+        bt, bs = block_sizes(T, S, c.causal)
+        ct = torch.promote_types(q_BNTH.dtype, torch.float32)
+        q_BKGTH = q_BNTH.to(ct).reshape(B, c.K, c.G, T, -1)
+        out, lse = block_attention(
+            q_BKGTH, k_BKSH.to(ct), v_BKSH.to(ct), None, T=T, S=S, bt=bt, bs=bs,
+            scale=c.logit_scale, causal=c.causal,
+        )  # fmt: skip
+        out_BNTH, lse_BNT = out.reshape(B, N, T, -1), lse.reshape(B, N, T)
+        if sinks_N is not None:
+            out_BNTH = out_BNTH * torch.sigmoid(lse_BNT - sinks_N.to(lse_BNT.dtype)[None, :, None])[..., None]
+        return out_BNTH.to(q_BNTH.dtype)
 
     def mask_mod(b, h, q_idx, kv_idx):
         q, k = q_pos_T[q_idx], k_pos_S[kv_idx]
@@ -533,8 +552,9 @@ class Attention(nn.Module):
             k_pos_S = torch.cat([cache.pos, q_pos_T])
             k_valid_BS = torch.cat([cache.valid, valid_BT], dim=1)
         # No padding, cache, window or chunk: the fused kernel's own causal mask (no mask array) serves.
-        plain_causal = cache is None and shared_kv is None and attention_mask is None and c.causal
-        plain_causal = plain_causal and c.sliding_window is None and c.chunk_size is None
+        unmasked = cache is None and shared_kv is None and attention_mask is None
+        unmasked = unmasked and c.sliding_window is None and c.chunk_size is None
+        plain_causal = unmasked and c.causal
         path = self.implementation
         if path is None:  # chosen from this call's shapes
             fused = None  # the kernel is the fast path on CPU and CUDA, with no mask array or a small one
@@ -548,7 +568,7 @@ class Attention(nn.Module):
             # (an explicit 'blocked' with dropout was refused by the constructor; the automatic choice takes
             # blocked only when dropout is off for this call, e.g. an eval-mode layer configured with dropout)
             y_BNTH = _blocked_attention(
-                q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, self.sinks, lead_B
+                q_BNTH, k_BKSH, v_BKSH, q_pos_T, k_pos_S, k_valid_BS, c, self.sinks, lead_B, unmasked
             )
         else:
             keep_BTS = attention_keep_mask(q_pos_T, k_pos_S, k_valid_BS, c, lead_B)
