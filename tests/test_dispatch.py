@@ -43,7 +43,7 @@ def facts(**kw):
         ({"fused": "K"}, "fused", "K is the fast path here"),
         ({"fused": "K", "logits": 2**33, "float_mask": True}, "fused", "K is the fast path"),
         ({"float_mask": True}, "math", "small"),
-        ({"float_mask": True, "logits": LARGE_LOGITS}, "math", "math keeps the mask's gradient"),
+        ({"float_mask": True, "logits": MATH_MAX_LOGITS}, "blocked", "float attn_mask gets its gradient"),
         ({"float_mask": True, "logits": LARGE_LOGITS + 1}, "blocked", "float attn_mask gets its gradient"),
     ],
 )
@@ -215,19 +215,36 @@ def test_auto_equals_the_reference_and_the_chosen_path(shape, causal, caplog):
 
 
 @NO_GPU
-def test_auto_keeps_a_float_masks_gradient_in_jax():
-    """A float mask at moderate size goes to math, whose gradient reaches the mask (blocked's would be
-    zero); the gradient equals the explicit math path's."""
+@pytest.mark.parametrize("twin", ["jax", "torch"])
+def test_auto_gives_a_float_mask_its_gradient_on_the_blocked_path(twin):
+    """A float mask above the small size takes the blocked path (on torch: on the ``meta`` facts, where
+    its fused kernel is not the fast path, so called explicitly here), whose gradient reaches the mask and
+    equals the explicit math path's."""
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((1, 2, 256, 16)).astype(np.float32) for _ in range(3))
     bias = rng.standard_normal((256, 256)).astype(np.float32)
-    assert jax_attn.select_implementation(q, k, v, bias).implementation == "math"
-    grad = lambda impl: jax.grad(  # noqa: E731
-        lambda b: jax_attn.scaled_dot_product_attention(q, k, v, b, implementation=impl).sum()
-    )(bias)
-    auto, math = grad(None), grad("math")
-    assert float(jnp.max(jnp.abs(auto))) > 0.0
-    _close(auto, np.asarray(math, np.float64))
+    if twin == "jax":
+        assert jax_attn.select_implementation(q, k, v, bias).implementation == "blocked"
+        grad = lambda impl: np.asarray(  # noqa: E731
+            jax.grad(lambda b: jax_attn.scaled_dot_product_attention(q, k, v, b, implementation=impl).sum())(
+                bias
+            ),
+            np.float64,
+        )
+        auto, math = grad(None), grad("math")
+    else:
+        meta = [torch.empty(x.shape, device="meta") for x in (q, k, v, bias)]
+        assert torch_attn.select_implementation(*meta).implementation == "blocked"
+
+        def grad(impl):
+            b = torch.from_numpy(bias).requires_grad_(True)
+            t = [torch.from_numpy(x) for x in (q, k, v)]
+            torch_attn.scaled_dot_product_attention(*t, b, implementation=impl).sum().backward()
+            return b.grad.double().numpy()
+
+        auto, math = grad("blocked"), grad("math")
+    assert np.abs(auto).max() > 0.0
+    _close(auto, math)
 
 
 def test_large_weights_request_logs_a_warning(caplog):
