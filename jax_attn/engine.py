@@ -195,24 +195,9 @@ def block_attention(
     mask_pure, m_consts = _hoist(mask_fn, idx_args)
     bt_bwd = backward_query_block(bt, Gi) if dense else 0
     cfg = _Cfg(
-        T,
-        S,
-        bt,
-        bs,
-        B,
-        K,
-        G,
-        Gp,
-        Bt,
-        Bk,
-        Nt,
-        len(s_consts),
-        float(scale),
-        dense,
-        bool(causal),
-        mask_kind,
+        T, S, bt, bs, B, K, G, Gp, Bt, Bk, Nt, len(s_consts), float(scale), dense, bool(causal), mask_kind,
         bt_bwd,
-    )
+    )  # fmt: skip
     tabs = () if dense else (tables.kv_num, tables.kv_idx, full_num, full_idx)
     out, lse = _engine(cfg, score_pure, mask_pure, q, k, v, tabs, tuple(s_consts) + tuple(m_consts), mask)
     out = out.reshape(B, K, G, Tp, -1)[..., :T, :]
