@@ -316,12 +316,7 @@ def _blocked_attention(
             q_BKGTH, k_BKSH.astype(ct), v_BKSH.astype(ct), None, T=T, S=S, bt=bt, bs=bs,
             scale=c.logit_scale, causal=c.causal,
         )  # fmt: skip
-        out_BNTH, lse_BNT = out.reshape(B, N, T, -1), lse.reshape(B, N, T)
-        if sinks_N is not None:
-            out_BNTH = (
-                out_BNTH * jax.nn.sigmoid(lse_BNT - sinks_N.astype(lse_BNT.dtype)[None, :, None])[..., None]
-            )
-        return out_BNTH.astype(q_BNTH.dtype)
+        return _with_sinks(out.reshape(B, N, T, -1), lse.reshape(B, N, T), sinks_N).astype(q_BNTH.dtype)
 
     def mask_mod(b, h, q_idx, kv_idx):
         q, k = q_pos_T[q_idx], k_pos_S[kv_idx]
@@ -350,10 +345,14 @@ def _blocked_attention(
     out_BNTH, lse_BNT = flex_attention(
         q_BNTH, k_BKSH, v_BKSH, score_mod, block_mask, c.logit_scale, enable_gqa=c.G > 1, return_lse=True
     )
+    return _with_sinks(out_BNTH, lse_BNT, sinks_N).astype(q_BNTH.dtype)
+
+
+def _with_sinks(out_BNTH, lse_BNT, sinks_N) -> jax.Array:
+    """``out · sigmoid(lse − sink)``: the rows' share left after each head's sink (None: ``out``)."""
     if sinks_N is None:
         return out_BNTH
-    share = jax.nn.sigmoid(lse_BNT - sinks_N.astype(lse_BNT.dtype)[None, :, None])
-    return (out_BNTH * share[..., None]).astype(q_BNTH.dtype)
+    return out_BNTH * jax.nn.sigmoid(lse_BNT - sinks_N.astype(lse_BNT.dtype)[None, :, None])[..., None]
 
 
 class Attention(nnx.Module):
