@@ -410,7 +410,8 @@ def flex_attention(
     q = query.astype(ct).reshape(B, K, shapes.G, T, H)
     if block_mask is None:
         bt, bs = block_sizes(T, S)
-        tables, mask_fn = dense_tables(T, S, bt, bs), None
+        # nothing masked: without a score_mod the engine's dense plan (SDPA's), else every block listed
+        tables, mask_fn = (None if score_mod is None else dense_tables(T, S, bt, bs)), None
     else:
         bt, bs = block_mask.BLOCK_SIZE
         tables = BlockTables(

@@ -16,6 +16,7 @@ from torch.nn.attention import flex_attention as tflex
 
 import jax_attn.flex as jf
 import torch_attn.flex as tf
+from attn_spec import blocks
 from compare.kinds import flex as fm
 from compare.oracle_flex import dense_keep, flex_backward, flex_forward
 
@@ -54,6 +55,8 @@ def _mods(name, xp, arr, T, S, rng_params):
         return None, (), (lambda b, h, q, kv: (q >= kv) & (q - kv < 2 * h + 2)), (None, N)
     if name == "no_mask":
         return (lambda: fm.times_two), (), None, None
+    if name == "plain":  # no score_mod, no block mask: the engine's dense plan
+        return None, (), None, None
     raise KeyError(name)
 
 
@@ -69,6 +72,7 @@ CASES = {
     "rel_bias": (11, 14, 4),
     "per_head": (12, 16, 4),
     "no_mask": (9, 14, 4),
+    "plain": (9, 14, 4),
 }
 
 
@@ -151,10 +155,13 @@ def _check_lse(lse, ref):
 
 
 # The catalogue cases run as shared vectors (tests/test_flex_vectors.py); here what they do not cover:
-# per-head tables (a mask that depends on h), per-batch tables with a captured array, no mask at all.
+# per-head tables (a mask that depends on h), per-batch tables with a captured array, no mod at all (the
+# engine's dense plan, in blocks of 8 so that T = 9 and S = 14 are padded).
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-@pytest.mark.parametrize("name", ["per_head", "document", "rel_bias"])
-def test_forward_and_gradients_vs_oracle(name, framework):
+@pytest.mark.parametrize("name", ["per_head", "document", "rel_bias", "plain"])
+def test_forward_and_gradients_vs_oracle(name, framework, monkeypatch):
+    if name == "plain":
+        monkeypatch.setattr(blocks, "MAX_BLOCK", 8)
     T, S, bsz = CASES[name]
     (q, k, v, d_out, d_lse), params, (out_ref, lse_ref), (dq, dk, dv, dparams) = _oracle(name, T, S)
     run = _jax_run if framework == "jax" else _torch_run
