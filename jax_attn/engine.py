@@ -162,7 +162,6 @@ def block_attention(
     if dense:
         if score_fn is not None or mask_fn is not None:
             raise ValueError("block_attention: the dense plan (tables=None) takes no score_fn or mask_fn")
-        tables = BlockTables(jnp.zeros((1, 1, n_q), jnp.int32), jnp.zeros((1, 1, n_q, 1), jnp.int32))
     mask_kind = 0
     if mask is not None:
         mask_kind = 1 if mask.dtype == jnp.bool_ else 2
@@ -172,7 +171,7 @@ def block_attention(
         mask = jnp.pad(mask, [(0, 0)] * 3 + [(0, pad_T), (0, pad_S)], constant_values=fill)
         if mask_kind == 2:
             mask = mask.astype(q.dtype)
-    Bt, Nt = tables.kv_num.shape[:2]
+    Bt, Nt = (1, 1) if dense else tables.kv_num.shape[:2]
     Gp = G if Nt > 1 else 1
     Gi = G // Gp
     if dense:
@@ -184,21 +183,25 @@ def block_attention(
     Bk = k.shape[0]
     k = jnp.pad(k, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)]).reshape(Bk * K, Sp, k.shape[-1])
     v = jnp.pad(v, [(0, 0)] * 2 + [(0, Sp - S), (0, 0)]).reshape(Bk * K, Sp, v.shape[-1])
-    full_num, full_idx = tables.full_num, tables.full_idx
-    if full_num is None:
-        full_num = jnp.zeros_like(tables.kv_num)
-        full_idx = jnp.zeros(tables.kv_num.shape + (1,), jnp.int32)
-    ints = jnp.zeros((), jnp.int32)
-    idx_args = (ints, jnp.zeros((Gi, 1, 1), jnp.int32), jnp.zeros((1, bt, 1), jnp.int32))
-    idx_args += (jnp.zeros((1, 1, bs), jnp.int32),)
-    score_pure, s_consts = _hoist(score_fn, (jnp.zeros((Gi, bt, bs), q.dtype), *idx_args))
-    mask_pure, m_consts = _hoist(mask_fn, idx_args)
+    tabs = ()
+    if not dense:
+        full_num, full_idx = tables.full_num, tables.full_idx
+        if full_num is None:
+            full_num = jnp.zeros_like(tables.kv_num)
+            full_idx = jnp.zeros(tables.kv_num.shape + (1,), jnp.int32)
+        tabs = (tables.kv_num, tables.kv_idx, full_num, full_idx)
+    score_pure, s_consts, mask_pure, m_consts = None, [], None, []
+    if score_fn is not None or mask_fn is not None:  # example arguments of the mods' signature
+        ints = jnp.zeros((), jnp.int32)
+        idx_args = (ints, jnp.zeros((Gi, 1, 1), jnp.int32), jnp.zeros((1, bt, 1), jnp.int32))
+        idx_args += (jnp.zeros((1, 1, bs), jnp.int32),)
+        score_pure, s_consts = _hoist(score_fn, (jnp.zeros((Gi, bt, bs), q.dtype), *idx_args))
+        mask_pure, m_consts = _hoist(mask_fn, idx_args)
     bt_bwd = backward_query_block(bt, Gi) if dense else 0
     cfg = _Cfg(
         T, S, bt, bs, B, K, G, Gp, Bt, Bk, Nt, len(s_consts), float(scale), dense, bool(causal), mask_kind,
         bt_bwd,
     )  # fmt: skip
-    tabs = () if dense else (tables.kv_num, tables.kv_idx, full_num, full_idx)
     out, lse = _engine(cfg, score_pure, mask_pure, q, k, v, tabs, tuple(s_consts) + tuple(m_consts), mask)
     out = out.reshape(B, K, G, Tp, -1)[..., :T, :]
     return out, lse.reshape(B, K, G, Tp)[..., :T]
@@ -228,6 +231,8 @@ def _kv_grad(cfg, d):
 
 def _row_ids(cfg, r):
     """Batch index, query head indices ``(G',)`` and table row of row ``r``."""
+    if cfg.dense:  # no mods and no tables: nothing reads them
+        return None, None, 0, 0
     b = r // (cfg.K * cfg.Gp)
     kvh = (r // cfg.Gp) % cfg.K
     gp = r % cfg.Gp
@@ -342,10 +347,13 @@ def _masked(cfg, mask_pure, consts, s, b, h, i, c0, idx, partial_block, m_blk):
     """Tables: on a partial block, the mask and the padding past T or S as -inf (a block that runs past
     the lengths is never full, so full blocks need neither). Dense: the causal comparison (unless the
     columns are all below the diagonal), the key padding and the dense mask block ``m_blk``."""
-    rows, cols, q_idx, kv_idx = idx
     keep = None
-    if cfg.dense:
-        if cfg.causal and not _below_diagonal(cfg, i, c0, cols.shape[-1]):
+    if cfg.dense:  # (idx is None: no mods; the indices are made here where needed)
+        n_cols = s.shape[-1]
+        causal = cfg.causal and not _below_diagonal(cfg, i, c0, n_cols)
+        if causal or cfg.S % cfg.bs:
+            rows, cols = _indices(cfg, i, c0, n_cols)[:2]
+        if causal:
             keep = cols <= rows
         if cfg.S % cfg.bs:
             valid = cols < cfg.S  # padded keys (padded query rows are sliced off)
@@ -356,6 +364,7 @@ def _masked(cfg, mask_pure, consts, s, b, h, i, c0, idx, partial_block, m_blk):
             else:
                 s = s + m_blk
         return s if keep is None else jnp.where(keep, s, -jnp.inf)
+    rows, cols, q_idx, kv_idx = idx
     if not partial_block:
         return s
     if cfg.T % cfg.bt or cfg.S % cfg.bs:
@@ -370,7 +379,7 @@ def _logits(cfg, score_pure, mask_pure, consts, q_i, k_c, b, h, i, c0, partial_b
     """Logits ``(G', bt, C)`` of query block i against the C keys ``k_c`` from column ``c0``, the score
     function applied before the mask. No batch dimension: one 2-D GEMM ``(G'·bt, H) × (H, C)``."""
     s = jnp.einsum("gth,sh->gts", q_i, k_c)
-    idx = _indices(cfg, i, c0, k_c.shape[0])
+    idx = None if cfg.dense else _indices(cfg, i, c0, k_c.shape[0])  # the dense plan has no mods
     if score_pure is not None:
         s = score_pure(s, b, h[:, None, None], idx[2], idx[3], *consts[: cfg.n_score])
     return _masked(cfg, mask_pure, consts, s, b, h, i, c0, idx, partial_block, m_blk)
@@ -568,13 +577,13 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents):
         xs_r = (jnp.arange(n_q, dtype=jnp.int32), blocks(q_r), blocks(do_r), blocks(st_r), blocks(de_r))
         carry = (jnp.zeros_like(k_r.T), jnp.zeros_like(v_r.T), d_consts, d_mask)
         (dk_r, dv_r, d_consts, d_mask), dq = jax.lax.scan(query_block, carry, xs_r)
-        return (d_consts, d_mask), (jnp.moveaxis(dq, 0, 1).reshape(Gi * Tp, -1), dk_r.T, dv_r.T)
+        return (d_consts, d_mask), (jnp.moveaxis(dq, 0, 1).reshape(Gi * Tp, -1), dk_r, dv_r)
 
     d_consts0 = tuple(jnp.zeros_like(s_consts[n]) for n in diff_pos)
     d_mask0 = jnp.zeros_like(mask) if mask_grad else None
     xs = (jnp.arange(q.shape[0], dtype=jnp.int32), d_out, stats, delta)
     (d_consts, d_mask), (dq, dk, dv) = jax.lax.scan(row, (d_consts0, d_mask0), xs)
-    dk, dv = _kv_grad(cfg, dk), _kv_grad(cfg, dv)
+    dk, dv = _kv_grad(cfg, dk.mT), _kv_grad(cfg, dv.mT)  # (R, Sp, ·) again
     d_all = [_zero_cotangent(c) for c in consts]
     for n, g in zip(diff_pos, d_consts, strict=True):
         d_all[n] = g

@@ -241,8 +241,6 @@ def block_attention(
     if dense:
         if score_fn is not None or mask_fn is not None:
             raise ValueError("block_attention: the dense plan (tables=None) takes no score_fn or mask_fn")
-        z = torch.zeros((1, 1, n_q, 1), dtype=torch.int32)
-        tables = BlockTables(z[..., 0], z)
     mask_kind = 0
     if mask is not None:
         mask_kind = 1 if mask.dtype == torch.bool else 2
@@ -252,7 +250,7 @@ def block_attention(
             mask = mask.to(q.dtype)
         if pad_T or pad_S:
             mask = F.pad(mask, (0, pad_S, 0, pad_T))  # False / 0.0
-    Bt, Nt = tables.kv_num.shape[:2]
+    Bt, Nt = (1, 1) if dense else tables.kv_num.shape[:2]
     Gp = G if Nt > 1 else 1
     Gi = G // Gp
     if dense:
@@ -264,18 +262,23 @@ def block_attention(
     Bk = k.shape[0]
     k = (F.pad(k, (0, 0, 0, Sp - S)) if Sp > S else k).reshape(Bk * K, Sp, k.shape[-1])
     v = (F.pad(v, (0, 0, 0, Sp - S)) if Sp > S else v).reshape(Bk * K, Sp, v.shape[-1])
-    full_num, full_idx = tables.full_num, tables.full_idx
-    if full_num is None:
-        full_num = torch.zeros_like(tables.kv_num)
-        full_idx = torch.zeros((*tables.kv_num.shape, 1), dtype=torch.int32)
+    tabs = ()
+    if not dense:
+        full_num, full_idx = tables.full_num, tables.full_idx
+        if full_num is None:
+            full_num = torch.zeros_like(tables.kv_num)
+            full_idx = torch.zeros((*tables.kv_num.shape, 1), dtype=torch.int32)
+        tabs = (tables.kv_num, tables.kv_idx, full_num, full_idx)
     dev = q.device
-    ints = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=dev)
-    idx_args = (ints, torch.zeros((1, Gi, 1, 1), dtype=torch.long, device=dev))
-    idx_args += (torch.zeros((1, 1, bt, 1), dtype=torch.long, device=dev),)
-    idx_args += (torch.zeros((1, 1, 1, bs), dtype=torch.long, device=dev),)
-    scores = torch.zeros((1, Gi, bt, bs), dtype=q.dtype, device=dev)
-    score_pure, s_consts = _hoist(score_fn, (scores, *idx_args))
-    mask_pure, m_consts = mask_fn, []  # torch: a bool keep has no gradient and nothing to trace for
+    score_pure, s_consts, mask_pure, m_consts = None, [], None, []
+    if score_fn is not None or mask_fn is not None:  # example arguments of the mods' signature
+        ints = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=dev)
+        idx_args = (ints, torch.zeros((1, Gi, 1, 1), dtype=torch.long, device=dev))
+        idx_args += (torch.zeros((1, 1, bt, 1), dtype=torch.long, device=dev),)
+        idx_args += (torch.zeros((1, 1, 1, bs), dtype=torch.long, device=dev),)
+        scores = torch.zeros((1, Gi, bt, bs), dtype=q.dtype, device=dev)
+        score_pure, s_consts = _hoist(score_fn, (scores, *idx_args))
+        mask_pure, m_consts = mask_fn, []  # torch: a bool keep has no gradient and nothing to trace for
     hoisted = s_consts is not None
     s_consts = s_consts if hoisted else []
     static = dense and causal and n_q <= _UNROLL_CAUSAL
@@ -284,7 +287,6 @@ def block_attention(
         T, S, bt, bs, B, K, G, Gp, Bt, Bk, Nt, len(s_consts), float(scale), dense, bool(causal), mask_kind,
         bt_bwd, static, dev,
     )  # fmt: skip
-    tabs = () if dense else (tables.kv_num, tables.kv_idx, full_num, full_idx)
     if Bt == 1 and Nt == 1:  # shared by every row: Python ints, each step one slice of k and v
         tabs = tuple(t[0, 0].tolist() for t in tabs)
     else:  # per row: index tensors, each step a gather (see _walk)
@@ -326,6 +328,8 @@ def _kv_grad(cfg, d):
 def _row_ids(cfg, r):
     """Batch indices ``(R,)``, query head indices ``(R, G')`` and table rows of rows ``r`` (ints 0 where
     the tables broadcast)."""
+    if cfg.dense:  # no mods and no tables: nothing reads them
+        return None, None, 0, 0
     b = r // (cfg.K * cfg.Gp)
     kvh = (r // cfg.Gp) % cfg.K
     gp = r % cfg.Gp
@@ -447,10 +451,13 @@ def _masked(cfg, mask_pure, consts, s, b, h, i, c0, idx, partial_block, m_blk, a
     the lengths is never full, so full blocks need neither); rows not ``active`` on this step as -inf.
     Dense: the causal comparison (unless the columns are all below the diagonal), the key padding and the
     dense mask block ``m_blk``."""
-    rows, cols, q_idx, kv_idx = idx
     keep = None
-    if cfg.dense:
-        if cfg.causal and not _below_diagonal(cfg, i, c0, cols.shape[-1]):
+    if cfg.dense:  # (idx is None: no mods; the indices are made here where needed)
+        n_cols = s.shape[-1]
+        causal = cfg.causal and not _below_diagonal(cfg, i, c0, n_cols)
+        if causal or cfg.S % cfg.bs:
+            rows, cols = _indices(cfg, i, c0, n_cols)[:2]
+        if causal:
             keep = cols <= rows
         if cfg.S % cfg.bs:
             valid = cols < cfg.S  # padded keys (padded query rows are sliced off)
@@ -463,6 +470,7 @@ def _masked(cfg, mask_pure, consts, s, b, h, i, c0, idx, partial_block, m_blk, a
             else:
                 s = s + m_blk
         return (s if keep is None else torch.where(keep, s, -torch.inf)).reshape(shape)
+    rows, cols, q_idx, kv_idx = idx
     if active is not None:
         keep = active.view(-1, 1, 1, 1)
     if not partial_block:
@@ -480,7 +488,7 @@ def _logits(cfg, score_pure, mask_pure, consts, q_i, k_c, b, h, i, c0, partial_b
     """Logits ``(R, G', bt, C)`` of query block i against the C keys ``k_c`` ``(R, C, H)`` from column
     ``c0``, the score function applied before the mask. One batched GEMM ``(R, G'·bt, H) × (R, H, C)``."""
     s = (q_i.flatten(1, 2) @ k_c.transpose(1, 2)).unflatten(1, q_i.shape[1:3])  # "rgth,rsh->rgts"
-    idx = _indices(cfg, i, c0, k_c.shape[1])
+    idx = None if cfg.dense else _indices(cfg, i, c0, k_c.shape[1])  # the dense plan has no mods
     if score_pure is not None:
         s = score_pure(s, b[:, None, None, None], h[..., None, None], idx[2], idx[3], *consts[: cfg.n_score])
     return _masked(cfg, mask_pure, consts, s, b, h, i, c0, idx, partial_block, m_blk, active)
@@ -556,6 +564,8 @@ def _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask):
         q_blocks = q_r.unflatten(2, (n_q, cfg.bt)).movedim(2, 0)
         # Python loop over the query blocks, each index static (see cfg.static for the key ranges)
         outs = [query_block((i, q_blocks[i])) for i in range(n_q)]
+        if n_q == 1:  # (a cat of one tensor would copy it)
+            return outs[0]
         out, stats = (torch.cat(x, dim=2) for x in zip(*outs, strict=True))
         return out, stats
 
@@ -724,12 +734,12 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents, mask_wanted=T
             carry, dq_i = query_block(carry, xs_i)
             dq.append(dq_i)
         dk_r, dv_r, d_consts, d_mask = carry
-        return (d_consts, d_mask), (torch.cat(dq, dim=2).reshape(q.shape), dk_r.mT, dv_r.mT)
+        return (d_consts, d_mask), (torch.cat(dq, dim=2).reshape(q.shape), dk_r, dv_r)
 
     d_consts0 = tuple(torch.zeros_like(c) for c in s_consts)
     d_mask0 = torch.zeros_like(mask) if mask_grad else None
     xs = (torch.arange(q.shape[0], device=q.device), d_out, stats, delta)
     (d_consts, d_mask), (dq, dk, dv) = row((d_consts0, d_mask0), xs)
-    dk, dv = _kv_grad(cfg, dk), _kv_grad(cfg, dv)
+    dk, dv = _kv_grad(cfg, dk.mT), _kv_grad(cfg, dv.mT)  # (R, Sp, ·) again
     d_all = [*d_consts] + [None] * (len(consts) - cfg.n_score)
     return dq, dk, dv, tuple(d_all), d_mask
