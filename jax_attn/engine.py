@@ -253,8 +253,14 @@ _UNROLL_CAUSAL = 8
 #: the causal comparison, the diagonal band with it. No online-softmax rescaling between blocks, bigger
 #: GEMMs: B2 N8 causal forward 0.66–0.68× torch's fused kernel at T1024/T2048 vs 0.54–0.55× with static
 #: 512-key blocks. At T4096 the two are equal and the ranges compile longer (1.9 vs 1.3 s), hence 2048.
+#: A non-causal dense call whose keys number more than one block and at most this many takes them in one
+#: range too, in the forward and the backward (the query blocks still loop): B2 N8 T2048 H64 JAX forward
+#: 0.13-0.15 -> 0.11 s, forward+backward 0.44 -> 0.37 s; GQA B1 N32 K8 T2048 0.21 -> 0.19 s and
+#: 0.74 -> 0.63 s (2-core CPU).
 _ROWS_MAX_KEYS = 2048
 _ALIGN_KEYS = 8
+#: Whether the non-causal single range above is taken (the torch twin: False, its rows are batched).
+_WHOLE_KEYS = True
 
 
 def _key_blocks(cfg, i, n_kv):
@@ -276,8 +282,12 @@ def _below_diagonal(cfg, i, c0, n_cols) -> bool:
 
 def _key_ranges(cfg, i, n_kv):
     """The key column ranges dense query block i visits, as ``(loop count, None)`` or, for a static causal
-    block, a list of static ``(c0, n_cols)`` ranges: the keys wholly below the diagonal in one range
-    (one GEMM, no causal comparison) and the rest up to the diagonal in another."""
+    block, a list of static ``(c0, n_cols)`` ranges: the keys wholly below the diagonal in one range (one
+    GEMM, no causal comparison) and the rest up to the diagonal in another. A non-causal call with more than
+    one key block and at most :data:`_ROWS_MAX_KEYS` keys takes them all in one range, ``[(0, Sp)]``, whatever
+    i (where :data:`_WHOLE_KEYS`)."""
+    if _WHOLE_KEYS and not cfg.causal and 1 < n_kv and cfg.bs * n_kv <= _ROWS_MAX_KEYS:
+        return None, [(0, cfg.bs * n_kv)]  # every key in one range (forward and backward, see above)
     if not (cfg.causal and isinstance(i, int)):
         return _key_blocks(cfg, i, n_kv), None
     end = min(cfg.bs * n_kv, (i + 1) * cfg.bt)  # keys past the block's last row are never visible
@@ -493,11 +503,11 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents):
     (512×512×64 tiles: 96 vs 167 GFLOP/s; B2 N8 T2048 H64 forward+backward 0.32 → 0.29 s causal, 0.50 → 0.44 s
     full, both changes together, 2-core CPU). ``ds = p (dO·vᵀ - rowsum(dO∘O) + d lse)``: the last term is the
     lse cotangent (``d lse / d s = p``). The backward's query blocks are always a scan with a traced index:
-    its tiles stay ``bt × bs`` (unrolling it into the dense causal forward's static ranges gave bigger working
-    sets and was slower at T >= 2048: B2 T2048 causal forward+backward 0.48× torch unrolled vs 0.58× looped,
-    and compiled longer). The dense plan's backward takes smaller query blocks where G query heads share a
-    step (``cfg.bt_bwd``, :func:`attn_spec.blocks.backward_query_block`): the rows are independent given the
-    saved statistics."""
+    its tiles stay ``bt × bs``, but for the non-causal single range of :func:`_key_ranges` (unrolling it into
+    the dense causal forward's static ranges gave bigger working sets and was slower at T >= 2048: B2 T2048
+    causal forward+backward 0.48× torch unrolled vs 0.58× looped, and compiled longer). The dense plan's
+    backward takes smaller query blocks where G query heads share a step (``cfg.bt_bwd``,
+    :func:`attn_spec.blocks.backward_query_block`): the rows are independent given the saved statistics."""
     if cfg.bt_bwd and cfg.bt_bwd != cfg.bt:
         cfg = cfg._replace(bt=cfg.bt_bwd)
     q, k, v, tabs, consts, mask, out, stats = residuals

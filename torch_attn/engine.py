@@ -349,8 +349,16 @@ _UNROLL_CAUSAL = 8
 #: them in (at most) two static ranges, not in key blocks: the keys every row sees in one product without
 #: the causal comparison, the diagonal band with it. No online-softmax rescaling between blocks, bigger
 #: GEMMs. Beyond, key blocks (bounded memory).
+#: A non-causal dense call whose keys number more than one block and at most this many takes them in one
+#: range too, in the forward and the backward (the query blocks still loop): B2 N8 T2048 H64 JAX forward
+#: 0.13-0.15 -> 0.11 s, forward+backward 0.44 -> 0.37 s; GQA B1 N32 K8 T2048 0.21 -> 0.19 s and
+#: 0.74 -> 0.63 s (2-core CPU).
 _ROWS_MAX_KEYS = 2048
 _ALIGN_KEYS = 8
+#: Whether the non-causal single range above is taken. False in torch: every row is batched into one
+#: step, so the range's tile is (R, G'·bt, Sp); B2 N8 T2048 forward+backward 0.53-0.54 s with it vs
+#: 0.29-0.33 s in key blocks (the JAX twin, one row per step, takes it).
+_WHOLE_KEYS = False
 
 
 def _key_blocks(cfg, i, n_kv):
@@ -367,9 +375,13 @@ def _below_diagonal(cfg, i, c0, n_cols) -> bool:
 
 
 def _key_ranges(cfg, i, n_kv):
-    """The key column ranges dense query block i visits, as ``(block count, None)`` or, for a causal call
-    with static ranges (``cfg.static``), a list of ``(c0, n_cols)`` ranges: the keys wholly below the
-    diagonal in one range (one GEMM, no causal comparison) and the rest up to the diagonal in another."""
+    """The key column ranges dense query block i visits, as ``(block count, None)`` or, for a causal call with
+    static ranges (``cfg.static``), a list of ``(c0, n_cols)`` ranges: the keys wholly below the diagonal in
+    one range (one GEMM, no causal comparison) and the rest up to the diagonal in another. A non-causal call
+    with more than one key block and at most :data:`_ROWS_MAX_KEYS` keys takes them all in one range, ``[(0,
+    Sp)]``, whatever i (where :data:`_WHOLE_KEYS`)."""
+    if _WHOLE_KEYS and not cfg.causal and 1 < n_kv and cfg.bs * n_kv <= _ROWS_MAX_KEYS:
+        return None, [(0, cfg.bs * n_kv)]  # every key in one range (forward and backward, see above)
     if not (cfg.causal and cfg.static):
         return _key_blocks(cfg, i, n_kv), None
     end = min(cfg.bs * n_kv, (i + 1) * cfg.bt)  # keys past the block's last row are never visible
@@ -617,8 +629,8 @@ def _add_mask_grad(cfg, d_mask, pos, ds, i, c0):
 
 
 def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents, mask_wanted=True):
-    """One pass over every row at once: a loop over query blocks carrying the rows' dk, dv, the gradients of
-    the score function's tensors and of a float dense mask; per query block the same key walk as the
+    """One pass over every row at once: a loop over query blocks carrying the rows' dk, dv, the gradients
+    of the score function's tensors and of a float dense mask; per query block the same key walk as the
     forward recomputes ``p = exp((s - max) - log sum)`` (no division per logit) and adds its share. dk and
     dv are accumulated transposed, ``(H, Sp)`` per row: their products are ``qᵀ·ds`` and ``dOᵀ·p`` with
     ``(H, C)`` results, where XLA:CPU ran the ``(C, H)`` form ``dsᵀ·q`` at about half the rate of the other
@@ -627,10 +639,11 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents, mask_wanted=T
     for the twin. ``ds = p (dO·vᵀ - rowsum(dO∘O) + d lse)``: the last term is the lse cotangent (``d lse /
     d s = p``). Returns ``(dq, dk, dv, d_consts, d_mask)``: None for the mask when it is bool or
     ``mask_wanted`` is False, and for the mask function's tensors (a bool mask has no gradient). The
-    backward's tiles stay ``bt × bs`` (no static key ranges, as in the JAX twin: B2 N8 T2048 H64 causal
-    forward+backward 0.28 s with them vs 0.30 s with the forward's ranges, 2-core CPU). The dense plan's
-    backward takes smaller query blocks where G query heads share a step (``cfg.bt_bwd``,
-    :func:`attn_spec.blocks.backward_query_block`), as in the JAX twin."""
+    backward's tiles stay ``bt × bs``, but for the non-causal single range of :func:`_key_ranges` (no
+    static key ranges, as in the JAX twin: B2 N8 T2048 H64 causal forward+backward 0.28 s with them vs 0.30
+    s with the forward's ranges, 2-core CPU). The dense plan's backward takes smaller query blocks where G
+    query heads share a step (``cfg.bt_bwd``, :func:`attn_spec.blocks.backward_query_block`), as in the JAX
+    twin."""
     if cfg.bt_bwd and cfg.bt_bwd != cfg.bt:
         cfg = cfg._replace(bt=cfg.bt_bwd)
     q, k, v, tabs, consts, mask, out, stats = residuals
