@@ -672,7 +672,9 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents, mask_wanted=T
             return x.unflatten(1, (-1, cfg.bs))[r, c0 // cfg.bs]
 
         def add(x, c0, n_cols, a, b):  # dynamic_update_slice_in_dim on axis 2: x's columns + a @ b, in place
-            if isinstance(c0, int):
+            if isinstance(c0, int) and n_cols == x.shape[2]:  # every column: one GEMM accumulated in place
+                x.baddbmm_(a, b)
+            elif isinstance(c0, int):
                 x[:, :, c0 : c0 + n_cols] += a @ b  # (baddbmm_ into the strided slice ran 5x slower)
             else:
                 col_blocks = x.unflatten(2, (-1, cfg.bs)).transpose(1, 2)  # (R, n_kv, ·, bs)
