@@ -398,7 +398,7 @@ def _logits(cfg, score_pure, mask_pure, consts, q_i, k_c, b, h, i, c0, partial_b
 def _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask):
     """Rows: output ``(R, G', Tp, V)`` and statistics ``(R, G', Tp, 3)``: the max the row was shifted by
     (0 for rows with nothing kept), the row sum (1 for them) and the lse (-inf for them). Max and sum are
-    kept apart for the backward, where ``exp(s - max) / sum`` is exact for every row (folded into a
+    kept apart for the backward, where ``exp((s - max) - log sum)`` is exact for every row (folded into a
     logsumexp, a ``finfo.min`` additive mask would round ``max + log(sum)`` to ``max``)."""
     Gi = cfg.G // cfg.Gp
     Tp = q.shape[1] // Gi
