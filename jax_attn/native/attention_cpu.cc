@@ -1,0 +1,432 @@
+// The JAX twin's CPU attention kernel: dense (no mask, optionally top-left causal) scaled dot-product
+// attention, forward and backward, fp32, for the engine's dense plan (jax_attn/engine.py, `native`).
+//
+// Why it exists: XLA:CPU runs the engine's blocked loops one small op at a time and splits each op
+// across the cores; on the 2-core CPU of docs/performance.md that scaled 1.3-1.6x from one core to two,
+// where torch's fused kernel (one parallel loop over batch, heads and query blocks) scales 2.0x. This
+// kernel does what torch's does: whole independent work items per thread, each an online softmax over
+// key blocks on register-tiled GEMMs.
+//
+// Layouts (row-major): q (R, T, H), k (Rk, S, H), v (Rk, S, V), R = Rk * groups; query row r reads key
+// row r / groups (grouped-query attention). out (R, T, V); lse (R, T), the natural-log sum of the
+// exponentiated scaled logits. Causal is top-left: query t sees keys s <= t.
+//
+// Written for this project; compiled on first use by jax_attn/native/__init__.py with -O3 -march=native.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include <sched.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int W = 16;  // floats per vector register
+constexpr int NR = 4;  // vectors per register tile row: a 6 x 64 tile, 24 accumulators of 32 registers
+#else
+constexpr int W = 8;
+constexpr int NR = 2;  // a 6 x 16 tile, 12 accumulators of 16 registers
+#endif
+constexpr int MR = 6;
+
+typedef float vf __attribute__((vector_size(W * 4), aligned(4)));
+
+inline vf vload(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline void vstore(float* p, vf x) { *reinterpret_cast<vf*>(p) = x; }
+
+// C[M x NV*W] (+)= A[M x k] . B[k x NV*W]: A's element (m, d) at A[m * lda + d * acs] (acs = 1: row-major;
+// lda = 1: A stored transposed), B and C row-major with leading dimensions ldb, ldc.
+template <int M, int NV>
+inline void tile(int k, const float* A, long lda, long acs, const float* B, long ldb, float* C, long ldc, bool acc) {
+  vf c[M][NV];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NV; ++j) c[m][j] = acc ? vload(C + m * ldc + j * W) : vf{};
+  for (int d = 0; d < k; ++d) {
+    vf b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = vload(B + d * ldb + j * W);
+    for (int m = 0; m < M; ++m) {
+      const float a = A[m * lda + d * acs];
+      for (int j = 0; j < NV; ++j) c[m][j] += b[j] * a;
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NV; ++j) vstore(C + m * ldc + j * W, c[m][j]);
+}
+
+template <int M>
+inline void tile_rows(int nv, int k, const float* A, long lda, long acs, const float* B, long ldb, float* C,
+                      long ldc, bool acc) {
+  if (nv == 1) tile<M, 1>(k, A, lda, acs, B, ldb, C, ldc, acc);
+  if constexpr (NR >= 2) if (nv == 2) tile<M, 2>(k, A, lda, acs, B, ldb, C, ldc, acc);
+  if constexpr (NR >= 4) {
+    if (nv == 3) tile<M, 3>(k, A, lda, acs, B, ldb, C, ldc, acc);
+    if (nv == 4) tile<M, 4>(k, A, lda, acs, B, ldb, C, ldc, acc);
+  }
+}
+
+// C[m x n] (+)= A[m x k] . B[k x n] (A's element (m, d) at A[m * lda + d * acs]); n a multiple of W.
+void gemm(int m, int n, int k, const float* A, long lda, long acs, const float* B, long ldb, float* C, long ldc,
+          bool acc) {
+  for (int j0 = 0; j0 < n; j0 += NR * W) {
+    const int nv = std::min(NR, (n - j0) / W);
+    int i0 = 0;
+    for (; i0 + MR <= m; i0 += MR)
+      tile_rows<MR>(nv, k, A + i0 * lda, lda, acs, B + j0, ldb, C + i0 * ldc + j0, ldc, acc);
+    const float* a = A + i0 * lda;
+    float* c = C + i0 * ldc + j0;
+    switch (m - i0) {
+      case 1: tile_rows<1>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc); break;
+      case 2: tile_rows<2>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc); break;
+      case 3: tile_rows<3>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc); break;
+      case 4: tile_rows<4>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc); break;
+      case 5: tile_rows<5>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc); break;
+    }
+  }
+}
+
+// exp(x) for a vector: 2^n * e^f with n = round(x / ln 2) (by the 1.5 * 2^23 rounding trick),
+// |f| <= ln 2 / 2 and a degree-6 Taylor polynomial (relative error ~2e-7); exactly 0 at or below
+// -87.3 (and for -inf), so masked logits give exact zeros. x <= 88.
+inline vf vexp(vf x) {
+  typedef int vi __attribute__((vector_size(W * 4)));
+  const vf lo = vf{} - 87.3f;
+  const vf xc = x < lo ? lo : x;
+  const vf t = xc * 1.44269504088896341f + 12582912.0f;
+  const vf n = t - 12582912.0f;
+  vf f = xc - n * 0.693145751953125f;
+  f = f - n * 1.428606765330187045e-06f;
+  vf p = vf{} + 1.0f / 720;
+  p = p * f + 1.0f / 120;
+  p = p * f + 1.0f / 24;
+  p = p * f + 1.0f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  vi e;
+  std::memcpy(&e, &t, sizeof(e));
+  e = (e + 127) << 23;
+  vf sc;
+  std::memcpy(&sc, &e, sizeof(sc));
+  const vf r = p * sc;
+  return x <= lo ? vf{} : r;
+}
+
+// s[i] = exp(scale * s[i] - shift) for i < n (n a multiple of W); returns their sum.
+inline float exp_row(float* s, int n, float scale, float shift) {
+  vf acc{};
+  for (int c = 0; c < n; c += W) {
+    const vf e = vexp(vload(s + c) * scale - shift);
+    vstore(s + c, e);
+    acc += e;
+  }
+  float t = 0;
+  for (int j = 0; j < W; ++j) t += acc[j];
+  return t;
+}
+
+// max of scale * s[i] for i < n (n a multiple of W).
+inline float max_row(const float* s, int n, float scale) {
+  vf m = vf{} - INFINITY;
+  for (int c = 0; c < n; c += W) {
+    const vf x = vload(s + c) * scale;
+    m = x > m ? x : m;
+  }
+  float t = -INFINITY;
+  for (int j = 0; j < W; ++j) t = std::max(t, m[j]);
+  return t;
+}
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// dst[d * ld + c] = src[c * H + d]: a key block (cols x H) transposed to (H x cols), zero columns up to ld.
+void transpose_block(const float* src, int cols, int H, float* dst, int ld) {
+  for (int d = 0; d < H; ++d) std::memset(dst + (long)d * ld + cols, 0, sizeof(float) * (ld - cols));
+  for (int c = 0; c < cols; ++c)
+    for (int d = 0; d < H; ++d) dst[(long)d * ld + c] = src[(long)c * H + d];
+}
+
+int worker_count() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Runs body(item) for item in [0, n) on the available cores (each thread takes the next item).
+template <class F>
+void parallel_items(long n, F body) {
+  const int workers = (int)std::min<long>(n, worker_count());
+  std::atomic<long> next{0};
+  auto run = [&]() {
+    for (long i = next++; i < n; i = next++) body(i);
+  };
+  std::vector<std::thread> threads;
+  for (int t = 1; t < workers; ++t) threads.emplace_back(run);
+  run();
+  for (auto& t : threads) t.join();
+}
+
+// Block sizes: the forward's query rows per work item and keys per block, the backward's. Measured on
+// the 2-core CPU (B2 N8 T2048 H64): forward 128 x 256 0.070 s full, 0.046 s causal (64 x 256: 0.079,
+// 0.043); backward 64 x 128 0.144 / 0.079 s (64 x 256: 0.144 / 0.097).
+constexpr int FQ = 128, FK = 256;
+constexpr int BQ = 64, BK = 128;
+
+struct Dims {
+  long R, T, S, H, V, groups;
+  float scale;
+  bool causal;
+};
+
+// The keys query rows [t0, t0 + rows) may see: [0, end).
+inline int key_end(const Dims& d, int t0, int rows) {
+  return d.causal ? (int)std::min<long>(d.S, t0 + rows) : (int)d.S;
+}
+
+// Visible keys of query row t within a block starting at key j0 of `cols` keys.
+inline int visible(const Dims& d, int t, int j0, int cols) {
+  if (!d.causal) return cols;
+  return std::max(0, std::min(cols, t - j0 + 1));
+}
+
+// Leading dimension of a transposed key block of n keys: a multiple of W plus one vector, so that the
+// rows of a tall panel do not all fall into the same L1 sets (a 2^k-float stride would).
+inline int t_ld(int n) { return round_up(n, W) + W; }
+
+void forward(const Dims& d, const float* q, const float* k, const float* v, float* out, float* lse) {
+  const int n_qb = (int)((d.T + FQ - 1) / FQ);
+  const long Rk = d.R / d.groups;
+  const int Vp = round_up((int)d.V, W), ldk = t_ld((int)d.S);
+  // every key row transposed once, (H, ldk): the logits' GEMM reads key columns as vectors
+  std::vector<float> kt((size_t)Rk * d.H * ldk);
+  parallel_items(Rk, [&](long kr) {
+    transpose_block(k + kr * d.S * d.H, (int)d.S, (int)d.H, kt.data() + kr * d.H * ldk, ldk);
+  });
+  parallel_items(d.R * n_qb, [&](long item) {
+    const long r = item / n_qb;
+    const int t0 = (int)(item % n_qb) * FQ;
+    const int rows = (int)std::min<long>(FQ, d.T - t0);
+    const long kr = r / d.groups;
+    std::vector<float> sb((size_t)FQ * FK), acc((size_t)FQ * Vp, 0.f), vb;
+    std::vector<float> mx(FQ, -INFINITY), sum(FQ, 0.f);
+    const float* qi = q + (r * d.T + t0) * d.H;
+    const float* ktr = kt.data() + kr * d.H * ldk;
+    const float* vr = v + kr * d.S * d.V;
+    const bool v_padded = Vp != d.V;
+    if (v_padded) vb.assign((size_t)FK * Vp, 0.f);
+    const int end = key_end(d, t0, rows);
+    for (int j0 = 0; j0 < end; j0 += FK) {
+      const int cols = std::min(FK, end - j0), colsp = round_up(cols, W);
+      gemm(rows, colsp, (int)d.H, qi, d.H, 1, ktr + j0, ldk, sb.data(), FK, false);
+      for (int i = 0; i < rows; ++i) {
+        float* s = sb.data() + (long)i * FK;
+        const int lim = visible(d, t0 + i, j0, cols);
+        if (lim <= 0) {
+          std::memset(s, 0, sizeof(float) * colsp);
+          continue;
+        }
+        for (int c = lim; c < colsp; ++c) s[c] = -INFINITY;
+        const float m_new = std::max(mx[i], max_row(s, colsp, d.scale));
+        const float alpha = std::exp(mx[i] - m_new);
+        mx[i] = m_new;
+        sum[i] = sum[i] * alpha + exp_row(s, colsp, d.scale, m_new);
+        if (alpha != 1.f) {
+          float* a = acc.data() + (long)i * Vp;
+          for (int c = 0; c < Vp; c += W) vstore(a + c, vload(a + c) * alpha);
+        }
+      }
+      const float* vblk = vr + (long)j0 * d.V;
+      long ldv = d.V;
+      if (v_padded) {
+        for (int c = 0; c < cols; ++c)
+          std::memcpy(vb.data() + (long)c * Vp, vblk + (long)c * d.V, sizeof(float) * d.V);
+        vblk = vb.data();
+        ldv = Vp;
+      }
+      gemm(rows, Vp, cols, sb.data(), FK, 1, vblk, ldv, acc.data(), Vp, true);
+    }
+    for (int i = 0; i < rows; ++i) {
+      float* o = out + (r * d.T + t0 + i) * d.V;
+      const float inv = sum[i] > 0 ? 1.f / sum[i] : 0.f;
+      for (int c = 0; c < d.V; ++c) o[c] = acc[(long)i * Vp + c] * inv;
+      lse[r * d.T + t0 + i] = sum[i] > 0 ? mx[i] + std::log(sum[i]) : -INFINITY;
+    }
+  });
+}
+
+// Gradients of forward's output (cotangent dout) and lse (folded into delta = rowsum(dout * out) - dlse,
+// computed by the caller). One work item per key row: it owns that row's dk, dv and its groups' dq rows.
+// Per key block: p = exp(scale * q.k - lse), ds = p * (dout.v - delta); dq += scale * ds . k,
+// dk += scale * ds^T . q, dv += p^T . dout (the transposed products read p and ds column-wise).
+void backward(const Dims& d, const float* q, const float* k, const float* v, const float* lse, const float* dout,
+              const float* delta, float* dq, float* dk, float* dv) {
+  const long Rk = d.R / d.groups;
+  const int Hp = round_up((int)d.H, W), Vp = round_up((int)d.V, W), ldt = t_ld(BK);
+  parallel_items(Rk, [&](long kr) {
+    std::vector<float> kt((size_t)d.H * ldt), vt((size_t)d.V * ldt), p((size_t)BQ * BK), ds((size_t)BQ * BK);
+    std::vector<float> dkb((size_t)BK * Hp), dvb((size_t)BK * Vp), dqb((size_t)BQ * Hp);
+    std::vector<float> qpad, dopad, kpad;
+    const bool hpad = Hp != d.H, vpad = Vp != d.V;
+    if (hpad) qpad.assign((size_t)BQ * Hp, 0.f), kpad.assign((size_t)BK * Hp, 0.f);
+    if (vpad) dopad.assign((size_t)BQ * Vp, 0.f);
+    const float* kr_ = k + kr * d.S * d.H;
+    const float* vr = v + kr * d.S * d.V;
+    for (long g = 0; g < d.groups; ++g)
+      std::memset(dq + (kr * d.groups + g) * d.T * d.H, 0, sizeof(float) * d.T * d.H);
+    for (int j0 = 0; j0 < d.S; j0 += BK) {
+      const int cols = (int)std::min<long>(BK, d.S - j0), colsp = round_up(cols, W);
+      transpose_block(kr_ + (long)j0 * d.H, cols, (int)d.H, kt.data(), ldt);
+      transpose_block(vr + (long)j0 * d.V, cols, (int)d.V, vt.data(), ldt);
+      std::fill(dkb.begin(), dkb.end(), 0.f);
+      std::fill(dvb.begin(), dvb.end(), 0.f);
+      if (hpad)
+        for (int c = 0; c < cols; ++c)
+          std::memcpy(kpad.data() + (long)c * Hp, kr_ + (long)(j0 + c) * d.H, sizeof(float) * d.H);
+      const int t_first = d.causal ? j0 / BQ * BQ : 0;  // query rows t < j0 see none of these keys
+      for (long g = 0; g < d.groups; ++g) {
+        const long r = kr * d.groups + g;
+        for (int t0 = t_first; t0 < d.T; t0 += BQ) {
+          const int rows = (int)std::min<long>(BQ, d.T - t0);
+          const float* qi = q + (r * d.T + t0) * d.H;
+          const float* doi = dout + (r * d.T + t0) * d.V;
+          gemm(rows, colsp, (int)d.H, qi, d.H, 1, kt.data(), ldt, p.data(), BK, false);
+          gemm(rows, colsp, (int)d.V, doi, d.V, 1, vt.data(), ldt, ds.data(), BK, false);
+          for (int i = 0; i < rows; ++i) {
+            const long t = t0 + i;
+            float* pi = p.data() + (long)i * BK;
+            float* dsi = ds.data() + (long)i * BK;
+            const int lim = visible(d, (int)t, j0, cols);
+            const float l = lse[r * d.T + t];
+            if (lim <= 0 || !std::isfinite(l)) {
+              std::memset(pi, 0, sizeof(float) * colsp);
+              std::memset(dsi, 0, sizeof(float) * colsp);
+              continue;
+            }
+            for (int c = lim; c < colsp; ++c) pi[c] = -INFINITY;
+            exp_row(pi, colsp, d.scale, l);
+            const float de = delta[r * d.T + t];
+            for (int c = 0; c < colsp; c += W) vstore(dsi + c, vload(pi + c) * (vload(dsi + c) - de));
+          }
+          float* dqi = dq + (r * d.T + t0) * d.H;
+          if (hpad) {
+            gemm(rows, Hp, cols, ds.data(), BK, 1, kpad.data(), Hp, dqb.data(), Hp, false);
+            for (int i = 0; i < rows; ++i)
+              for (int c = 0; c < d.H; ++c) dqi[(long)i * d.H + c] += dqb[(long)i * Hp + c];
+          } else {
+            gemm(rows, (int)d.H, cols, ds.data(), BK, 1, kr_ + (long)j0 * d.H, d.H, dqi, d.H, true);
+          }
+          const float* qa = qi;
+          long ldq = d.H;
+          if (hpad) {
+            for (int i = 0; i < rows; ++i)
+              std::memcpy(qpad.data() + (long)i * Hp, qi + (long)i * d.H, sizeof(float) * d.H);
+            qa = qpad.data();
+            ldq = Hp;
+          }
+          gemm(cols, Hp, rows, ds.data(), 1, BK, qa, ldq, dkb.data(), Hp, true);
+          const float* da = doi;
+          long ldo = d.V;
+          if (vpad) {
+            for (int i = 0; i < rows; ++i)
+              std::memcpy(dopad.data() + (long)i * Vp, doi + (long)i * d.V, sizeof(float) * d.V);
+            da = dopad.data();
+            ldo = Vp;
+          }
+          gemm(cols, Vp, rows, p.data(), 1, BK, da, ldo, dvb.data(), Vp, true);
+        }
+      }
+      for (int c = 0; c < cols; ++c) {
+        float* dkr = dk + (kr * d.S + j0 + c) * d.H;
+        float* dvr = dv + (kr * d.S + j0 + c) * d.V;
+        for (int x = 0; x < d.H; ++x) dkr[x] = dkb[(long)c * Hp + x] * d.scale;
+        for (int x = 0; x < d.V; ++x) dvr[x] = dvb[(long)c * Vp + x];
+      }
+    }
+    for (long g = 0; g < d.groups; ++g) {
+      float* dqr = dq + (kr * d.groups + g) * d.T * d.H;
+      for (long i = 0; i < d.T * d.H; ++i) dqr[i] *= d.scale;
+    }
+  });
+}
+
+}  // namespace
+
+namespace ffi = xla::ffi;
+
+// q (R, T, H), k (Rk, S, H), v (Rk, S, V) -> out (R, T, V), lse (R, T). The Python side checked the shapes;
+// they are checked again here, since a wrong one would read past a buffer.
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t groups, float scale,
+                       int64_t causal) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || groups < 1 || kd[0] * groups != qd[0] ||
+      vd[0] != kd[0] || vd[1] != kd[1] || kd[2] != qd[2])
+    return ffi::Error::InvalidArgument("jax_attn_cpu_forward: inconsistent q, k, v shapes");
+  const Dims d{qd[0], qd[1], kd[1], qd[2], vd[2], groups, scale, causal != 0};
+  forward(d, q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(), lse->typed_data());
+  return ffi::Error::Success();
+}
+
+// + lse (R, T), dout (R, T, V), delta (R, T) -> dq, dk, dv shaped like q, k, v.
+ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::F32> delta,
+                        ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::ResultBuffer<ffi::F32> dv, int64_t groups, float scale, int64_t causal) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || groups < 1 || kd[0] * groups != qd[0] ||
+      vd[0] != kd[0] || vd[1] != kd[1] || kd[2] != qd[2] || lse.element_count() != (size_t)(qd[0] * qd[1]) ||
+      delta.element_count() != lse.element_count() || dout.element_count() != (size_t)(qd[0] * qd[1] * vd[2]))
+    return ffi::Error::InvalidArgument("jax_attn_cpu_backward: inconsistent shapes");
+  const Dims d{qd[0], qd[1], kd[1], qd[2], vd[2], groups, scale, causal != 0};
+  backward(d, q.typed_data(), k.typed_data(), v.typed_data(), lse.typed_data(), dout.typed_data(),
+           delta.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnCpuForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("causal"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnCpuBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("causal"));
+
+extern "C" {
+
+// Plain C entry points (tests and benchmarks without XLA).
+void jax_attn_cpu_forward(const float* q, const float* k, const float* v, float* out, float* lse, long R, long T,
+                          long S, long H, long V, long groups, float scale, int causal) {
+  forward(Dims{R, T, S, H, V, groups, scale, causal != 0}, q, k, v, out, lse);
+}
+
+void jax_attn_cpu_backward(const float* q, const float* k, const float* v, const float* lse, const float* dout,
+                           const float* delta, float* dq, float* dk, float* dv, long R, long T, long S, long H,
+                           long V, long groups, float scale, int causal) {
+  backward(Dims{R, T, S, H, V, groups, scale, causal != 0}, q, k, v, lse, dout, delta, dq, dk, dv);
+}
+}
