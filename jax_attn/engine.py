@@ -26,6 +26,11 @@ The *dense* plan (``tables=None``) is SDPA's ``implementation="blocked"``: no ta
 with ``causal`` only those up to the diagonal; short causal calls unroll the query blocks so each takes
 its keys in static ranges (:func:`_key_ranges`). It takes a dense bool or float mask, sliced per block; a
 float mask receives its gradient (``d mask = ds`` summed over the mask's size-1 axes).
+
+JAX only: on the CPU backend the dense plan with no mask, fp32 and one key/value row per batch row runs on
+a compiled kernel (:mod:`jax_attn.native`, through XLA's FFI) instead of the XLA loops below: the same
+online softmax and the same custom VJP, with a parallel loop over whole work items that XLA:CPU's per-op
+threading does not give (:data:`NATIVE`, :func:`native_reason`).
 """
 
 from __future__ import annotations
@@ -100,6 +105,31 @@ class _Cfg(NamedTuple):
     causal: bool = False  # dense only: top-left causal (query t sees keys s <= t)
     mask_kind: int = 0  # dense only: 0 no mask, 1 bool keep-mask, 2 float additive mask (gets a gradient)
     bt_bwd: int = 0  # dense only: the backward's query block (divides bt; 0 = bt), see _engine_bwd
+    native: bool = False  # dense only, JAX only: the compiled CPU kernel runs the call (jax_attn.native)
+
+
+#: Whether the dense plan may run on the compiled CPU kernel where it applies (:func:`native_reason`);
+#: tests set it False to exercise the XLA loops on the same inputs.
+NATIVE = True
+
+
+def native_reason(q_dtype, *, mask=None, Bk: int = 1, B: int = 1) -> str:
+    """Why a dense-plan call with these facts does not run on the compiled CPU kernel ("" when it does):
+    the kernel takes fp32 with no mask on the CPU backend, key/value rows per batch row (no broadcast
+    batch), and needs a C++ compiler once (:func:`jax_attn.native.unavailable`)."""
+    if not NATIVE:
+        return "engine.NATIVE is False"
+    if jax.default_backend() != "cpu":
+        return f"the default backend is {jax.default_backend()}, not cpu"
+    if jnp.dtype(q_dtype) != jnp.float32:
+        return f"the kernel takes float32, not {jnp.dtype(q_dtype).name}"
+    if mask is not None:
+        return "a mask array is given"
+    if Bk != B:
+        return f"a key/value batch of {Bk} broadcast over {B}"
+    from jax_attn import native  # noqa: PLC0415 (builds the kernel on first use)
+
+    return native.unavailable()
 
 
 def _hoist(fn, example_args):
@@ -162,6 +192,12 @@ def block_attention(
     if dense:
         if score_fn is not None or mask_fn is not None:
             raise ValueError("block_attention: the dense plan (tables=None) takes no score_fn or mask_fn")
+        if not native_reason(q.dtype, mask=mask, Bk=k.shape[0], B=B):
+            # the compiled kernel: rows (B·K·G, T, H) against key rows (B·K, S, H), no padding
+            cfg = _Cfg(T, S, bt, bs, B, K, G, 1, 1, B, 1, 0, float(scale), True, bool(causal), native=True)
+            q3, k3 = q.reshape(B * K * G, T, q.shape[-1]), k.reshape(B * K, S, k.shape[-1])
+            out, lse = _engine(cfg, None, None, q3, k3, v.reshape(B * K, S, v.shape[-1]), (), (), None)
+            return out.reshape(B, K, G, T, -1), lse.reshape(B, K, G, T)
     mask_kind = 0
     if mask is not None:
         mask_kind = 1 if mask.dtype == jnp.bool_ else 2
@@ -399,7 +435,13 @@ def _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask):
     """Rows: output ``(R, G', Tp, V)`` and statistics ``(R, G', Tp, 3)``: the max the row was shifted by
     (0 for rows with nothing kept), the row sum (1 for them) and the lse (-inf for them). Max and sum are
     kept apart for the backward, where ``exp((s - max) - log sum)`` is exact for every row (folded into a
-    logsumexp, a ``finfo.min`` additive mask would round ``max + log(sum)`` to ``max``)."""
+    logsumexp, a ``finfo.min`` additive mask would round ``max + log(sum)`` to ``max``). The compiled
+    kernel (``cfg.native``) returns the lse alone: statistics ``(R, T, 1)``."""
+    if cfg.native:
+        from jax_attn import native  # noqa: PLC0415
+
+        out, lse = native.forward(q, k, v, groups=cfg.G, scale=cfg.scale, causal=cfg.causal)
+        return out, lse[..., None]
     Gi = cfg.G // cfg.Gp
     Tp = q.shape[1] // Gi
     n_q, n_kv, Vw = Tp // cfg.bt, k.shape[1] // cfg.bs, v.shape[-1]
@@ -460,12 +502,12 @@ def _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask):
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _engine(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask):
     out, stats = _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask)
-    return out, stats[..., 2]
+    return out, stats[..., -1]
 
 
 def _engine_fwd(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask):
     out, stats = _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask)
-    return (out, stats[..., 2]), (q, k, v, tabs, consts, mask, out, stats)
+    return (out, stats[..., -1]), (q, k, v, tabs, consts, mask, out, stats)
 
 
 def _zero_cotangent(x):
@@ -512,6 +554,15 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents):
         cfg = cfg._replace(bt=cfg.bt_bwd)
     q, k, v, tabs, consts, mask, out, stats = residuals
     d_out, d_lse = cotangents
+    if cfg.native:  # the compiled kernel: same delta, its own loops
+        from jax_attn import native  # noqa: PLC0415
+
+        lse = stats[..., -1]
+        delta = jnp.sum(d_out * out, axis=-1) - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
+        dq, dk, dv = native.backward(
+            q, k, v, lse, d_out, delta, groups=cfg.G, scale=cfg.scale, causal=cfg.causal
+        )  # fmt: skip
+        return dq, dk, dv, (), (), None
     Gi = cfg.G // cfg.Gp
     Tp = q.shape[1] // Gi
     n_q, n_kv = Tp // cfg.bt, k.shape[1] // cfg.bs

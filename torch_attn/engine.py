@@ -114,8 +114,20 @@ class _Cfg(NamedTuple):
     causal: bool = False  # dense only: top-left causal (query t sees keys s <= t)
     mask_kind: int = 0  # dense only: 0 no mask, 1 bool keep-mask, 2 float additive mask (gets a gradient)
     bt_bwd: int = 0  # dense only: the backward's query block (divides bt; 0 = bt), see _engine_bwd
+    native: bool = False  # the JAX twin's compiled CPU kernel; never set here (see native_reason)
     static: bool = False  # torch: dense causal with at most _UNROLL_CAUSAL query blocks (JAX: static i)
     device: torch.device | None = None  # torch: where the index tensors live
+
+
+#: The JAX twin's switch for its compiled CPU kernel; this twin has none.
+NATIVE = False
+
+
+def native_reason(q_dtype, *, mask=None, Bk: int = 1, B: int = 1) -> str:
+    """Why the dense plan does not run on a compiled kernel here: always, since this twin's fast path is
+    torch's own fused kernel, ``F.scaled_dot_product_attention``, chosen by the dispatch rule before the
+    engine (the JAX twin's :func:`native_reason` runs XLA's missing parallel loop as a C++ kernel)."""
+    return "the torch twin's compiled kernel is F.scaled_dot_product_attention (the fused path)"
 
 
 def _hoist(fn, example_args):
@@ -597,7 +609,7 @@ class _engine(torch.autograd.Function):
         # The consts as given (the score function reads these very tensors; see _hoist).
         ctx.cfg, ctx.score_pure, ctx.mask_pure = cfg, score_pure, mask_pure
         ctx.tabs, ctx.consts = tabs, consts
-        return out, stats[..., 2].contiguous()
+        return out, stats[..., -1].contiguous()
 
     @staticmethod
     def backward(ctx, d_out, d_lse):

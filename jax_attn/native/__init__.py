@@ -1,0 +1,160 @@
+"""The JAX twin's CPU attention kernel (``attention_cpu.cc``), built on first use and called through XLA's FFI.
+
+XLA:CPU runs the blocked engine's loops one small op at a time, each op split across the cores; on the
+2-core CPU of ``docs/performance.md`` that scaled 1.3–1.6× from one core to two where torch's fused kernel
+scales 2.0×. This kernel does what torch's does: a parallel loop over whole work items (query rows × query
+blocks forward, key rows backward), each an online softmax over key blocks on register-tiled GEMMs.
+
+It serves the engine's dense plan (:func:`jax_attn.engine.block_attention` with ``native=True``) for fp32
+inputs with no mask (or top-left causal), on the CPU backend. The dispatch rule offers it as the JAX twin's
+fused kernel on CPU (:func:`fused_fact`); everything else keeps the XLA engine.
+
+The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``g++``, ``c++`` or
+``clang++``) with ``-O3 -march=native`` against jaxlib's FFI headers, into
+``$JAX_ATTN_CACHE`` (default ``$XDG_CACHE_HOME/jax_attn`` or ``~/.cache/jax_attn``), keyed by the source,
+jaxlib's version, the compiler and the CPU's feature flags; about 3 s. Without a compiler (or with
+``JAX_ATTN_NATIVE=0``) :func:`unavailable` says why and the engine's XLA loops serve instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["NAME", "unavailable", "fused_fact", "forward", "backward"]
+
+log = logging.getLogger(__name__)
+
+#: The kernel's name in dispatch reasons.
+NAME = "jax_attn's CPU kernel"
+
+_SRC = Path(__file__).with_name("attention_cpu.cc")
+_TARGETS = {"jax_attn_cpu_forward": "JaxAttnCpuForward", "jax_attn_cpu_backward": "JaxAttnCpuBackward"}
+_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("JAX_ATTN_CACHE"):
+        return Path(os.environ["JAX_ATTN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jax_attn"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (``-march=native`` code runs only where they match)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """``(library, "")`` with the FFI targets registered, or ``(None, why not)``."""
+    if os.environ.get("JAX_ATTN_NATIVE", "1") == "0":
+        return None, "disabled by JAX_ATTN_NATIVE=0"
+    ffi = getattr(jax, "ffi", None)
+    if ffi is None or not hasattr(ffi, "include_dir"):
+        return None, f"jax {jax.__version__} has no jax.ffi (needs jax >= 0.4.38)"
+    cxx = _compiler()
+    if cxx is None:
+        return None, "no C++ compiler found ($CXX, g++, c++ or clang++)"
+    include = ffi.include_dir()
+    flags = ["-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-pthread", "-isystem", include]
+    import jaxlib
+
+    key = hashlib.sha256(
+        b"\0".join(
+            x.encode() if isinstance(x, str) else x
+            for x in (_SRC.read_bytes(), jaxlib.__version__, cxx, " ".join(flags), _cpu_flags())
+        )
+    ).hexdigest()[:16]
+    out = _cache_dir() / f"attention_cpu-{key}.so"
+    try:
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            os.close(fd)
+            try:
+                log.info("jax_attn: compiling %s (once per machine, ~3 s)", _SRC.name)
+                proc = subprocess.run(
+                    [cxx, *flags, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=600
+                )
+                if proc.returncode != 0:
+                    return None, f"compiling {_SRC.name} failed: {proc.stderr.strip()[-400:]}"
+                os.replace(tmp, out)  # atomic: a concurrent build or a crash leaves no half-written library
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        lib = ctypes.CDLL(str(out))
+        for target, symbol in _TARGETS.items():
+            ffi.register_ffi_target(target, ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+        return None, f"building or loading {_SRC.name} failed: {e}"
+    return lib, ""
+
+
+def unavailable() -> str:
+    """Why the kernel cannot run here ("" when it can). Builds it on first call."""
+    with _lock:
+        return _load()[1]
+
+
+def fused_fact(q_dtype, *, cpu: bool, masked: bool, dropout: bool, k_batch_ok: bool) -> str | None:
+    """:data:`NAME` when the kernel serves a call with these facts (the ``fused`` fact of the dispatch rule),
+    else None: the CPU backend, fp32, no mask array (top-left causal is fine), no dropout, and key/value
+    batch equal to the query batch."""
+    if not cpu or masked or dropout or not k_batch_ok or jnp.dtype(q_dtype) != jnp.float32:
+        return None
+    return NAME if not unavailable() else None
+
+
+def _call(target, results, *args, groups, scale, causal):
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f"{NAME} is unavailable: {why}")
+    return jax.ffi.ffi_call(target, results, vmap_method="sequential")(
+        *args, groups=np.int64(groups), scale=np.float32(scale), causal=np.int64(bool(causal))
+    )
+
+
+def forward(q, k, v, *, groups: int, scale: float, causal: bool):
+    """``q (R, T, H)``, ``k (R/groups, S, H)``, ``v (R/groups, S, V)`` fp32 → ``(out (R, T, V), lse (R, T))``;
+    query row r reads key row ``r // groups``."""
+    R, T, _ = q.shape
+    out = jax.ShapeDtypeStruct((R, T, v.shape[-1]), jnp.float32)
+    lse = jax.ShapeDtypeStruct((R, T), jnp.float32)
+    return _call("jax_attn_cpu_forward", (out, lse), q, k, v, groups=groups, scale=scale, causal=causal)
+
+
+def backward(q, k, v, lse, d_out, delta, *, groups: int, scale: float, causal: bool):
+    """Gradients ``(dq, dk, dv)`` of :func:`forward` given its ``lse``, the output cotangent ``d_out`` and
+    ``delta = rowsum(d_out ∘ out) − d_lse``."""
+    results = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    return _call(
+        "jax_attn_cpu_backward", results, q, k, v, lse, d_out, delta, groups=groups, scale=scale, causal=causal
+    )
