@@ -1,0 +1,162 @@
+"""The JAX twin's compiled CPU kernel (jax_attn/native, the engine's dense plan on the CPU backend) against
+the float64 NumPy oracle: outputs and every gradient, grouped heads, causal with T < S and T > S, head
+widths that are not a multiple of the vector width, lengths that are not a multiple of the blocks, the lse
+cotangent, vmap. Each case first checks that the kernel is what ran (its FFI target in the lowered program),
+and that the calls it does not take (a mask array) never reach it. (bf16 SDPA inputs reach it: the blocked
+path computes in float32 on CPU.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_attn
+from jax_attn import engine, native
+from compare.oracle import sdpa_backward, sdpa_forward
+
+pytestmark = pytest.mark.skipif(
+    bool(native.unavailable()), reason=f"the CPU kernel is unavailable here: {native.unavailable()}"
+)
+
+# (B, N, K, T, S, H, V, causal): GQA, T != S both ways (top-left causal), widths off the vector width,
+# lengths off the forward (128 x 256) and backward (64 x 128) blocks, single rows and keys.
+CASES = [
+    (2, 4, 4, 70, 70, 64, 64, True),
+    (1, 6, 2, 130, 300, 80, 48, False),
+    (2, 3, 1, 257, 129, 24, 40, True),
+    (1, 4, 2, 100, 600, 32, 32, True),
+    (1, 2, 2, 1, 1, 16, 8, False),
+    (3, 2, 1, 1, 513, 64, 64, False),
+    (1, 2, 1, 300, 17, 8, 72, False),
+]
+
+
+def _inputs(B, N, K, T, S, H, V, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, N, T, H)).astype(np.float32)
+    k = rng.standard_normal((B, K, S, H)).astype(np.float32)
+    v = rng.standard_normal((B, K, S, V)).astype(np.float32)
+    dy = rng.standard_normal((B, N, T, V)).astype(np.float32)
+    return q, k, v, dy
+
+
+def _sdpa(causal, scale=None, mask=None, implementation="blocked"):
+    def f(q, k, v):
+        return jax_attn.scaled_dot_product_attention(
+            q, k, v, mask, is_causal=causal, scale=scale, enable_gqa=True, implementation=implementation
+        )
+
+    return f
+
+
+def _uses_kernel(f, *args) -> bool:
+    return "jax_attn_cpu_forward" in jax.jit(f).lower(*args).as_text()
+
+
+def _close(got, ref, name):
+    ref = np.asarray(ref)
+    err = float(np.max(np.abs(np.asarray(got, np.float64) - ref)))
+    bound = 2e-6 * max(1.0, float(np.max(np.abs(ref)))) * 10
+    assert err <= bound, f"{name}: max |err| {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_kernel_matches_the_oracle(case):
+    B, N, K, T, S, H, V, causal = case
+    q, k, v, dy = _inputs(B, N, K, T, S, H, V)
+    scale = 0.7 / np.sqrt(H)
+    f = _sdpa(causal, scale)
+    assert _uses_kernel(f, q, k, v)
+    out, vjp = jax.vjp(jax.jit(f), q, k, v)
+    dq, dk, dv = vjp(jnp.asarray(dy))
+    q64, k64, v64, dy64 = (x.astype(np.float64) for x in (q, k, v, dy))
+    ref_out = sdpa_forward(q64, k64, v64, is_causal=causal, scale=scale, groups=N // K)["out"]
+    ref = sdpa_backward(q64, k64, v64, dy64, is_causal=causal, scale=scale, groups=N // K)
+    _close(out, ref_out, "out")
+    for name, got in zip(("dq", "dk", "dv"), (dq, dk, dv)):
+        _close(got, ref[name], name)
+
+
+def _lse_oracle(q, k, scale, causal, groups):
+    """float64 lse (B, N, T) and the gradients of sum(lse * dl) by hand: d lse_t / d s_ts = p_ts."""
+    k = np.repeat(k, groups, axis=1)
+    s = scale * np.einsum("bnth,bnsh->bnts", q, k)
+    T, S = s.shape[-2:]
+    if causal:
+        s = np.where(np.arange(S)[None] <= np.arange(T)[:, None], s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    e = np.exp(s - m)
+    lse = (m + np.log(e.sum(-1, keepdims=True)))[..., 0]
+    p = e / e.sum(-1, keepdims=True)
+
+    def grads(dl):
+        ds = p * dl[..., None]
+        dq = scale * np.einsum("bnts,bnsh->bnth", ds, k)
+        dk = scale * np.einsum("bnts,bnth->bnsh", ds, q)
+        return dq, dk.reshape(dk.shape[0], -1, groups, *dk.shape[2:]).sum(2)
+
+    return lse, grads
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_and_its_cotangent(causal):
+    B, N, K, T, S, H = 2, 4, 2, 150, 280, 40
+    q, k, v, _ = _inputs(B, N, K, T, S, H, H, seed=3)
+    dl = np.random.default_rng(4).standard_normal((B, N, T)).astype(np.float32)
+    scale = 1 / np.sqrt(H)
+
+    def lse_of(q, k, v):
+        out, lse = engine.block_attention(
+            q.reshape(B, K, N // K, T, H), k, v, None, T=T, S=S, bt=128, bs=128, scale=scale, causal=causal
+        )
+        return lse.reshape(B, N, T)
+
+    assert "jax_attn_cpu_forward" in jax.jit(lse_of).lower(q, k, v).as_text()
+    lse, vjp = jax.vjp(lse_of, q, k, v)
+    dq, dk, _ = vjp(jnp.asarray(dl))
+    ref_lse, grads = _lse_oracle(q.astype(np.float64), k.astype(np.float64), scale, causal, N // K)
+    ref_dq, ref_dk = grads(dl.astype(np.float64))
+    _close(lse, ref_lse, "lse")
+    _close(dq, ref_dq, "dq")
+    _close(dk, ref_dk, "dk")
+
+
+def test_vmap_over_the_kernel():
+    q, k, v, _ = _inputs(3, 2, 2, 40, 90, 16, 16, seed=5)
+    f = _sdpa(True)
+    out = jax.jit(jax.vmap(f))(q[:, None], k[:, None], v[:, None])[:, 0]
+    ref = sdpa_forward(*(x.astype(np.float64) for x in (q, k, v)), is_causal=True)["out"]
+    _close(out, ref, "out")
+
+
+def test_calls_it_does_not_take_stay_on_xla():
+    q, k, v, _ = _inputs(1, 2, 2, 64, 64, 16, 16)
+    mask = np.tril(np.ones((64, 64), bool))
+    assert not _uses_kernel(_sdpa(False, mask=mask), q, k, v)
+    assert engine.native_reason(jnp.float32, mask=mask) == "a mask array is given"
+    assert engine.native_reason(jnp.bfloat16) == "the kernel takes float32, not bfloat16"
+
+
+def test_the_xla_loops_serve_when_the_kernel_is_switched_off(monkeypatch):
+    monkeypatch.setattr(engine, "NATIVE", False)
+    q, k, v, _ = _inputs(1, 4, 2, 100, 100, 16, 16)
+    f = _sdpa(True)
+    assert not _uses_kernel(f, q, k, v)
+    ref = sdpa_forward(*(x.astype(np.float64) for x in (q, k, v)), is_causal=True, groups=2)["out"]
+    _close(jax.jit(f)(q, k, v), ref, "out")
+
+
+def test_disabled_by_the_environment():
+    code = (
+        "from jax_attn import native, engine; import jax.numpy as jnp; "
+        "print(repr(native.unavailable())); print(repr(engine.native_reason(jnp.float32)))"
+    )
+    env = dict(os.environ, JAX_ATTN_NATIVE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["'disabled by JAX_ATTN_NATIVE=0'"] * 2
