@@ -34,6 +34,7 @@ CASES = [
     (1, 2, 2, 1, 1, 16, 8, False),
     (3, 2, 1, 1, 513, 64, 64, False),
     (1, 2, 1, 300, 17, 8, 72, False),
+    (1, 3, 1, 200, 300, 32, 32, True),  # one key row: the backward splits its key blocks between threads
 ]
 
 

@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <thread>
@@ -153,16 +154,27 @@ void transpose_block(const float* src, int cols, int H, float* dst, int ld) {
     for (int d = 0; d < H; ++d) dst[(long)d * ld + c] = src[(long)c * H + d];
 }
 
+// Threads: the cores this process may run on (sched_getaffinity: taskset and cgroup cpusets count), or
+// $JAX_ATTN_NUM_THREADS.
 int worker_count() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
+  static const int count = [] {
+    if (const char* env = std::getenv("JAX_ATTN_NUM_THREADS")) {
+      const int n = std::atoi(env);
+      if (n > 0) return n;
+    }
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return (int)std::max(1u, std::thread::hardware_concurrency());
+  }();
+  return count;
 }
 
-// Runs body(item) for item in [0, n) on the available cores (each thread takes the next item).
+// Runs body(item) for item in [0, n) on up to worker_count() threads, each taking the next item; `fma`, the
+// call's multiply-adds, caps the threads at one per 2^21 (starting a thread costs about as much).
 template <class F>
-void parallel_items(long n, F body) {
-  const int workers = (int)std::min<long>(n, worker_count());
+void parallel_items(long n, double fma, F body) {
+  const long by_work = std::max(1L, (long)(fma / (1 << 21)));
+  const int workers = (int)std::min<long>(std::min<long>(n, worker_count()), by_work);
   std::atomic<long> next{0};
   auto run = [&]() {
     for (long i = next++; i < n; i = next++) body(i);
@@ -171,6 +183,14 @@ void parallel_items(long n, F body) {
   for (int t = 1; t < workers; ++t) threads.emplace_back(run);
   run();
   for (auto& t : threads) t.join();
+}
+
+// Per-thread scratch: buffer `slot` of at least n floats (contents undefined), kept for the thread's life
+// so that work items do not allocate (a 128 KiB block would be an mmap and fresh pages each time).
+float* scratch(int slot, size_t n) {
+  thread_local std::vector<float> buffers[12];
+  if (buffers[slot].size() < n) buffers[slot].resize(n);
+  return buffers[slot].data();
 }
 
 // Block sizes: the forward's query rows per work item and keys per block, the backward's. Measured on
@@ -200,33 +220,44 @@ inline int visible(const Dims& d, int t, int j0, int cols) {
 // rows of a tall panel do not all fall into the same L1 sets (a 2^k-float stride would).
 inline int t_ld(int n) { return round_up(n, W) + W; }
 
+// Multiply-adds of one pass over the logits (q.k or p.v), for the thread count.
+inline double pass_fma(const Dims& d) {
+  return (double)d.R * d.T * d.S * std::max(d.H, d.V) * (d.causal ? 0.5 : 1.0);
+}
+
 void forward(const Dims& d, const float* q, const float* k, const float* v, float* out, float* lse) {
   const int n_qb = (int)((d.T + FQ - 1) / FQ);
   const long Rk = d.R / d.groups;
   const int Vp = round_up((int)d.V, W), ldk = t_ld((int)d.S);
+  const bool v_padded = Vp != d.V;
   // every key row transposed once, (H, ldk): the logits' GEMM reads key columns as vectors
   std::vector<float> kt((size_t)Rk * d.H * ldk);
-  parallel_items(Rk, [&](long kr) {
+  parallel_items(Rk, (double)Rk * d.S * d.H / 8, [&](long kr) {
     transpose_block(k + kr * d.S * d.H, (int)d.S, (int)d.H, kt.data() + kr * d.H * ldk, ldk);
   });
-  parallel_items(d.R * n_qb, [&](long item) {
+  parallel_items(d.R * n_qb, 2 * pass_fma(d), [&](long item) {
     const long r = item / n_qb;
     const int t0 = (int)(item % n_qb) * FQ;
     const int rows = (int)std::min<long>(FQ, d.T - t0);
     const long kr = r / d.groups;
-    std::vector<float> sb((size_t)FQ * FK), acc((size_t)FQ * Vp, 0.f), vb;
-    std::vector<float> mx(FQ, -INFINITY), sum(FQ, 0.f);
+    float* sb = scratch(0, (size_t)FQ * FK);
+    float* acc = scratch(1, (size_t)FQ * Vp);
+    float* mx = scratch(2, FQ);
+    float* sum = scratch(3, FQ);
+    float* vb = v_padded ? scratch(4, (size_t)FK * Vp) : nullptr;
+    std::fill(acc, acc + (size_t)rows * Vp, 0.f);
+    std::fill(mx, mx + rows, -INFINITY);
+    std::fill(sum, sum + rows, 0.f);
+    if (v_padded) std::fill(vb, vb + (size_t)FK * Vp, 0.f);
     const float* qi = q + (r * d.T + t0) * d.H;
     const float* ktr = kt.data() + kr * d.H * ldk;
     const float* vr = v + kr * d.S * d.V;
-    const bool v_padded = Vp != d.V;
-    if (v_padded) vb.assign((size_t)FK * Vp, 0.f);
     const int end = key_end(d, t0, rows);
     for (int j0 = 0; j0 < end; j0 += FK) {
       const int cols = std::min(FK, end - j0), colsp = round_up(cols, W);
-      gemm(rows, colsp, (int)d.H, qi, d.H, 1, ktr + j0, ldk, sb.data(), FK, false);
+      gemm(rows, colsp, (int)d.H, qi, d.H, 1, ktr + j0, ldk, sb, FK, false);
       for (int i = 0; i < rows; ++i) {
-        float* s = sb.data() + (long)i * FK;
+        float* s = sb + (long)i * FK;
         const int lim = visible(d, t0 + i, j0, cols);
         if (lim <= 0) {
           std::memset(s, 0, sizeof(float) * colsp);
@@ -238,19 +269,18 @@ void forward(const Dims& d, const float* q, const float* k, const float* v, floa
         mx[i] = m_new;
         sum[i] = sum[i] * alpha + exp_row(s, colsp, d.scale, m_new);
         if (alpha != 1.f) {
-          float* a = acc.data() + (long)i * Vp;
+          float* a = acc + (long)i * Vp;
           for (int c = 0; c < Vp; c += W) vstore(a + c, vload(a + c) * alpha);
         }
       }
       const float* vblk = vr + (long)j0 * d.V;
       long ldv = d.V;
       if (v_padded) {
-        for (int c = 0; c < cols; ++c)
-          std::memcpy(vb.data() + (long)c * Vp, vblk + (long)c * d.V, sizeof(float) * d.V);
-        vblk = vb.data();
+        for (int c = 0; c < cols; ++c) std::memcpy(vb + (long)c * Vp, vblk + (long)c * d.V, sizeof(float) * d.V);
+        vblk = vb;
         ldv = Vp;
       }
-      gemm(rows, Vp, cols, sb.data(), FK, 1, vblk, ldv, acc.data(), Vp, true);
+      gemm(rows, Vp, cols, sb, FK, 1, vblk, ldv, acc, Vp, true);
     }
     for (int i = 0; i < rows; ++i) {
       float* o = out + (r * d.T + t0 + i) * d.V;
@@ -262,33 +292,48 @@ void forward(const Dims& d, const float* q, const float* k, const float* v, floa
 }
 
 // Gradients of forward's output (cotangent dout) and lse (folded into delta = rowsum(dout * out) - dlse,
-// computed by the caller). One work item per key row: it owns that row's dk, dv and its groups' dq rows.
+// computed by the caller). A work item is a key row, or where key rows are fewer than the threads, a share
+// of its key blocks (every n-th): it owns those blocks' dk and dv and all of its groups' query rows, whose
+// dq it accumulates in its own buffer (dq itself for a whole row; shares are summed afterwards).
 // Per key block: p = exp(scale * q.k - lse), ds = p * (dout.v - delta); dq += scale * ds . k,
 // dk += scale * ds^T . q, dv += p^T . dout (the transposed products read p and ds column-wise).
 void backward(const Dims& d, const float* q, const float* k, const float* v, const float* lse, const float* dout,
               const float* delta, float* dq, float* dk, float* dv) {
-  const long Rk = d.R / d.groups;
+  const long Rk = d.R / d.groups, rows_k = d.groups * d.T * d.H;  // dq floats per key row
   const int Hp = round_up((int)d.H, W), Vp = round_up((int)d.V, W), ldt = t_ld(BK);
-  parallel_items(Rk, [&](long kr) {
-    std::vector<float> kt((size_t)d.H * ldt), vt((size_t)d.V * ldt), p((size_t)BQ * BK), ds((size_t)BQ * BK);
-    std::vector<float> dkb((size_t)BK * Hp), dvb((size_t)BK * Vp), dqb((size_t)BQ * Hp);
-    std::vector<float> qpad, dopad, kpad;
-    const bool hpad = Hp != d.H, vpad = Vp != d.V;
-    if (hpad) qpad.assign((size_t)BQ * Hp, 0.f), kpad.assign((size_t)BK * Hp, 0.f);
-    if (vpad) dopad.assign((size_t)BQ * Vp, 0.f);
+  const bool hpad = Hp != d.H, vpad = Vp != d.V;
+  const int n_kb = (int)((d.S + BK - 1) / BK);
+  const int shares = (int)std::min<long>(n_kb, (worker_count() + Rk - 1) / Rk);
+  std::vector<float> dq_shares(shares > 1 ? (size_t)Rk * shares * rows_k : 0);
+  parallel_items(Rk * shares, 5 * pass_fma(d), [&](long item) {
+    const long kr = item / shares;
+    const int share = (int)(item % shares);
+    float* kt = scratch(0, (size_t)d.H * ldt);
+    float* vt = scratch(1, (size_t)d.V * ldt);
+    float* p = scratch(2, (size_t)BQ * BK);
+    float* ds = scratch(3, (size_t)BQ * BK);
+    float* dkb = scratch(4, (size_t)BK * Hp);
+    float* dvb = scratch(5, (size_t)BK * Vp);
+    float* dqb = scratch(6, (size_t)BQ * Hp);
+    float* qpad = hpad ? scratch(7, (size_t)BQ * Hp) : nullptr;
+    float* kpad = hpad ? scratch(8, (size_t)BK * Hp) : nullptr;
+    float* dopad = vpad ? scratch(9, (size_t)BQ * Vp) : nullptr;
+    if (hpad) std::fill(qpad, qpad + (size_t)BQ * Hp, 0.f), std::fill(kpad, kpad + (size_t)BK * Hp, 0.f);
+    if (vpad) std::fill(dopad, dopad + (size_t)BQ * Vp, 0.f);
+    float* dq_own = shares > 1 ? dq_shares.data() + item * rows_k : dq + kr * rows_k;
+    std::fill(dq_own, dq_own + rows_k, 0.f);
     const float* kr_ = k + kr * d.S * d.H;
     const float* vr = v + kr * d.S * d.V;
-    for (long g = 0; g < d.groups; ++g)
-      std::memset(dq + (kr * d.groups + g) * d.T * d.H, 0, sizeof(float) * d.T * d.H);
-    for (int j0 = 0; j0 < d.S; j0 += BK) {
+    for (int jb = share; jb < n_kb; jb += shares) {
+      const int j0 = jb * BK;
       const int cols = (int)std::min<long>(BK, d.S - j0), colsp = round_up(cols, W);
-      transpose_block(kr_ + (long)j0 * d.H, cols, (int)d.H, kt.data(), ldt);
-      transpose_block(vr + (long)j0 * d.V, cols, (int)d.V, vt.data(), ldt);
-      std::fill(dkb.begin(), dkb.end(), 0.f);
-      std::fill(dvb.begin(), dvb.end(), 0.f);
+      transpose_block(kr_ + (long)j0 * d.H, cols, (int)d.H, kt, ldt);
+      transpose_block(vr + (long)j0 * d.V, cols, (int)d.V, vt, ldt);
+      std::fill(dkb, dkb + (size_t)BK * Hp, 0.f);
+      std::fill(dvb, dvb + (size_t)BK * Vp, 0.f);
       if (hpad)
         for (int c = 0; c < cols; ++c)
-          std::memcpy(kpad.data() + (long)c * Hp, kr_ + (long)(j0 + c) * d.H, sizeof(float) * d.H);
+          std::memcpy(kpad + (long)c * Hp, kr_ + (long)(j0 + c) * d.H, sizeof(float) * d.H);
       const int t_first = d.causal ? j0 / BQ * BQ : 0;  // query rows t < j0 see none of these keys
       for (long g = 0; g < d.groups; ++g) {
         const long r = kr * d.groups + g;
@@ -296,12 +341,12 @@ void backward(const Dims& d, const float* q, const float* k, const float* v, con
           const int rows = (int)std::min<long>(BQ, d.T - t0);
           const float* qi = q + (r * d.T + t0) * d.H;
           const float* doi = dout + (r * d.T + t0) * d.V;
-          gemm(rows, colsp, (int)d.H, qi, d.H, 1, kt.data(), ldt, p.data(), BK, false);
-          gemm(rows, colsp, (int)d.V, doi, d.V, 1, vt.data(), ldt, ds.data(), BK, false);
+          gemm(rows, colsp, (int)d.H, qi, d.H, 1, kt, ldt, p, BK, false);
+          gemm(rows, colsp, (int)d.V, doi, d.V, 1, vt, ldt, ds, BK, false);
           for (int i = 0; i < rows; ++i) {
             const long t = t0 + i;
-            float* pi = p.data() + (long)i * BK;
-            float* dsi = ds.data() + (long)i * BK;
+            float* pi = p + (long)i * BK;
+            float* dsi = ds + (long)i * BK;
             const int lim = visible(d, (int)t, j0, cols);
             const float l = lse[r * d.T + t];
             if (lim <= 0 || !std::isfinite(l)) {
@@ -314,32 +359,31 @@ void backward(const Dims& d, const float* q, const float* k, const float* v, con
             const float de = delta[r * d.T + t];
             for (int c = 0; c < colsp; c += W) vstore(dsi + c, vload(pi + c) * (vload(dsi + c) - de));
           }
-          float* dqi = dq + (r * d.T + t0) * d.H;
+          float* dqi = dq_own + (g * d.T + t0) * d.H;
           if (hpad) {
-            gemm(rows, Hp, cols, ds.data(), BK, 1, kpad.data(), Hp, dqb.data(), Hp, false);
+            gemm(rows, Hp, cols, ds, BK, 1, kpad, Hp, dqb, Hp, false);
             for (int i = 0; i < rows; ++i)
               for (int c = 0; c < d.H; ++c) dqi[(long)i * d.H + c] += dqb[(long)i * Hp + c];
           } else {
-            gemm(rows, (int)d.H, cols, ds.data(), BK, 1, kr_ + (long)j0 * d.H, d.H, dqi, d.H, true);
+            gemm(rows, (int)d.H, cols, ds, BK, 1, kr_ + (long)j0 * d.H, d.H, dqi, d.H, true);
           }
           const float* qa = qi;
           long ldq = d.H;
           if (hpad) {
-            for (int i = 0; i < rows; ++i)
-              std::memcpy(qpad.data() + (long)i * Hp, qi + (long)i * d.H, sizeof(float) * d.H);
-            qa = qpad.data();
+            for (int i = 0; i < rows; ++i) std::memcpy(qpad + (long)i * Hp, qi + (long)i * d.H, sizeof(float) * d.H);
+            qa = qpad;
             ldq = Hp;
           }
-          gemm(cols, Hp, rows, ds.data(), 1, BK, qa, ldq, dkb.data(), Hp, true);
+          gemm(cols, Hp, rows, ds, 1, BK, qa, ldq, dkb, Hp, true);
           const float* da = doi;
           long ldo = d.V;
           if (vpad) {
             for (int i = 0; i < rows; ++i)
-              std::memcpy(dopad.data() + (long)i * Vp, doi + (long)i * d.V, sizeof(float) * d.V);
-            da = dopad.data();
+              std::memcpy(dopad + (long)i * Vp, doi + (long)i * d.V, sizeof(float) * d.V);
+            da = dopad;
             ldo = Vp;
           }
-          gemm(cols, Vp, rows, p.data(), 1, BK, da, ldo, dvb.data(), Vp, true);
+          gemm(cols, Vp, rows, p, 1, BK, da, ldo, dvb, Vp, true);
         }
       }
       for (int c = 0; c < cols; ++c) {
@@ -349,11 +393,20 @@ void backward(const Dims& d, const float* q, const float* k, const float* v, con
         for (int x = 0; x < d.V; ++x) dvr[x] = dvb[(long)c * Vp + x];
       }
     }
-    for (long g = 0; g < d.groups; ++g) {
-      float* dqr = dq + (kr * d.groups + g) * d.T * d.H;
-      for (long i = 0; i < d.T * d.H; ++i) dqr[i] *= d.scale;
-    }
+    if (shares == 1)
+      for (long i = 0; i < rows_k; ++i) dq_own[i] *= d.scale;
   });
+  if (shares > 1) {  // sum the shares' dq (in share order: the same rounding every run)
+    parallel_items(d.R, (double)d.R * d.T * d.H * shares, [&](long r) {
+      const long kr = r / d.groups, g = r % d.groups;
+      float* out = dq + r * d.T * d.H;
+      for (long i = 0; i < d.T * d.H; ++i) {
+        float t = 0;
+        for (int s = 0; s < shares; ++s) t += dq_shares[(kr * shares + s) * rows_k + g * d.T * d.H + i];
+        out[i] = t * d.scale;
+      }
+    });
+  }
 }
 
 }  // namespace
