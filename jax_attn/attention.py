@@ -49,9 +49,9 @@ from attn_spec.attention import (
     state_dict_shapes,
 )
 from attn_spec.blocks import block_sizes
-from attn_spec.dispatch import ChoiceLog
+from attn_spec.dispatch import Choice, ChoiceLog
 from jax_attn.causal import Linear, _assign, _concrete_index, _to_numpy
-from jax_attn.engine import block_attention
+from jax_attn.engine import block_attention, native_reason
 from jax_attn.flex import create_block_mask, flex_attention
 from jax_attn.rope import apply_rope, rope_cos_sin
 
@@ -551,6 +551,10 @@ class Attention(nnx.Module):
         if path is None:  # chosen from this call's shapes (static under jit: at trace time)
             dropout_on = not self.deterministic and c.dropout > 0.0
             choice = choose(c, B=B, T=T, S=k_BKSH.shape[2], dropout=dropout_on, fused=None)
+            dense_plan = unmasked and c.softcap is None and c.alibi_slopes is None  # see _blocked_attention
+            ct = jnp.promote_types(q_BNTH.dtype, jnp.float32)
+            if choice.implementation == "blocked" and dense_plan and not native_reason(ct):
+                choice = Choice("blocked", f"{choice.reason}; runs on jax_attn's CPU kernel", choice.warning)
             self.dispatch.last = choice
             path = choice.implementation
         if path == "blocked":

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from attn_spec import check_implementation, check_sdpa
 from attn_spec.blocks import block_sizes
 from attn_spec.dispatch import AUTO, Choice, select
-from jax_attn.engine import block_attention
+from jax_attn.engine import block_attention, native_reason
 from jax_attn.masks import causal_mask
 
 logger = logging.getLogger(__name__)
@@ -255,6 +255,8 @@ def _select(shapes, dtype, attn_mask, dropout_p, need_weights, name="scaled_dot_
         float_mask=attn_mask is not None and jnp.dtype(attn_mask.dtype) != jnp.bool_,
         fused=fused,
     )
+    if choice.implementation == "blocked" and not native_reason(_compute_dtype(dtype), mask=attn_mask):
+        choice = Choice("blocked", f"{choice.reason}; runs on jax_attn's CPU kernel", choice.warning)
     logger.debug("%s(implementation=None): %s", name, choice)
     if choice.warning and choice.warning not in _WARNED:
         _WARNED.add(choice.warning)

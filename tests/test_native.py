@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import jax_attn
-from jax_attn import engine, native
 from compare.oracle import sdpa_backward, sdpa_forward
+from jax_attn import engine, native
 
 pytestmark = pytest.mark.skipif(
     bool(native.unavailable()), reason=f"the CPU kernel is unavailable here: {native.unavailable()}"
@@ -161,3 +161,11 @@ def test_disabled_by_the_environment():
     env = dict(os.environ, JAX_ATTN_NATIVE="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["'disabled by JAX_ATTN_NATIVE=0'"] * 2
+
+
+def test_the_choice_names_the_kernel():
+    q = jax.ShapeDtypeStruct((2, 8, 1024, 64), jnp.float32)
+    assert "runs on jax_attn's CPU kernel" in jax_attn.select_implementation(q, q, q, is_causal=True).reason
+    mask = jax.ShapeDtypeStruct((1024, 1024), jnp.bool_)
+    choice = jax_attn.select_implementation(q, q, q, mask)
+    assert choice.implementation == "blocked" and "CPU kernel" not in choice.reason

@@ -1,4 +1,4 @@
-"""The JAX twin's CPU attention kernel (``attention_cpu.cc``), built on first use and called through XLA's FFI.
+"""The JAX twin's CPU attention kernel (``attention_cpu.cc``), built on first use, called through XLA's FFI.
 
 XLA:CPU runs the blocked engine's loops one small op at a time, each op split across the cores; on the
 2-core CPU of ``docs/performance.md`` that scaled 1.3–1.6× from one core to two where torch's fused kernel
@@ -155,6 +155,5 @@ def backward(q, k, v, lse, d_out, delta, *, groups: int, scale: float, causal: b
     """Gradients ``(dq, dk, dv)`` of :func:`forward` given its ``lse``, the output cotangent ``d_out`` and
     ``delta = rowsum(d_out ∘ out) − d_lse``."""
     results = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    return _call(
-        "jax_attn_cpu_backward", results, q, k, v, lse, d_out, delta, groups=groups, scale=scale, causal=causal
-    )
+    args = (q, k, v, lse, d_out, delta)
+    return _call("jax_attn_cpu_backward", results, *args, groups=groups, scale=scale, causal=causal)
