@@ -169,3 +169,30 @@ def test_the_choice_names_the_kernel():
     mask = jax.ShapeDtypeStruct((1024, 1024), jnp.bool_)
     choice = jax_attn.select_implementation(q, q, q, mask)
     assert choice.implementation == "blocked" and "CPU kernel" not in choice.reason
+
+
+def test_flex_with_no_mods_runs_on_the_kernel():
+    """``flex_attention`` with neither block mask nor score_mod takes the dense plan, hence the kernel:
+    output, lse and the gradients of both (GQA, T != S)."""
+    import jax_attn.flex as jf
+
+    B, N, K, T, S, H = 1, 4, 2, 90, 200, 24
+    q, k, v, dy = _inputs(B, N, K, T, S, H, H, seed=9)
+    dl = np.random.default_rng(10).standard_normal((B, N, T)).astype(np.float32)
+
+    def f(q, k, v):
+        return jf.flex_attention(q, k, v, enable_gqa=True, return_lse=True)
+
+    assert "jax_attn_cpu_forward" in jax.jit(f).lower(q, k, v).as_text()
+    (out, lse), vjp = jax.vjp(jax.jit(f), q, k, v)
+    dq, dk, dv = vjp((jnp.asarray(dy), jnp.asarray(dl)))
+    q64, k64, v64, dy64 = (x.astype(np.float64) for x in (q, k, v, dy))
+    scale = 1 / np.sqrt(H)
+    ref_lse, grads = _lse_oracle(q64, k64, scale, False, N // K)
+    ref = sdpa_backward(q64, k64, v64, dy64, groups=N // K)
+    lse_dq, lse_dk = grads(dl.astype(np.float64))
+    _close(out, sdpa_forward(q64, k64, v64, groups=N // K)["out"], "out")
+    _close(lse, ref_lse, "lse")
+    _close(dq, ref["dq"] + lse_dq, "dq")
+    _close(dk, ref["dk"] + lse_dk, "dk")
+    _close(dv, ref["dv"], "dv")

@@ -73,6 +73,7 @@ def _small_blocks(monkeypatch, max_block, unroll):
 
     monkeypatch.setattr(attn_spec.blocks, "MAX_BLOCK", max_block)
     monkeypatch.setattr(attn_spec.blocks, "MIN_CAUSAL_BLOCK", 2)
+    monkeypatch.setattr(jax_attn.engine, "NATIVE", False)  # the XLA loops' blocks (the kernel has its own)
     if unroll is not None:
         monkeypatch.setattr(jax_attn.engine, "_UNROLL_CAUSAL", unroll)
 
