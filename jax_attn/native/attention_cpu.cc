@@ -44,9 +44,11 @@ inline vf vload(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline void vstore(float* p, vf x) { *reinterpret_cast<vf*>(p) = x; }
 
 // C[M x NV*W] (+)= A[M x k] . B[k x NV*W]: A's element (m, d) at A[m * lda + d * acs] (acs = 1: row-major;
-// lda = 1: A stored transposed), B and C row-major with leading dimensions ldb, ldc.
+// lda = 1: A stored transposed), B and C row-major with leading dimensions ldb, ldc. With rmax, also
+// rmax[m] = max(rmax[m], max of C's row m in this tile) (the softmax's row max, without another pass).
 template <int M, int NV>
-inline void tile(int k, const float* A, long lda, long acs, const float* B, long ldb, float* C, long ldc, bool acc) {
+inline void tile(int k, const float* A, long lda, long acs, const float* B, long ldb, float* C, long ldc, bool acc,
+                 float* rmax) {
   vf c[M][NV];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NV; ++j) c[m][j] = acc ? vload(C + m * ldc + j * W) : vf{};
@@ -60,42 +62,53 @@ inline void tile(int k, const float* A, long lda, long acs, const float* B, long
   }
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NV; ++j) vstore(C + m * ldc + j * W, c[m][j]);
+  if (rmax)
+    for (int m = 0; m < M; ++m) {
+      vf x = c[m][0];
+      for (int j = 1; j < NV; ++j) x = c[m][j] > x ? c[m][j] : x;
+      float t = rmax[m];
+      for (int l = 0; l < W; ++l) t = std::max(t, x[l]);
+      rmax[m] = t;
+    }
 }
 
 template <int M>
 inline void tile_rows(int nv, int k, const float* A, long lda, long acs, const float* B, long ldb, float* C,
-                      long ldc, bool acc) {
-  if (nv == 1) tile<M, 1>(k, A, lda, acs, B, ldb, C, ldc, acc);
-  if constexpr (NR >= 2) if (nv == 2) tile<M, 2>(k, A, lda, acs, B, ldb, C, ldc, acc);
+                      long ldc, bool acc, float* rmax) {
+  if (nv == 1) tile<M, 1>(k, A, lda, acs, B, ldb, C, ldc, acc, rmax);
+  if constexpr (NR >= 2) if (nv == 2) tile<M, 2>(k, A, lda, acs, B, ldb, C, ldc, acc, rmax);
   if constexpr (NR >= 4) {
-    if (nv == 3) tile<M, 3>(k, A, lda, acs, B, ldb, C, ldc, acc);
-    if (nv == 4) tile<M, 4>(k, A, lda, acs, B, ldb, C, ldc, acc);
+    if (nv == 3) tile<M, 3>(k, A, lda, acs, B, ldb, C, ldc, acc, rmax);
+    if (nv == 4) tile<M, 4>(k, A, lda, acs, B, ldb, C, ldc, acc, rmax);
   }
 }
 
-// C[m x n] (+)= A[m x k] . B[k x n] (A's element (m, d) at A[m * lda + d * acs]); n a multiple of W.
+// C[m x n] (+)= A[m x k] . B[k x n] (A's element (m, d) at A[m * lda + d * acs]); n a multiple of W. With
+// rmax (m floats), each row's max over C is folded into it (see tile).
 void gemm(int m, int n, int k, const float* A, long lda, long acs, const float* B, long ldb, float* C, long ldc,
-          bool acc) {
+          bool acc, float* rmax = nullptr) {
   for (int j0 = 0; j0 < n; j0 += NR * W) {
     const int nv = std::min(NR, (n - j0) / W);
     int i0 = 0;
     for (; i0 + MR <= m; i0 += MR)
-      tile_rows<MR>(nv, k, A + i0 * lda, lda, acs, B + j0, ldb, C + i0 * ldc + j0, ldc, acc);
+      tile_rows<MR>(nv, k, A + i0 * lda, lda, acs, B + j0, ldb, C + i0 * ldc + j0, ldc, acc, rmax ? rmax + i0 : nullptr);
     const float* a = A + i0 * lda;
     float* c = C + i0 * ldc + j0;
+    float* rm = rmax ? rmax + i0 : nullptr;
     switch (m - i0) {
-      case 1: tile_rows<1>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc); break;
-      case 2: tile_rows<2>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc); break;
-      case 3: tile_rows<3>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc); break;
-      case 4: tile_rows<4>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc); break;
-      case 5: tile_rows<5>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc); break;
+      case 1: tile_rows<1>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc, rm); break;
+      case 2: tile_rows<2>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc, rm); break;
+      case 3: tile_rows<3>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc, rm); break;
+      case 4: tile_rows<4>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc, rm); break;
+      case 5: tile_rows<5>(nv, k, a, lda, acs, B + j0, ldb, c, ldc, acc, rm); break;
     }
   }
 }
 
 // exp(x) for a vector: 2^n * e^f with n = round(x / ln 2) (by the 1.5 * 2^23 rounding trick),
-// |f| <= ln 2 / 2 and a degree-6 Taylor polynomial (relative error ~2e-7); exactly 0 at or below
-// -87.3 (and for -inf), so masked logits give exact zeros. x <= 88.
+// |f| <= ln 2 / 2 and a degree-5 polynomial fitted to e^f there for the least maximum relative error
+// (7.5e-8 in float64 arithmetic, about one float32 ulp); exactly 0 at or below -87.3 (and for -inf), so
+// masked logits give exact zeros. x <= 88.
 inline vf vexp(vf x) {
   typedef int vi __attribute__((vector_size(W * 4)));
   const vf lo = vf{} - 87.3f;
@@ -104,13 +117,12 @@ inline vf vexp(vf x) {
   const vf n = t - 12582912.0f;
   vf f = xc - n * 0.693145751953125f;
   f = f - n * 1.428606765330187045e-06f;
-  vf p = vf{} + 1.0f / 720;
-  p = p * f + 1.0f / 120;
-  p = p * f + 1.0f / 24;
-  p = p * f + 1.0f / 6;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
+  vf p = vf{} + 0.008297655172536026f;
+  p = p * f + 0.041915381966471946f;
+  p = p * f + 0.1666757472684628f;
+  p = p * f + 0.49998894851454057f;
+  p = p * f + 0.9999996919925661f;
+  p = p * f + 1.000000071654677f;
   vi e;
   std::memcpy(&e, &t, sizeof(e));
   e = (e + 127) << 23;
@@ -245,17 +257,24 @@ void forward(const Dims& d, const float* q, const float* k, const float* v, floa
     float* mx = scratch(2, FQ);
     float* sum = scratch(3, FQ);
     float* vb = v_padded ? scratch(4, (size_t)FK * Vp) : nullptr;
+    float* bmax = scratch(5, FQ);
+    float* qs = scratch(6, (size_t)FQ * d.H);
     std::fill(acc, acc + (size_t)rows * Vp, 0.f);
     std::fill(mx, mx + rows, -INFINITY);
     std::fill(sum, sum + rows, 0.f);
     if (v_padded) std::fill(vb, vb + (size_t)FK * Vp, 0.f);
-    const float* qi = q + (r * d.T + t0) * d.H;
+    // the query block times the scale: the logits come out scaled (one multiply per query element)
+    for (long x = 0, n = (long)rows * d.H, o = (r * d.T + t0) * d.H; x < n; ++x) qs[x] = q[o + x] * d.scale;
     const float* ktr = kt.data() + kr * d.H * ldk;
     const float* vr = v + kr * d.S * d.V;
     const int end = key_end(d, t0, rows);
     for (int j0 = 0; j0 < end; j0 += FK) {
       const int cols = std::min(FK, end - j0), colsp = round_up(cols, W);
-      gemm(rows, colsp, (int)d.H, qi, d.H, 1, ktr + j0, ldk, sb, FK, false);
+      // every row sees every column of the block: the GEMM folds in the row max (a clipped or padded
+      // block takes it after masking: a masked logit must not raise the shift, or exp could underflow)
+      const bool whole = cols == colsp && visible(d, t0, j0, cols) == cols;
+      if (whole) std::fill(bmax, bmax + rows, -INFINITY);
+      gemm(rows, colsp, (int)d.H, qs, d.H, 1, ktr + j0, ldk, sb, FK, false, whole ? bmax : nullptr);
       for (int i = 0; i < rows; ++i) {
         float* s = sb + (long)i * FK;
         const int lim = visible(d, t0 + i, j0, cols);
@@ -264,10 +283,10 @@ void forward(const Dims& d, const float* q, const float* k, const float* v, floa
           continue;
         }
         for (int c = lim; c < colsp; ++c) s[c] = -INFINITY;
-        const float m_new = std::max(mx[i], max_row(s, colsp, d.scale));
+        const float m_new = std::max(mx[i], whole ? bmax[i] : max_row(s, colsp, 1.f));
         const float alpha = std::exp(mx[i] - m_new);
         mx[i] = m_new;
-        sum[i] = sum[i] * alpha + exp_row(s, colsp, d.scale, m_new);
+        sum[i] = sum[i] * alpha + exp_row(s, colsp, 1.f, m_new);
         if (alpha != 1.f) {
           float* a = acc + (long)i * Vp;
           for (int c = 0; c < Vp; c += W) vstore(a + c, vload(a + c) * alpha);
