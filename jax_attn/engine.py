@@ -436,12 +436,11 @@ def _forward(cfg, score_pure, mask_pure, q, k, v, tabs, consts, mask):
     (0 for rows with nothing kept), the row sum (1 for them) and the lse (-inf for them). Max and sum are
     kept apart for the backward, where ``exp((s - max) - log sum)`` is exact for every row (folded into a
     logsumexp, a ``finfo.min`` additive mask would round ``max + log(sum)`` to ``max``). The compiled
-    kernel (``cfg.native``) returns the lse alone: statistics ``(R, T, 1)``."""
+    kernel (``cfg.native``) returns the same three, ``(R, T, 3)``."""
     if cfg.native:
         from jax_attn import native  # noqa: PLC0415
 
-        out, lse = native.forward(q, k, v, groups=cfg.G, scale=cfg.scale, causal=cfg.causal)
-        return out, lse[..., None]
+        return native.forward(q, k, v, groups=cfg.G, scale=cfg.scale, causal=cfg.causal)
     Gi = cfg.G // cfg.Gp
     Tp = q.shape[1] // Gi
     n_q, n_kv, Vw = Tp // cfg.bt, k.shape[1] // cfg.bs, v.shape[-1]
@@ -560,7 +559,7 @@ def _engine_bwd(cfg, score_pure, mask_pure, residuals, cotangents):
         lse = stats[..., -1]
         delta = jnp.sum(d_out * out, axis=-1) - jnp.where(jnp.isfinite(lse), d_lse, 0.0)
         dq, dk, dv = native.backward(
-            q, k, v, lse, d_out, delta, groups=cfg.G, scale=cfg.scale, causal=cfg.causal
+            q, k, v, stats, d_out, delta, groups=cfg.G, scale=cfg.scale, causal=cfg.causal
         )  # fmt: skip
         return dq, dk, dv, (), (), None
     Gi = cfg.G // cfg.Gp

@@ -196,3 +196,28 @@ def test_flex_with_no_mods_runs_on_the_kernel():
     _close(dq, ref["dq"] + lse_dq, "dq")
     _close(dk, ref["dk"] + lse_dk, "dk")
     _close(dv, ref["dv"], "dv")
+
+
+@pytest.mark.parametrize("name", ["large_logits", "large_mean_offset", "basic", "gqa_G2"])
+def test_shared_vectors_on_the_kernel(all_vectors, name):
+    """Shared SDPA vectors through the kernel, judged by the tolerance policy against the oracle. Logits of
+    order 1e4 (``large_logits``) hold only where the backward recomputes the forward's logits to the bit:
+    a backward that scaled the product instead of the query (one rounding of 1e4 apart) put dv off by
+    8e-3 against a tolerance of 4e-5."""
+    from compare import agree
+
+    vec = all_vectors[name]
+    c, a = vec.case, vec.arrays
+    assert c.dtype == "float32" and "attn_mask" not in a
+    q, k, v, dout = (jnp.asarray(a[n], jnp.float32) for n in ("q", "k", "v", "dout"))
+
+    def f(q, k, v):
+        return jax_attn.scaled_dot_product_attention(
+            q, k, v, None, 0.0, c.is_causal, c.scale, c.enable_gqa, implementation="blocked"
+        )
+
+    assert _uses_kernel(f, q, k, v)
+    out, vjp = jax.vjp(f, q, k, v)
+    res = dict(zip(("out", "dq", "dk", "dv"), (np.asarray(x, np.float64) for x in (out, *vjp(dout)))))
+    bad = [x for x in agree.against_oracle(vec, res) if not x.ok]
+    assert not bad, "; ".join(f"{x.quantity} max_abs={x.max_abs:.3e} tol={x.tol:.3e}" for x in bad)

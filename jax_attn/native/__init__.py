@@ -143,17 +143,19 @@ def _call(target, results, *args, groups, scale, causal):
 
 
 def forward(q, k, v, *, groups: int, scale: float, causal: bool):
-    """``q (R, T, H)``, ``k (R/groups, S, H)``, ``v (R/groups, S, V)`` fp32 → ``(out (R, T, V), lse (R, T))``;
-    query row r reads key row ``r // groups``."""
+    """``q (R, T, H)``, ``k (R/groups, S, H)``, ``v (R/groups, S, V)`` fp32 → ``(out (R, T, V), stats (R, T,
+    3))``; query row r reads key row ``r // groups``. ``stats``: the row's max of the scaled logits, the sum
+    of their exponentials shifted by it and the lse (the engine's layout; 0, 1, -inf for an empty row)."""
     R, T, _ = q.shape
     out = jax.ShapeDtypeStruct((R, T, v.shape[-1]), jnp.float32)
-    lse = jax.ShapeDtypeStruct((R, T), jnp.float32)
-    return _call("jax_attn_cpu_forward", (out, lse), q, k, v, groups=groups, scale=scale, causal=causal)
+    stats = jax.ShapeDtypeStruct((R, T, 3), jnp.float32)
+    return _call("jax_attn_cpu_forward", (out, stats), q, k, v, groups=groups, scale=scale, causal=causal)
 
 
-def backward(q, k, v, lse, d_out, delta, *, groups: int, scale: float, causal: bool):
-    """Gradients ``(dq, dk, dv)`` of :func:`forward` given its ``lse``, the output cotangent ``d_out`` and
-    ``delta = rowsum(d_out ∘ out) − d_lse``."""
+def backward(q, k, v, stats, d_out, delta, *, groups: int, scale: float, causal: bool):
+    """Gradients ``(dq, dk, dv)`` of :func:`forward` given its ``stats``, the output cotangent ``d_out`` and
+    ``delta = rowsum(d_out ∘ out) − d_lse``. The probabilities are recomputed as ``exp((s − max) − log sum)``
+    from logits equal to the forward's to the bit."""
     results = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    args = (q, k, v, lse, d_out, delta)
+    args = (q, k, v, stats, d_out, delta)
     return _call("jax_attn_cpu_backward", results, *args, groups=groups, scale=scale, causal=causal)

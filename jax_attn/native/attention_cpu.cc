@@ -8,7 +8,8 @@
 // key blocks on register-tiled GEMMs.
 //
 // Layouts (row-major): q (R, T, H), k (Rk, S, H), v (Rk, S, V), R = Rk * groups; query row r reads key
-// row r / groups (grouped-query attention). out (R, T, V); lse (R, T), the natural-log sum of the
+// row r / groups (grouped-query attention). out (R, T, V); stats (R, T, 3): the row's max of the scaled
+// logits, the sum of their exponentials shifted by it, and lse = max + log(sum), the natural-log sum of the
 // exponentiated scaled logits. Causal is top-left: query t sees keys s <= t.
 //
 // Written for this project; compiled on first use by jax_attn/native/__init__.py with -O3 -march=native.
@@ -132,11 +133,11 @@ inline vf vexp(vf x) {
   return x <= lo ? vf{} : r;
 }
 
-// s[i] = exp(scale * s[i] - shift) for i < n (n a multiple of W); returns their sum.
-inline float exp_row(float* s, int n, float scale, float shift) {
+// s[i] = exp((s[i] - shift) - shift2) for i < n (n a multiple of W); returns their sum.
+inline float exp_row(float* s, int n, float shift, float shift2) {
   vf acc{};
   for (int c = 0; c < n; c += W) {
-    const vf e = vexp(vload(s + c) * scale - shift);
+    const vf e = vexp((vload(s + c) - shift) - shift2);
     vstore(s + c, e);
     acc += e;
   }
@@ -237,7 +238,7 @@ inline double pass_fma(const Dims& d) {
   return (double)d.R * d.T * d.S * std::max(d.H, d.V) * (d.causal ? 0.5 : 1.0);
 }
 
-void forward(const Dims& d, const float* q, const float* k, const float* v, float* out, float* lse) {
+void forward(const Dims& d, const float* q, const float* k, const float* v, float* out, float* stats) {
   const int n_qb = (int)((d.T + FQ - 1) / FQ);
   const long Rk = d.R / d.groups;
   const int Vp = round_up((int)d.V, W), ldk = t_ld((int)d.S);
@@ -286,7 +287,7 @@ void forward(const Dims& d, const float* q, const float* k, const float* v, floa
         const float m_new = std::max(mx[i], whole ? bmax[i] : max_row(s, colsp, 1.f));
         const float alpha = std::exp(mx[i] - m_new);
         mx[i] = m_new;
-        sum[i] = sum[i] * alpha + exp_row(s, colsp, 1.f, m_new);
+        sum[i] = sum[i] * alpha + exp_row(s, colsp, m_new, 0.f);
         if (alpha != 1.f) {
           float* a = acc + (long)i * Vp;
           for (int c = 0; c < Vp; c += W) vstore(a + c, vload(a + c) * alpha);
@@ -305,7 +306,10 @@ void forward(const Dims& d, const float* q, const float* k, const float* v, floa
       float* o = out + (r * d.T + t0 + i) * d.V;
       const float inv = sum[i] > 0 ? 1.f / sum[i] : 0.f;
       for (int c = 0; c < d.V; ++c) o[c] = acc[(long)i * Vp + c] * inv;
-      lse[r * d.T + t0 + i] = sum[i] > 0 ? mx[i] + std::log(sum[i]) : -INFINITY;
+      float* st = stats + (r * d.T + t0 + i) * 3;  // a row with nothing kept: shift 0, sum 1, lse -inf
+      st[0] = sum[i] > 0 ? mx[i] : 0.f;
+      st[1] = sum[i] > 0 ? sum[i] : 1.f;
+      st[2] = sum[i] > 0 ? mx[i] + std::log(sum[i]) : -INFINITY;
     }
   });
 }
@@ -314,9 +318,12 @@ void forward(const Dims& d, const float* q, const float* k, const float* v, floa
 // computed by the caller). A work item is a key row, or where key rows are fewer than the threads, a share
 // of its key blocks (every n-th): it owns those blocks' dk and dv and all of its groups' query rows, whose
 // dq it accumulates in its own buffer (dq itself for a whole row; shares are summed afterwards).
-// Per key block: p = exp(scale * q.k - lse), ds = p * (dout.v - delta); dq += scale * ds . k,
+// Per key block: p = exp((s - max) - log sum) with s = (scale * q).k, the forward's logits to the bit (the
+// same pre-scaled query, the same GEMM order: logits of 1e4 scaled after the product instead differ by
+// a rounding of 1e4, and dv of tests/test_native.py's large_logits by 8e-3), max and sum kept apart as
+// the XLA engine keeps them; ds = p * (dout.v - delta); dq += scale * ds . k,
 // dk += scale * ds^T . q, dv += p^T . dout (the transposed products read p and ds column-wise).
-void backward(const Dims& d, const float* q, const float* k, const float* v, const float* lse, const float* dout,
+void backward(const Dims& d, const float* q, const float* k, const float* v, const float* stats, const float* dout,
               const float* delta, float* dq, float* dk, float* dv) {
   const long Rk = d.R / d.groups, rows_k = d.groups * d.T * d.H;  // dq floats per key row
   const int Hp = round_up((int)d.H, W), Vp = round_up((int)d.V, W), ldt = t_ld(BK);
@@ -337,6 +344,7 @@ void backward(const Dims& d, const float* q, const float* k, const float* v, con
     float* qpad = hpad ? scratch(7, (size_t)BQ * Hp) : nullptr;
     float* kpad = hpad ? scratch(8, (size_t)BK * Hp) : nullptr;
     float* dopad = vpad ? scratch(9, (size_t)BQ * Vp) : nullptr;
+    float* qs = scratch(10, (size_t)BQ * d.H);
     if (hpad) std::fill(qpad, qpad + (size_t)BQ * Hp, 0.f), std::fill(kpad, kpad + (size_t)BK * Hp, 0.f);
     if (vpad) std::fill(dopad, dopad + (size_t)BQ * Vp, 0.f);
     float* dq_own = shares > 1 ? dq_shares.data() + item * rows_k : dq + kr * rows_k;
@@ -360,21 +368,22 @@ void backward(const Dims& d, const float* q, const float* k, const float* v, con
           const int rows = (int)std::min<long>(BQ, d.T - t0);
           const float* qi = q + (r * d.T + t0) * d.H;
           const float* doi = dout + (r * d.T + t0) * d.V;
-          gemm(rows, colsp, (int)d.H, qi, d.H, 1, kt, ldt, p, BK, false);
+          for (long x = 0, n = (long)rows * d.H; x < n; ++x) qs[x] = qi[x] * d.scale;  // as the forward
+          gemm(rows, colsp, (int)d.H, qs, d.H, 1, kt, ldt, p, BK, false);
           gemm(rows, colsp, (int)d.V, doi, d.V, 1, vt, ldt, ds, BK, false);
           for (int i = 0; i < rows; ++i) {
             const long t = t0 + i;
             float* pi = p + (long)i * BK;
             float* dsi = ds + (long)i * BK;
             const int lim = visible(d, (int)t, j0, cols);
-            const float l = lse[r * d.T + t];
-            if (lim <= 0 || !std::isfinite(l)) {
+            const float* st = stats + (r * d.T + t) * 3;
+            if (lim <= 0 || !std::isfinite(st[2])) {
               std::memset(pi, 0, sizeof(float) * colsp);
               std::memset(dsi, 0, sizeof(float) * colsp);
               continue;
             }
             for (int c = lim; c < colsp; ++c) pi[c] = -INFINITY;
-            exp_row(pi, colsp, d.scale, l);
+            exp_row(pi, colsp, st[0], std::log(st[1]));
             const float de = delta[r * d.T + t];
             for (int c = 0; c < colsp; c += W) vstore(dsi + c, vload(pi + c) * (vload(dsi + c) - de));
           }
@@ -432,32 +441,32 @@ void backward(const Dims& d, const float* q, const float* k, const float* v, con
 
 namespace ffi = xla::ffi;
 
-// q (R, T, H), k (Rk, S, H), v (Rk, S, V) -> out (R, T, V), lse (R, T). The Python side checked the shapes;
+// q (R, T, H), k (Rk, S, H), v (Rk, S, V) -> out (R, T, V), stats (R, T, 3). The Python side checked the shapes;
 // they are checked again here, since a wrong one would read past a buffer.
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t groups, float scale,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> stats, int64_t groups, float scale,
                        int64_t causal) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || groups < 1 || kd[0] * groups != qd[0] ||
       vd[0] != kd[0] || vd[1] != kd[1] || kd[2] != qd[2])
     return ffi::Error::InvalidArgument("jax_attn_cpu_forward: inconsistent q, k, v shapes");
   const Dims d{qd[0], qd[1], kd[1], qd[2], vd[2], groups, scale, causal != 0};
-  forward(d, q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(), lse->typed_data());
+  forward(d, q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(), stats->typed_data());
   return ffi::Error::Success();
 }
 
-// + lse (R, T), dout (R, T, V), delta (R, T) -> dq, dk, dv shaped like q, k, v.
+// + stats (R, T, 3) from the forward, dout (R, T, V), delta (R, T) -> dq, dk, dv shaped like q, k, v.
 ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::F32> delta,
+                        ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::F32> delta,
                         ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                         ffi::ResultBuffer<ffi::F32> dv, int64_t groups, float scale, int64_t causal) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || groups < 1 || kd[0] * groups != qd[0] ||
-      vd[0] != kd[0] || vd[1] != kd[1] || kd[2] != qd[2] || lse.element_count() != (size_t)(qd[0] * qd[1]) ||
-      delta.element_count() != lse.element_count() || dout.element_count() != (size_t)(qd[0] * qd[1] * vd[2]))
+      vd[0] != kd[0] || vd[1] != kd[1] || kd[2] != qd[2] || stats.element_count() != (size_t)(qd[0] * qd[1] * 3) ||
+      delta.element_count() != (size_t)(qd[0] * qd[1]) || dout.element_count() != (size_t)(qd[0] * qd[1] * vd[2]))
     return ffi::Error::InvalidArgument("jax_attn_cpu_backward: inconsistent shapes");
   const Dims d{qd[0], qd[1], kd[1], qd[2], vd[2], groups, scale, causal != 0};
-  backward(d, q.typed_data(), k.typed_data(), v.typed_data(), lse.typed_data(), dout.typed_data(),
+  backward(d, q.typed_data(), k.typed_data(), v.typed_data(), stats.typed_data(), dout.typed_data(),
            delta.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
   return ffi::Error::Success();
 }
@@ -491,14 +500,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnCpuBackward, BackwardImpl,
 extern "C" {
 
 // Plain C entry points (tests and benchmarks without XLA).
-void jax_attn_cpu_forward(const float* q, const float* k, const float* v, float* out, float* lse, long R, long T,
+void jax_attn_cpu_forward(const float* q, const float* k, const float* v, float* out, float* stats, long R, long T,
                           long S, long H, long V, long groups, float scale, int causal) {
-  forward(Dims{R, T, S, H, V, groups, scale, causal != 0}, q, k, v, out, lse);
+  forward(Dims{R, T, S, H, V, groups, scale, causal != 0}, q, k, v, out, stats);
 }
 
-void jax_attn_cpu_backward(const float* q, const float* k, const float* v, const float* lse, const float* dout,
+void jax_attn_cpu_backward(const float* q, const float* k, const float* v, const float* stats, const float* dout,
                            const float* delta, float* dq, float* dk, float* dv, long R, long T, long S, long H,
                            long V, long groups, float scale, int causal) {
-  backward(Dims{R, T, S, H, V, groups, scale, causal != 0}, q, k, v, lse, dout, delta, dq, dk, dv);
+  backward(Dims{R, T, S, H, V, groups, scale, causal != 0}, q, k, v, stats, dout, delta, dq, dk, dv);
 }
 }
