@@ -1,6 +1,8 @@
 """The fast SDPA paths (``implementation="blocked"`` / ``"fused"``) on every shared vector they apply to:
 against the float64 oracle and against the readable math path of the same framework."""
 
+import functools
+
 import numpy as np
 import pytest
 from vector_checks import assert_all_ok
@@ -74,6 +76,10 @@ def _small_blocks(monkeypatch, max_block, unroll):
     monkeypatch.setattr(attn_spec.blocks, "MAX_BLOCK", max_block)
     monkeypatch.setattr(attn_spec.blocks, "MIN_CAUSAL_BLOCK", 2)
     monkeypatch.setattr(jax_attn.engine, "NATIVE", False)  # the XLA loops' blocks (the kernel has its own)
+    # a fresh jit for the test: a program traced earlier for the same shapes (default blocks, or the kernel)
+    # would otherwise be reused from the cached jit, and the small blocks never run
+    fresh = functools.cache(sdpa._jax_forward_backward.__wrapped__)
+    monkeypatch.setattr(sdpa, "_jax_forward_backward", fresh)
     if unroll is not None:
         monkeypatch.setattr(jax_attn.engine, "_UNROLL_CAUSAL", unroll)
 
