@@ -20,7 +20,10 @@ device) and asks :func:`select` which path to take. The rule, in order:
    mask, B1 8 heads of 64, 2-core CPU, math / blocked time 1.35 / 2.29 / 2.43 / 2.60 (JAX, jit) and
    1.13 / 1.34 / 2.89 / 3.06 (torch) at T 256 / 512 / 1024 / 2048.)
 4. **blocked** otherwise: online softmax over blocks, memory bounded by one block, causal blocks above the
-   diagonal skipped; a float mask gets its gradient.
+   diagonal skipped; a float mask gets its gradient. (Both twins run it on their engine; on the CPU
+   backend the JAX engine runs fp32 calls without a mask array on its compiled kernel, ``jax_attn/native``,
+   and its reason says so. The thresholds below were measured before that kernel, which made blocked 1.5–3×
+   faster at B1 T128–T1024: math below 2^17 logits may now be the slower choice for the JAX twin.)
 
 The thresholds count logits elements (``batch · heads · T · S``), measured on the 2-core CPU of
 ``docs/performance.md`` (jax.jit forward and forward+backward, B1–8, 8 heads of 64, fp32).
