@@ -53,6 +53,7 @@ from attn_spec.dispatch import Choice, ChoiceLog
 from jax_attn.causal import Linear, _assign, _concrete_index, _to_numpy
 from jax_attn.engine import block_attention, native_reason
 from jax_attn.flex import create_block_mask, flex_attention
+from jax_attn.native import NAME as NATIVE_NAME
 from jax_attn.rope import apply_rope, rope_cos_sin
 
 
@@ -554,7 +555,7 @@ class Attention(nnx.Module):
             dense_plan = unmasked and c.softcap is None and c.alibi_slopes is None  # see _blocked_attention
             ct = jnp.promote_types(q_BNTH.dtype, jnp.float32)
             if choice.implementation == "blocked" and dense_plan and not native_reason(ct):
-                choice = Choice("blocked", f"{choice.reason}; runs on jax_attn's CPU kernel", choice.warning)
+                choice = Choice("blocked", f"{choice.reason}; runs on {NATIVE_NAME}", choice.warning)
             self.dispatch.last = choice
             path = choice.implementation
         if path == "blocked":

@@ -33,6 +33,7 @@ from attn_spec.blocks import block_sizes
 from attn_spec.dispatch import AUTO, Choice, select
 from jax_attn.engine import block_attention, native_reason
 from jax_attn.masks import causal_mask
+from jax_attn.native import NAME as NATIVE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def _select(shapes, dtype, attn_mask, dropout_p, need_weights, name="scaled_dot_
         fused=fused,
     )
     if choice.implementation == "blocked" and not native_reason(_compute_dtype(dtype), mask=attn_mask):
-        choice = Choice("blocked", f"{choice.reason}; runs on jax_attn's CPU kernel", choice.warning)
+        choice = Choice("blocked", f"{choice.reason}; runs on {NATIVE_NAME}", choice.warning)
     logger.debug("%s(implementation=None): %s", name, choice)
     if choice.warning and choice.warning not in _WARNED:
         _WARNED.add(choice.warning)

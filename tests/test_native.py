@@ -221,3 +221,25 @@ def test_shared_vectors_on_the_kernel(all_vectors, name):
     res = dict(zip(("out", "dq", "dk", "dv"), (np.asarray(x, np.float64) for x in (out, *vjp(dout)))))
     bad = [x for x in agree.against_oracle(vec, res) if not x.ok]
     assert not bad, "; ".join(f"{x.quantity} max_abs={x.max_abs:.3e} tol={x.tol:.3e}" for x in bad)
+
+
+def test_the_kernel_refuses_inconsistent_inputs():
+    """The kernel reads raw buffers: wrong shapes or dtypes are a ValueError naming them, never a read
+    past a buffer."""
+    f32 = np.float32
+    q, k, v = np.zeros((4, 5, 8), f32), np.zeros((2, 6, 8), f32), np.zeros((2, 6, 3), f32)
+    native.forward(q, k, v, groups=2, scale=1.0, causal=False)  # consistent: no error
+    with pytest.raises(ValueError, match=r"groups=3"):
+        native.forward(q, k, v, groups=3, scale=1.0, causal=False)
+    with pytest.raises(ValueError, match=r"head width.*k.shape=\(2, 6, 7\)"):
+        native.forward(q, np.zeros((2, 6, 7), f32), v, groups=2, scale=1.0, causal=False)
+    with pytest.raises(ValueError, match=r"v.shape=\(2, 5, 3\)"):
+        native.forward(q, k, np.zeros((2, 5, 3), f32), groups=2, scale=1.0, causal=False)
+    with pytest.raises(ValueError, match=r"q must be float32; got q.dtype=float16"):
+        native.forward(q.astype(np.float16), k, v, groups=2, scale=1.0, causal=False)
+    stats, d_out, delta = np.zeros((4, 5, 3), f32), np.zeros((4, 5, 3), f32), np.zeros((4, 5), f32)
+    native.backward(q, k, v, stats, d_out, delta, groups=2, scale=1.0, causal=False)
+    with pytest.raises(ValueError, match=r"stats must be \(4, 5, 3\); got stats.shape=\(4, 5\)"):
+        native.backward(q, k, v, delta, d_out, delta, groups=2, scale=1.0, causal=False)
+    with pytest.raises(ValueError, match=r"d_out must be \(4, 5, 3\)"):
+        native.backward(q, k, v, stats, np.zeros((4, 5, 8), f32), delta, groups=2, scale=1.0, causal=False)

@@ -5,9 +5,9 @@ XLA:CPU runs the blocked engine's loops one small op at a time, each op split ac
 scales 2.0×. This kernel does what torch's does: a parallel loop over whole work items (query rows × query
 blocks forward, key rows backward), each an online softmax over key blocks on register-tiled GEMMs.
 
-It serves the engine's dense plan (:func:`jax_attn.engine.block_attention` with ``native=True``) for fp32
-inputs with no mask (or top-left causal), on the CPU backend. The dispatch rule offers it as the JAX twin's
-fused kernel on CPU (:func:`fused_fact`); everything else keeps the XLA engine.
+It serves the engine's dense plan (:func:`jax_attn.engine.block_attention`) for fp32 inputs with no mask
+(or top-left causal) on the CPU backend, inside the engine's custom VJP; :func:`jax_attn.engine.native_reason`
+says when it does not apply, and everything else keeps the XLA loops.
 
 The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``g++``, ``c++`` or
 ``clang++``) with ``-O3 -march=native`` against jaxlib's FFI headers, into
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["NAME", "unavailable", "fused_fact", "forward", "backward"]
+__all__ = ["NAME", "unavailable", "forward", "backward"]
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +124,26 @@ def unavailable() -> str:
         return _load()[1]
 
 
-def fused_fact(q_dtype, *, cpu: bool, masked: bool, dropout: bool, k_batch_ok: bool) -> str | None:
-    """:data:`NAME` when the kernel serves a call with these facts (the ``fused`` fact of the dispatch rule),
-    else None: the CPU backend, fp32, no mask array (top-left causal is fine), no dropout, and key/value
-    batch equal to the query batch."""
-    if not cpu or masked or dropout or not k_batch_ok or jnp.dtype(q_dtype) != jnp.float32:
-        return None
-    return NAME if not unavailable() else None
+def _check(q, k, v, groups, extra=()):
+    """ValueError unless ``q (R, T, H)``, ``k (R/groups, S, H)``, ``v (R/groups, S, V)`` (and ``extra``,
+    ``(name, array, shape)`` triples) are float32 with consistent shapes: the kernel reads raw buffers."""
+    shapes = {"q": q.shape, "k": k.shape, "v": v.shape}
+    if any(len(x) != 3 for x in shapes.values()) or groups < 1 or q.shape[0] != k.shape[0] * groups:
+        raise ValueError(
+            f"{NAME}: q must be (R, T, H), k (R/groups, S, H), v (R/groups, S, V); got q.shape={q.shape}, "
+            f"k.shape={k.shape}, v.shape={v.shape}, groups={groups}"
+        )
+    if k.shape[2] != q.shape[2] or v.shape[:2] != k.shape[:2]:
+        raise ValueError(
+            f"{NAME}: q and k must share the head width and k and v their rows and length; got "
+            f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}"
+        )
+    for name, x, want in extra:
+        if tuple(x.shape) != tuple(want):
+            raise ValueError(f"{NAME}: {name} must be {tuple(want)}; got {name}.shape={tuple(x.shape)}")
+    for name, x in [("q", q), ("k", k), ("v", v), *((n, x) for n, x, _ in extra)]:
+        if jnp.dtype(x.dtype) != jnp.float32:
+            raise ValueError(f"{NAME}: {name} must be float32; got {name}.dtype={jnp.dtype(x.dtype).name}")
 
 
 def _call(target, results, *args, groups, scale, causal):
@@ -146,6 +159,7 @@ def forward(q, k, v, *, groups: int, scale: float, causal: bool):
     """``q (R, T, H)``, ``k (R/groups, S, H)``, ``v (R/groups, S, V)`` fp32 → ``(out (R, T, V), stats (R, T,
     3))``; query row r reads key row ``r // groups``. ``stats``: the row's max of the scaled logits, the sum
     of their exponentials shifted by it and the lse (the engine's layout; 0, 1, -inf for an empty row)."""
+    _check(q, k, v, groups)
     R, T, _ = q.shape
     out = jax.ShapeDtypeStruct((R, T, v.shape[-1]), jnp.float32)
     stats = jax.ShapeDtypeStruct((R, T, 3), jnp.float32)
@@ -156,6 +170,14 @@ def backward(q, k, v, stats, d_out, delta, *, groups: int, scale: float, causal:
     """Gradients ``(dq, dk, dv)`` of :func:`forward` given its ``stats``, the output cotangent ``d_out`` and
     ``delta = rowsum(d_out ∘ out) − d_lse``. The probabilities are recomputed as ``exp((s − max) − log sum)``
     from logits equal to the forward's to the bit."""
+    R, T = q.shape[:2]
+    _check(
+        q,
+        k,
+        v,
+        groups,
+        [("stats", stats, (R, T, 3)), ("d_out", d_out, (R, T, v.shape[-1])), ("delta", delta, (R, T))],
+    )
     results = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     args = (q, k, v, stats, d_out, delta)
     return _call("jax_attn_cpu_backward", results, *args, groups=groups, scale=scale, causal=causal)
