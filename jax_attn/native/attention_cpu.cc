@@ -367,30 +367,20 @@ void forward(const Dims& d, const float* q, const float* k, const float* v, floa
     const float* ktr = kt + kr * n_kb * d.H * ldk;
     const float* vr = v + kr * d.S * d.V;
     const int end = key_end(d, t0, rows);
+    // row i's online-softmax step over the block's logits s[0, n) (masked ones -inf) with block max bm
+    auto update = [&](int i, float* s, int n, float bm) {
+      const float m_new = std::max(mx[i], bm);
+      const float alpha = std::exp(mx[i] - m_new);
+      mx[i] = m_new;
+      sum[i] = sum[i] * alpha + exp_row(s, n, m_new, 0.f);
+      if (alpha != 1.f) {
+        float* a = acc + (long)i * Vp;
+        for (int c = 0; c < Vp; c += W) vstore(a + c, vload(a + c) * alpha);
+      }
+    };
     for (int j0 = 0; j0 < end; j0 += FK) {
       const int cols = std::min(FK, end - j0), colsp = round_up(cols, W);
-      // every row sees every column of the block: the GEMM folds in the row max (a clipped or padded
-      // block takes it after masking: a masked logit must not raise the shift, or exp could underflow)
-      const bool whole = cols == colsp && visible(d, t0, j0, cols) == cols;
-      if (whole) std::fill(bmax, bmax + (size_t)rows * W, -INFINITY);
-      gemm(rows, colsp, (int)d.H, qs, d.H, 1, ktr + (long)(j0 / FK) * d.H * ldk, ldk, sb, FK, false, whole ? bmax : nullptr);
-      for (int i = 0; i < rows; ++i) {
-        float* s = sb + (long)i * FK;
-        const int lim = visible(d, t0 + i, j0, cols);
-        if (lim <= 0) {
-          std::memset(s, 0, sizeof(float) * colsp);
-          continue;
-        }
-        for (int c = lim; c < colsp; ++c) s[c] = -INFINITY;
-        const float m_new = std::max(mx[i], whole ? hmax(vload(bmax + (long)i * W)) : max_row(s, colsp, 1.f));
-        const float alpha = std::exp(mx[i] - m_new);
-        mx[i] = m_new;
-        sum[i] = sum[i] * alpha + exp_row(s, colsp, m_new, 0.f);
-        if (alpha != 1.f) {
-          float* a = acc + (long)i * Vp;
-          for (int c = 0; c < Vp; c += W) vstore(a + c, vload(a + c) * alpha);
-        }
-      }
+      const float* kblk = ktr + (long)(j0 / FK) * d.H * ldk;
       const float* vblk = vr + (long)j0 * d.V;
       long ldv = d.V;
       if (v_padded) {
@@ -398,7 +388,36 @@ void forward(const Dims& d, const float* q, const float* k, const float* v, floa
         vblk = vb;
         ldv = Vp;
       }
-      gemm(rows, Vp, cols, sb, FK, 1, vblk, ldv, acc, Vp, true);
+      if (cols == colsp && visible(d, t0, j0, cols) == cols) {
+        // every row sees every column of the block: one GEMM over all rows (its key panel stays in L1),
+        // which folds in the row max
+        std::fill(bmax, bmax + (size_t)rows * W, -INFINITY);
+        gemm(rows, colsp, (int)d.H, qs, d.H, 1, kblk, ldk, sb, FK, false, bmax);
+        for (int i = 0; i < rows; ++i) update(i, sb + (long)i * FK, colsp, hmax(vload(bmax + (long)i * W)));
+        gemm(rows, Vp, cols, sb, FK, 1, vblk, ldv, acc, Vp, true);
+        continue;
+      }
+      // a block cut by the causal diagonal or by the end of the keys: strip by strip of MR rows, each over
+      // the columns its last row sees (causal: the others see fewer), masked after the GEMM; the max is
+      // taken after masking (a masked logit must not raise the shift, or exp could underflow)
+      for (int i0 = 0; i0 < rows; i0 += MR) {
+        const int mr = std::min(MR, rows - i0), hi = visible(d, t0 + i0 + mr - 1, j0, cols);
+        if (hi <= 0) continue;  // none of these rows sees a key of this block
+        const int n = round_up(hi, W);
+        float* ss = sb + (long)i0 * FK;
+        gemm(mr, n, (int)d.H, qs + (long)i0 * d.H, d.H, 1, kblk, ldk, ss, FK, false);
+        for (int i = i0; i < i0 + mr; ++i) {
+          float* s = sb + (long)i * FK;
+          const int lim = visible(d, t0 + i, j0, cols);
+          if (lim <= 0) {
+            std::memset(s, 0, sizeof(float) * n);
+            continue;
+          }
+          for (int c = lim; c < n; ++c) s[c] = -INFINITY;
+          update(i, s, n, max_row(s, n, 1.f));
+        }
+        gemm(mr, Vp, hi, ss, FK, 1, vblk, ldv, acc + (long)i0 * Vp, Vp, true);
+      }
     }
     for (int i = 0; i < rows; ++i) {
       float* o = out + (r * d.T + t0 + i) * d.V;
