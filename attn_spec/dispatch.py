@@ -22,8 +22,10 @@ device) and asks :func:`select` which path to take. The rule, in order:
 4. **blocked** otherwise: online softmax over blocks, memory bounded by one block, causal blocks above the
    diagonal skipped; a float mask gets its gradient. (Both twins run it on their engine; on the CPU
    backend the JAX engine runs fp32 calls without a mask array on its compiled kernel, ``jax_attn/native``,
-   and its reason says so. The thresholds below were measured before that kernel, which made blocked 1.5–3×
-   faster at B1 T128–T1024: math below 2^17 logits may now be the slower choice for the JAX twin.)
+   and its reason says so. The thresholds below were measured before that kernel. Re-measured with it (jit,
+   8 heads of 64): between 2^16 and 2^17 logits blocked is 1.35–1.9× faster than math, at 2^15 about
+   equal, and at 2^17 forward+backward math is still the faster at B4 T64. The threshold stays as it is,
+   shared by both twins; see ``docs/performance.md``.)
 
 The thresholds count logits elements (``batch · heads · T · S``), measured on the 2-core CPU of
 ``docs/performance.md`` (jax.jit forward and forward+backward, B1–8, 8 heads of 64, fp32).
