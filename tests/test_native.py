@@ -243,3 +243,26 @@ def test_the_kernel_refuses_inconsistent_inputs():
         native.backward(q, k, v, delta, d_out, delta, groups=2, scale=1.0, causal=False)
     with pytest.raises(ValueError, match=r"d_out must be \(4, 5, 3\)"):
         native.backward(q, k, v, stats, np.zeros((4, 5, 8), f32), delta, groups=2, scale=1.0, causal=False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_nan_reaches_exactly_the_rows_that_see_it(causal):
+    """A NaN in a query row makes that row NaN; a NaN in key s makes every row that sees key s NaN (all of
+    them, or under top-left causal the rows t >= s) and no other, as torch's own SDPA says (the reference
+    here: compare.oracle treats a NaN logit as masked). The kernel's exp must not turn a NaN logit into a
+    zero weight, and its causal strips must mask a NaN key away from the rows that do not see it."""
+    torch = pytest.importorskip("torch")
+    B, N, T, H = 1, 2, 300, 64
+    q, k, v, _ = _inputs(B, N, N, T, T, H, H)
+    q[0, 0, 5, 3] = np.nan
+    k[0, 1, 200, 1] = np.nan
+    f = _sdpa(causal)
+    assert _uses_kernel(f, q, k, v)
+    got = np.isnan(np.asarray(jax.jit(f)(q, k, v))).any(-1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(x.astype(np.float64)) for x in (q, k, v)), is_causal=causal
+    )
+    want = torch.isnan(ref).any(-1).numpy()
+    assert want[0, 0, 5] and want[0, 1, 250] and not want[0, 0, 6]  # the case is what it claims
+    assert want[0, 1, 199] == (not causal)
+    np.testing.assert_array_equal(got, want)
