@@ -65,7 +65,6 @@ inline vf splat(float x) {
 #endif
 }
 
-
 // C[M x NV*W] (+)= A[M x k] . B[k x NV*W]: A's element (m, d) at A[m * lda + d * acs] (acs = 1: row-major;
 // lda = 1: A stored transposed), B and C row-major with leading dimensions ldb, ldc. With rmax (a vector per
 // row), also rmax[m] = max(rmax[m], C's row m in this tile) lane by lane: the softmax's row max without
