@@ -96,27 +96,43 @@ inline void tile(int k, const float* A, long lda, long acs, const float* B, long
 }
 
 // The largest and the sum of a vector's lanes: a tree of halvings with constant shuffles (lanes ignore a
-// NaN, as std::max does). Written out: GCC 12 builds a computed shuffle index lane by lane at run time,
-// which made the forward 12% slower.
-#if defined(__AVX512F__)
-#define LANE_SWAPS {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}, \
-  {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}, {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}, \
-  {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}
+// NaN, as std::max does). Written out: GCC 12 builds a shuffle index computed in a loop lane by lane at run
+// time, which made the forward 12% slower. clang spells the shuffle differently.
+#if defined(__clang__)
+#define SHUFFLE(x, ...) __builtin_shufflevector(x, x, __VA_ARGS__)
 #else
-#define LANE_SWAPS {4, 5, 6, 7, 0, 1, 2, 3}, {2, 3, 0, 1, 6, 7, 4, 5}, {1, 0, 3, 2, 5, 4, 7, 6}
+#define SHUFFLE(x, ...) __builtin_shuffle(x, vi{__VA_ARGS__})
 #endif
-constexpr vi lane_swaps[] = {LANE_SWAPS};
+#if defined(__AVX512F__)
+#define LANES_8 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7
+#define LANES_4 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11
+#define LANES_2 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13
+#define LANES_1 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14
+#else
+#define LANES_4 4, 5, 6, 7, 0, 1, 2, 3
+#define LANES_2 2, 3, 0, 1, 6, 7, 4, 5
+#define LANES_1 1, 0, 3, 2, 5, 4, 7, 6
+#endif
+
+inline vf lane_max(vf a, vf b) { return b > a ? b : a; }
 
 inline float hmax(vf x) {
-  for (const vi& swap : lane_swaps) {
-    const vf y = __builtin_shuffle(x, swap);
-    x = y > x ? y : x;
-  }
+#if defined(__AVX512F__)
+  x = lane_max(x, SHUFFLE(x, LANES_8));
+#endif
+  x = lane_max(x, SHUFFLE(x, LANES_4));
+  x = lane_max(x, SHUFFLE(x, LANES_2));
+  x = lane_max(x, SHUFFLE(x, LANES_1));
   return x[0];
 }
 
 inline float hsum(vf x) {
-  for (const vi& swap : lane_swaps) x += __builtin_shuffle(x, swap);
+#if defined(__AVX512F__)
+  x += SHUFFLE(x, LANES_8);
+#endif
+  x += SHUFFLE(x, LANES_4);
+  x += SHUFFLE(x, LANES_2);
+  x += SHUFFLE(x, LANES_1);
   return x[0];
 }
 
