@@ -270,15 +270,9 @@ template <class F>
 void parallel_items(long n, double fma, F body) {
   const long by_work = std::max(1L, (long)(fma / (1 << 21)));
   const int workers = (int)std::min<long>(std::min<long>(n, worker_count()), by_work);
+  // (the shares hold 32-bit item numbers; 2^31 items would be far more than any q fits in memory)
   if (workers <= 1 || n >= (1L << 31)) {
-    std::atomic<long> next{0};
-    auto run = [&]() {
-      for (long i = next++; i < n; i = next++) body(i);
-    };
-    std::vector<std::thread> threads;
-    for (int t = 1; t < workers; ++t) threads.emplace_back(run);
-    run();
-    for (auto& t : threads) t.join();
+    for (long i = 0; i < n; ++i) body(i);
     return;
   }
   // share w: items [front, back), packed as front << 32 | back
